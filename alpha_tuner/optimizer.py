@@ -1,0 +1,406 @@
+"""AlphaTunedOptimizer: the wiring of discovery, principled α, drift measurement and control.
+
+The inner optimizer does all the parameter updates; this wrapper only (1) sets each LoRA
+layer's α once at construction, (2) snapshots and measures the drift ratio on measurement
+steps, and (3) on control steps moves α through the function-preserving rescale.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .control import ControlConfig, ControlState, init_control, observe, update_alpha
+from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
+from .measure import DriftMeter, Measurement
+from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha
+from .rescale import rescale_target_, update_adapter_config, write_alpha
+
+__all__ = ["AlphaTunedOptimizer"]
+
+#: Relative change of α below which a control step leaves a layer alone (float32 round-off).
+_ALPHA_RTOL = 1e-6
+_STATE_VERSION = 1
+_CLOSURE_OPTIMIZERS = ("LBFGS",)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _base_lr(group: Mapping[str, Any]) -> float | None:
+    lr = group.get("initial_lr", group.get("lr"))
+    if isinstance(lr, torch.Tensor):
+        lr = float(lr)  # construction time, not the hot path
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        return None
+    return float(lr)
+
+
+class AlphaTunedOptimizer(torch.optim.Optimizer):
+    """Wrap a ``torch.optim.Optimizer`` so that every LoRA layer trains at a tuned α.
+
+    Update rule: the inner optimizer's step, unchanged. Around it, at construction each
+    trainable LoRA layer's multiplier is set to the LoRA-α regime ``s = c(η)/√r``
+    (:mod:`alpha_tuner.principled`) with ``η`` the base learning rate of the layer's A factor;
+    every ``measure_every`` steps the drift ratio ``ρ = ‖dB·dA‖/‖dB·A + B·dA‖`` of each layer
+    is measured on the device; every ``control_every`` steps the control law
+    (:mod:`alpha_tuner.control`) moves α, and each change rescales B, B's bias and B's
+    optimizer state so that the model's function does not change. Steps that are not control
+    steps never synchronise with the host; a control step performs one batched transfer.
+
+    Contract with the training loop: call :meth:`step` once per optimizer step (the Trainer,
+    Accelerate and ``GradScaler`` do); the wrapper shares the inner optimizer's
+    ``param_groups`` and ``state``, so LR schedulers and gradient clipping act on it as on
+    the inner optimizer. Its ``state_dict`` is the inner one plus an ``"alpha_tuner"`` entry;
+    load it after the model's adapter weights from the same checkpoint.
+
+    Args:
+        optimizer: A constructed optimizer holding the LoRA parameters (others are fine and
+            untouched).
+        model: The PEFT model whose LoRA layers are tuned.
+        init: ``"principled"`` sets α = c(η)·√r at construction; ``"keep"`` keeps the
+            model's current α (adaptation then starts from it).
+        adapt: Adapt α online from the drift ratio. ``False`` keeps α fixed after ``init``.
+        measure: Measure the drift ratio even when not adapting (for telemetry).
+            Defaults to ``adapt``.
+        measure_every: Steps between drift measurements (each costs one factor snapshot).
+        control_every: Steps between control decisions; a multiple of ``measure_every``.
+        c: The coefficient c at ``reference_lr`` of the principled rule.
+        reference_lr: The learning rate at which the coefficient equals ``c``.
+        lr_exponent: ``c(η) = c·(reference_lr/η)**lr_exponent``.
+        control: Parameters of the control law.
+
+    Raises:
+        TypeError: If ``optimizer`` is not a torch optimizer, needs a closure (LBFGS), or
+            ``model`` is not a module.
+        ValueError: For a model without trainable LoRA layers, LoRA parameters missing from
+            the optimizer, or invalid options.
+
+    Example:
+        >>> opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        init: Literal["principled", "keep"] = "principled",
+        adapt: bool = True,
+        measure: bool | None = None,
+        measure_every: int = 10,
+        control_every: int = 50,
+        c: float = C_REF,
+        reference_lr: float = REFERENCE_LR,
+        lr_exponent: float = LR_EXPONENT,
+        control: ControlConfig | None = None,
+    ) -> None:
+        if isinstance(optimizer, AlphaTunedOptimizer):
+            raise TypeError("optimizer is already an AlphaTunedOptimizer; wrap the inner optimizer once.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a constructed torch.optim.Optimizer, got {type(optimizer).__name__}. "
+                "Example: AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)."
+            )
+        if type(optimizer).__name__ in _CLOSURE_OPTIMIZERS:
+            raise TypeError(
+                f"{type(optimizer).__name__} re-evaluates the loss through a closure several times per "
+                "step, so a step has no single LoRA update to measure or rescale. Use a first-order "
+                "optimizer such as torch.optim.AdamW."
+            )
+        if init not in ("principled", "keep"):
+            raise ValueError(f"init must be 'principled' or 'keep', got {init!r}.")
+        self.measure_every = _check_int("measure_every", measure_every, 1)
+        self.control_every = _check_int("control_every", control_every, 1)
+        if control_every % measure_every:
+            raise ValueError(
+                f"control_every ({control_every}) must be a multiple of measure_every ({measure_every}) so "
+                "that every control decision sees a fresh measurement."
+            )
+        if control is not None and not isinstance(control, ControlConfig):
+            raise TypeError(f"control must be an alpha_tuner.ControlConfig, got {type(control).__name__}.")
+        self.adapt = bool(adapt)
+        self.measuring = self.adapt if measure is None else bool(measure)
+        if self.adapt and not self.measuring:
+            raise ValueError("adapt=True needs measure=True: the controller acts on measured drift ratios.")
+        self.control_config = control or ControlConfig()
+        self.optimizer = optimizer
+        self.model = model
+        self.targets: list[LoraTarget] = find_lora_targets(model)
+        self._names = display_names(self.targets)
+        self._check_in_optimizer()
+
+        # Optimizer.__init__ creates the hook dictionaries and profiling wrapper; the param
+        # groups and state are then the inner optimizer's own objects.
+        super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
+        self._share_inner()
+        self._ready = True
+
+        if init == "principled":
+            alphas = self._principled(c=c, reference_lr=reference_lr, lr_exponent=lr_exponent)
+            for target, alpha in zip(self.targets, alphas, strict=True):
+                rescale_target_(target, alpha, optimizer)
+        update_adapter_config(model, self.targets)
+
+        self.device = self.targets[0].weight_b.device
+        alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
+        self._control: ControlState = init_control(alpha0)
+        self._meter = DriftMeter(self.targets, self.device) if self.measuring else None
+        self._last: Measurement | None = None
+        self._steps = 0
+
+    # ----------------------------------------------------------------- construction helpers
+    def _share_inner(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
+
+    def _check_in_optimizer(self) -> None:
+        in_opt = param_ids(p for g in self.optimizer.param_groups for p in g["params"])
+        missing = [
+            t.module_name
+            for t in self.targets
+            if id(t.weight_a) not in in_opt or id(t.weight_b) not in in_opt
+        ]
+        if missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise ValueError(
+                f"{len(missing)} trainable LoRA layer(s) have factors that the optimizer does not update "
+                f"({shown}). Build the optimizer from model.parameters() (or include every lora_A/lora_B "
+                "parameter), or freeze those adapters before wrapping."
+            )
+
+    def _principled(self, **coefficient: float) -> list[float]:
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        alphas = []
+        fallback = False
+        for t in self.targets:
+            lr = _base_lr(group_of[id(t.weight_a)])
+            if lr is None:
+                lr, fallback = coefficient["reference_lr"], True
+            alphas.append(principled_alpha(t.rank, lr, use_rslora=t.use_rslora, **coefficient))
+        if fallback:
+            warnings.warn(
+                "A LoRA parameter group has no positive learning rate (e.g. Adafactor with lr=None); "
+                "its principled alpha uses the reference learning rate instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return alphas
+
+    # ------------------------------------------------------------------------- hot path
+    @torch.no_grad()
+    def _after_measure(self) -> None:
+        if self._meter is None:
+            return
+        self._last = self._meter.measure()
+        self._control = observe(self._control, self._last.rho, self.control_config)
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """Take the inner optimizer's step, measuring and controlling α on their cadences.
+
+        Args:
+            closure: Passed to the inner optimizer's ``step``.
+
+        Returns:
+            Whatever the inner optimizer's ``step`` returns.
+        """
+        measuring = self._meter is not None and self._steps % self.measure_every == 0
+        if measuring:
+            self._meter.snapshot()  # type: ignore[union-attr]
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        if measuring:
+            self._after_measure()
+        self._steps += 1
+        if self.adapt and self._steps % self.control_every == 0:
+            self._control_step()
+        return loss
+
+    def _control_step(self) -> None:
+        self._control = update_alpha(self._control, self.control_config)
+        # The one host transfer of a control interval: PEFT keeps its scalings as floats.
+        proposed = torch.exp(self._control.log_alpha).tolist()
+        self._apply_alphas(proposed, reference=False)
+
+    def _apply_alphas(self, alphas: Iterable[float], *, reference: bool) -> None:
+        changed = False
+        for target, alpha in zip(self.targets, alphas, strict=True):
+            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL:
+                rescale_target_(target, alpha, self.optimizer)
+                changed = True
+        if changed:
+            update_adapter_config(self.model, self.targets)
+        if reference or changed:
+            self._sync_control_alpha(reference=reference)
+
+    def _sync_control_alpha(self, *, reference: bool) -> None:
+        current = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
+        log_alpha = current.log()
+        self._control = self._control._replace(
+            log_alpha=log_alpha, log_alpha0=log_alpha if reference else self._control.log_alpha0
+        )
+
+    # ------------------------------------------------------------------------ user API
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients through the inner optimizer."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the inner optimizer (shared with this wrapper)."""
+        if not self.__dict__.get("_ready", False):
+            # Optimizer.__init__ filling its throw-away copy of the groups.
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+
+    def alphas(self) -> dict[str, float]:
+        """The effective α of every tuned LoRA layer, in the model's own convention.
+
+        Keys are module names, with ``[adapter]`` appended when several adapters train.
+        """
+        return {name: t.alpha for name, t in zip(self._names, self.targets, strict=True)}
+
+    def rescale_(self, alpha: float | Mapping[str, float]) -> None:
+        """Set α (one value for all layers, or per layer) without changing the model.
+
+        B, B's bias and their optimizer state are rescaled so that ``s·B·A`` and the next
+        steps stay consistent. The new values also become the controller's reference α₀.
+
+        Args:
+            alpha: A positive number, or a mapping from the names of :meth:`alphas` (or
+                state keys ``"module::adapter"``) to positive numbers.
+
+        Raises:
+            KeyError: For a name that is not a tuned LoRA layer.
+            ValueError: For a value that is not finite and positive.
+        """
+        if isinstance(alpha, Mapping):
+            lookup = {n: i for i, n in enumerate(self._names)}
+            lookup.update({t.key: i for i, t in enumerate(self.targets)})
+            unknown = [k for k in alpha if k not in lookup]
+            if unknown:
+                raise KeyError(
+                    f"Not tuned LoRA layers: {unknown[:3]}. Valid names are the keys of opt.alphas(), "
+                    f"e.g. {self._names[0]!r}."
+                )
+            values = [t.alpha for t in self.targets]
+            for name, value in alpha.items():
+                values[lookup[name]] = value
+        else:
+            values = [alpha] * len(self.targets)
+        for target, value in zip(self.targets, values, strict=True):
+            rescale_target_(target, value, self.optimizer)
+        update_adapter_config(self.model, self.targets)
+        self._sync_control_alpha(reference=True)
+
+    def drift_ratios(self) -> dict[str, float]:
+        """ρ of every layer at the last measurement (NaN before the first). Synchronises."""
+        if self._last is None:
+            return dict.fromkeys(self._names, float("nan"))
+        return dict(zip(self._names, self._last.rho.tolist(), strict=True))
+
+    def diagnostics(self) -> dict[str, float]:
+        """A flat summary for logging (mean/min/max of α and ρ, counters). Synchronises once."""
+        alphas = torch.tensor([t.alpha for t in self.targets], dtype=torch.float64)
+        stats: dict[str, float] = {
+            "alpha_mean": alphas.mean().item(),
+            "alpha_min": alphas.min().item(),
+            "alpha_max": alphas.max().item(),
+            "steps": float(self._steps),
+        }
+        c = self._control
+        counts = torch.stack([c.n_measured.sum(), c.n_skipped.sum(), c.n_backoffs.sum()]).tolist()
+        stats.update(measurements=counts[0], skipped=counts[1], backoffs=counts[2])
+        if self._last is not None:
+            rho = self._last.rho
+            finite = rho[torch.isfinite(rho)]
+            if finite.numel():
+                r = torch.stack([finite.mean(), finite.min(), finite.max()]).tolist()
+                stats.update(rho_mean=r[0], rho_min=r[1], rho_max=r[2])
+        return stats
+
+    # ---------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus the tuner's state under ``"alpha_tuner"``.
+
+        The tuner's state is keyed by ``"module::adapter"`` and holds only tensors, numbers
+        and strings, so ``torch.load(..., weights_only=True)`` accepts it.
+        """
+        sd = dict(self.optimizer.state_dict())
+        sd["alpha_tuner"] = {
+            "version": _STATE_VERSION,
+            "steps": self._steps,
+            "keys": [t.key for t in self.targets],
+            "alpha": [t.alpha for t in self.targets],
+            "control": {k: v.detach().clone() for k, v in self._control._asdict().items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a bare inner one). Idempotent.
+
+        α is written into the model as saved, without rescaling B: the model's adapter
+        weights must come from the same checkpoint (as the Trainer's resume does).
+
+        Raises:
+            ValueError: If the tuner state is of an unknown version or malformed.
+        """
+        sd = dict(state_dict)
+        tuner = sd.pop("alpha_tuner", None)
+        self.optimizer.load_state_dict(sd)
+        self._share_inner()  # load_state_dict replaces the inner containers
+        if tuner is None:
+            return
+        if not isinstance(tuner, Mapping) or tuner.get("version", 0) > _STATE_VERSION:
+            raise ValueError(
+                "Unrecognised 'alpha_tuner' state (saved by a newer alpha_tuner?); upgrade alpha_tuner or "
+                "drop the 'alpha_tuner' entry to resume with fresh tuner state."
+            )
+        saved = {k: i for i, k in enumerate(tuner["keys"])}
+        missing = [t.key for t in self.targets if t.key not in saved]
+        if missing:
+            warnings.warn(
+                f"{len(missing)} LoRA layer(s) have no saved tuner state (e.g. {missing[0]}); they keep "
+                "their current alpha.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        here = [i for i, t in enumerate(self.targets) if t.key in saved]
+        there = [saved[self.targets[i].key] for i in here]
+        for i, j in zip(here, there, strict=True):
+            write_alpha(self.targets[i], float(tuner["alpha"][j]))
+        update_adapter_config(self.model, self.targets)
+        fields = {}
+        src_idx = torch.tensor(there, dtype=torch.long, device=self.device)
+        dst_idx = torch.tensor(here, dtype=torch.long, device=self.device)
+        for name, current in self._control._asdict().items():
+            value = tuner.get("control", {}).get(name)
+            if value is None:  # a field added after this checkpoint was written: keep default
+                fields[name] = current
+                continue
+            value = torch.as_tensor(value).to(device=self.device, dtype=current.dtype)
+            fields[name] = current.clone().index_copy_(0, dst_idx, value.index_select(0, src_idx))
+        self._control = ControlState(**fields)
+        self._steps = int(tuner.get("steps", self._steps))
+
+    # --------------------------------------------------------------------------- misc
+    def __getattr__(self, name: str) -> Any:
+        # Forward methods such as train()/eval() of schedule-free optimizers.
+        inner = self.__dict__.get("optimizer")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __repr__(self) -> str:
+        return (
+            f"AlphaTunedOptimizer({type(self.optimizer).__name__}, layers={len(self.targets)}, "
+            f"adapt={self.adapt}, measure_every={self.measure_every}, control_every={self.control_every})"
+        )

@@ -1,0 +1,105 @@
+"""The principled LoRA-α starting point: α = c·√r, with c set by the base learning rate.
+
+PEFT applies the multiplier ``s = α / r`` (or ``α / √r`` with rsLoRA) to ``B·A``. The LoRA-α
+regime fixes the *multiplier* at
+
+    s* = c(η) / √r,        c(η) = C_REF · (η_REF / η) ** LR_EXPONENT
+
+which is ``α = c·√r`` in PEFT's default convention and ``α = c`` under rsLoRA. Why √r: the
+norm of ``B·A`` for r roughly independent directions grows like √r, so ``s ∝ 1/√r`` keeps
+the size of the update stable across ranks (rsLoRA's argument) while the coefficient c, far
+above the ``α = r`` / ``α = 2r`` habits, moves the adapter out of the over-conservative regime.
+Why c depends on η: under Adam the step of each factor has size ~η whatever α is, so the
+signal of one step in function space is ~``s·η``; LoRA-α trains at the small learning rates
+of full fine-tuning and compensates with a larger α.
+
+Provenance of the constants: PROVISIONAL. ``C_REF`` and ``LR_EXPONENT`` are placeholders
+chosen so that at η = 2e-4 (LoRA's usual rate) c ≈ 10, i.e. between ``α = 2r`` at r = 16
+(c = 8) and rsLoRA's α = 16, rising as √(η_REF/η) to c = 32 at η_REF = 2e-5, the paper's
+full fine-tuning rate. The sweep of ``alpha-tuner sweep`` on a real pretrained model is the
+measurement that replaces them; BENCHMARKS.md records the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "C_REF",
+    "LR_EXPONENT",
+    "REFERENCE_LR",
+    "principled_alpha",
+    "principled_coefficient",
+    "principled_multiplier",
+]
+
+#: Coefficient c at the reference learning rate (provisional, see the module docstring).
+C_REF: float = 32.0
+#: The learning rate at which c equals ``C_REF``: full fine-tuning's AdamW rate.
+REFERENCE_LR: float = 2e-5
+#: How c grows as the learning rate shrinks: ``c ∝ η ** -LR_EXPONENT`` (provisional).
+LR_EXPONENT: float = 0.5
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def principled_coefficient(
+    lr: float,
+    *,
+    c: float = C_REF,
+    reference_lr: float = REFERENCE_LR,
+    lr_exponent: float = LR_EXPONENT,
+) -> float:
+    """Return c(η) = c · (reference_lr / lr) ** lr_exponent.
+
+    Args:
+        lr: The base learning rate of the parameter group.
+        c: The coefficient at ``reference_lr``.
+        reference_lr: The learning rate at which the coefficient equals ``c``.
+        lr_exponent: How strongly the coefficient follows the learning rate (0 ignores it).
+
+    Raises:
+        ValueError: If a value is not finite and positive (``lr_exponent`` may be 0).
+    """
+    _check_positive("lr", lr)
+    _check_positive("c", c)
+    _check_positive("reference_lr", reference_lr)
+    if not math.isfinite(lr_exponent) or lr_exponent < 0:
+        raise ValueError(f"lr_exponent must be a finite number >= 0, got {lr_exponent!r}.")
+    return c * (reference_lr / lr) ** lr_exponent
+
+
+def principled_multiplier(rank: int, lr: float, **coefficient_kwargs: float) -> float:
+    """Return the LoRA-α multiplier s* = c(η) / √r applied to ``B·A``.
+
+    Args:
+        rank: The LoRA rank r (≥ 1).
+        lr: The base learning rate.
+        **coefficient_kwargs: ``c``, ``reference_lr``, ``lr_exponent`` for
+            :func:`principled_coefficient`.
+
+    Raises:
+        ValueError: If ``rank`` is not a positive integer or a coefficient input is invalid.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    return principled_coefficient(lr, **coefficient_kwargs) / math.sqrt(rank)
+
+
+def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **coefficient_kwargs: float) -> float:
+    """Return the principled α in PEFT's convention for this layer.
+
+    ``c(η)·√r`` for the default ``α / r`` scaling; ``c(η)`` for rsLoRA's ``α / √r``. Both give
+    the same multiplier :func:`principled_multiplier`.
+
+    Example:
+        >>> round(principled_alpha(16, 2e-5), 6)
+        128.0
+        >>> round(principled_alpha(16, 2e-5, use_rslora=True), 6)
+        32.0
+    """
+    s = principled_multiplier(rank, lr, **coefficient_kwargs)
+    return s * (math.sqrt(rank) if use_rslora else float(rank))

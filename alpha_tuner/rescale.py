@@ -1,0 +1,171 @@
+"""Change a LoRA layer's α without changing the model, and keep the optimizer consistent.
+
+Changing the multiplier ``s → s'`` while multiplying B (and B's bias) by ``m = s / s'`` keeps
+``s·B·A`` (hence the model's function, DoRA included) unchanged. B is the factor to move: A's
+gradient ``s·Bᵀ·G`` is then unchanged, and under Adam the run continues exactly as if B's
+learning rate had been multiplied by ``s'/s`` (the α ↔ LoRA+ equivalence of DESIGN-NOTES §3).
+
+The gradient of ``B' = m·B`` is ``grad/m``, so every state the inner optimizer keeps for B
+must be rewritten *as if its past gradients had been taken in the new parametrisation*:
+a first moment scales by ``1/m``, a second moment by ``1/m²``. :data:`STATE_EXPONENTS` lists,
+per optimizer, the power ``p`` with ``state' = state · m**p``. For an optimizer not listed,
+or a state key not listed, the state of the rescaled parameters is dropped (the optimizer
+re-initialises it lazily, as on its first step) and a warning says so once: mixing scales
+silently is the one outcome this module never allows.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .discovery import LoraTarget
+
+__all__ = ["STATE_EXPONENTS", "rescale_target_", "state_exponents", "update_adapter_config", "write_alpha"]
+
+_ADAM = {"exp_avg": -1, "exp_avg_sq": -2, "max_exp_avg_sq": -2, "step": 0, "mu_product": 0}
+
+#: Power p of the ratio m = s/s' by which each per-parameter state entry is multiplied.
+STATE_EXPONENTS: Mapping[str, Mapping[str, int]] = {
+    "Adam": _ADAM,
+    "AdamW": _ADAM,
+    "RAdam": _ADAM,
+    "NAdam": _ADAM,
+    "Adamax": {"exp_avg": -1, "exp_inf": -1, "step": 0},
+    "SGD": {"momentum_buffer": -1},
+    "Adagrad": {"sum": -2, "step": 0},
+    # RMSprop's momentum buffer accumulates grad/sqrt(avg): scale-free.
+    "RMSprop": {"square_avg": -2, "grad_avg": -1, "momentum_buffer": 0, "step": 0},
+    # Adadelta's acc_delta accumulates squared *updates*, which live in parameter units.
+    "Adadelta": {"square_avg": -2, "acc_delta": 2, "step": 0},
+    # transformers.optimization.Adafactor; exp_avg averages updates, see state_exponents().
+    "Adafactor": {
+        "exp_avg_sq_row": -2,
+        "exp_avg_sq_col": -2,
+        "exp_avg_sq": -2,
+        "exp_avg": 0,
+        "RMS": 1,
+        "step": 0,
+    },
+}
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def state_exponents(
+    optimizer: torch.optim.Optimizer, group: Mapping[str, object]
+) -> Mapping[str, int] | None:
+    """Return the state exponents for ``optimizer``'s class, or ``None`` if unknown.
+
+    Adafactor's first moment averages *updates*; with ``scale_parameter=True`` an update is
+    proportional to the RMS of the parameter, so it scales with ``m``.
+    """
+    name = type(optimizer).__name__
+    table = STATE_EXPONENTS.get(name)
+    if table is None:
+        return None
+    if name == "Adafactor" and group.get("scale_parameter", False):
+        return {**table, "exp_avg": 1}
+    return table
+
+
+def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, object]]:
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+def _rescale_state_(
+    optimizer: torch.optim.Optimizer, param: nn.Parameter, ratio: float, group: Mapping[str, object]
+) -> None:
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    table = state_exponents(optimizer, group)
+    unknown = [k for k in state if table is None or k not in table]
+    if table is None or unknown:
+        _warn_once(
+            f"alpha_tuner does not know how {type(optimizer).__name__} state {sorted(unknown)} scales "
+            "with a LoRA factor; the state of rescaled LoRA B factors is reset (re-initialised on the "
+            "next step) whenever alpha changes. Use torch AdamW/Adam/SGD for exact state rescaling, or "
+            "AlphaTunedOptimizer(..., adapt=False) to change alpha only once, before training."
+        )
+        optimizer.state.pop(param)
+        return
+    with torch.no_grad():
+        for key, value in state.items():
+            power = table[key]
+            if power == 0:
+                continue
+            factor = ratio**power
+            if isinstance(value, torch.Tensor):
+                value.mul_(factor)
+            elif isinstance(value, (int, float)):
+                state[key] = value * factor
+
+
+def write_alpha(target: LoraTarget, alpha: float) -> None:
+    """Set the PEFT α and scaling of ``target`` exactly as PEFT computes them on load."""
+    layer = target.layer
+    layer.lora_alpha[target.adapter] = alpha
+    layer.scaling[target.adapter] = alpha / target.divisor
+
+
+def rescale_target_(target: LoraTarget, alpha: float, optimizer: torch.optim.Optimizer | None) -> float:
+    """Set ``target``'s α to ``alpha`` keeping ``s·B·A`` and the optimizer state consistent.
+
+    Args:
+        target: The LoRA layer/adapter to change.
+        alpha: The new α, in the model's convention; finite and > 0.
+        optimizer: The inner optimizer whose state for B is rewritten (``None``: no state).
+
+    Returns:
+        The ratio ``m = s_old / s_new`` applied to B.
+
+    Raises:
+        ValueError: If ``alpha`` is not finite and positive.
+    """
+    if not (isinstance(alpha, (int, float)) and alpha == alpha and 0 < alpha < float("inf")):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r} for {target.module_name}.")
+    old = target.scaling
+    new = alpha / target.divisor
+    ratio = old / new
+    if ratio != 1.0:
+        groups = _group_of(optimizer) if optimizer is not None else {}
+        with torch.no_grad():
+            for param in target.factor_params():
+                param.mul_(ratio)
+                if optimizer is not None:
+                    _rescale_state_(optimizer, param, ratio, groups.get(id(param), {}))
+    write_alpha(target, float(alpha))
+    return ratio
+
+
+def update_adapter_config(model: nn.Module, targets: list[LoraTarget]) -> None:
+    """Record each target's α in its adapter config's ``alpha_pattern``.
+
+    ``save_pretrained`` then writes the tuned α per module, and ``PeftModel.from_pretrained``
+    rebuilds the same scaling. Keys are escaped full module names, placed before any pattern
+    the user had so that they win PEFT's first-match lookup.
+    """
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping):
+        return
+    by_adapter: dict[str, dict[str, float]] = {}
+    for t in targets:
+        if t.config_key is not None:
+            by_adapter.setdefault(t.adapter, {})[re.escape(t.config_key)] = t.alpha
+    for adapter, pattern in by_adapter.items():
+        config = configs.get(adapter)
+        if config is None or not hasattr(config, "alpha_pattern"):
+            continue
+        previous = dict(config.alpha_pattern or {})
+        config.alpha_pattern = {**pattern, **{k: v for k, v in previous.items() if k not in pattern}}

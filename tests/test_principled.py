@@ -1,0 +1,59 @@
+"""The principled α rule: exact √r law and documented learning-rate dependence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from alpha_tuner.principled import (
+    C_REF,
+    LR_EXPONENT,
+    REFERENCE_LR,
+    principled_alpha,
+    principled_coefficient,
+    principled_multiplier,
+)
+
+ranks = st.integers(min_value=1, max_value=4096)
+lrs = st.floats(min_value=1e-7, max_value=1e-1)
+
+
+@given(r=ranks, lr=lrs)
+def test_alpha_follows_sqrt_rank_exactly(r: int, lr: float) -> None:
+    c = principled_coefficient(lr)
+    assert principled_alpha(r, lr) == pytest.approx(c * math.sqrt(r), rel=1e-12)
+    assert principled_alpha(4 * r, lr) == pytest.approx(2 * principled_alpha(r, lr), rel=1e-12)
+    # rsLoRA convention: same multiplier, alpha = c
+    assert principled_alpha(r, lr, use_rslora=True) == pytest.approx(c, rel=1e-12)
+    assert principled_multiplier(r, lr) == pytest.approx(c / math.sqrt(r), rel=1e-12)
+
+
+@given(lr=lrs, k=st.floats(min_value=0.01, max_value=100))
+def test_coefficient_scales_with_lr_as_documented(lr: float, k: float) -> None:
+    ratio = principled_coefficient(lr * k) / principled_coefficient(lr)
+    assert ratio == pytest.approx(k**-LR_EXPONENT, rel=1e-9)
+
+
+def test_reference_point() -> None:
+    assert principled_coefficient(REFERENCE_LR) == C_REF
+    assert principled_coefficient(1e-3, lr_exponent=0.0) == C_REF
+    assert principled_alpha(16, REFERENCE_LR, c=10.0) == pytest.approx(40.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": 0, "lr": 1e-4}, "rank"),
+        ({"rank": 2.0, "lr": 1e-4}, "rank"),
+        ({"rank": 4, "lr": 0.0}, "lr"),
+        ({"rank": 4, "lr": float("nan")}, "lr"),
+        ({"rank": 4, "lr": 1e-4, "c": -1.0}, "c must"),
+        ({"rank": 4, "lr": 1e-4, "lr_exponent": -0.5}, "lr_exponent"),
+    ],
+)
+def test_invalid_inputs(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        principled_alpha(**kwargs)  # type: ignore[arg-type]
