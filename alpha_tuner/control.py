@@ -11,10 +11,11 @@ multiplicatively. Each ``control_every`` steps the law below moves α once.
 The law, per layer, with ε = 1e-30 guarding log(0)::
 
     valid   = isfinite(ρ) ∧ ρ ≥ 0                       (invalid ρ: nothing changes, n_skipped += 1)
-    ρ_fast ← β_fast·ρ_fast + (1 − β_fast)·ρ              (ρ_fast ← ρ at the first valid measurement)
-    ρ_slow ← β_slow·ρ_slow + (1 − β_slow)·ρ              (ρ_slow ← ρ at the first valid measurement)
+    n ← n + 1                                            (valid measurements of this layer)
+    ρ_fast ← b_f·ρ_fast + (1 − b_f)·ρ,  b_f = min(β_fast, 1 − 1/n)
+    ρ_slow ← b_s·ρ_slow + (1 − b_s)·ρ,  b_s = min(β_slow, 1 − 1/n)
     log target = min(log tolerance + log max(ρ_slow, ε), log ρ_max)
-    e = log max(ρ_fast, ε) − log target                  (e = 0 while the layer has no valid ρ)
+    e = log max(ρ_fast, ε) − log target                  (e = 0 while n < max(warmup, 1))
     Δ = −min(gain·e, log max_decrease)    if e > 0       (back off, at most ÷max_decrease)
     Δ = +min(gain·(−e), log recovery)     otherwise      (recover, at most ×recovery)
     log α ← clamp(log α + Δ, log α₀ + log min_factor, log α₀ + log max_factor)
@@ -24,8 +25,12 @@ Parameters (see :class:`ControlConfig`): ``beta_fast``/``beta_slow`` set how rec
 may rise before it counts as a spike; ``rho_max`` is an absolute ceiling (ρ = 1: the drift is as
 large as the signal); ``gain`` is the proportional gain on the log-error; ``max_decrease`` and
 ``recovery`` cap one control step in each direction, so back-off is fast and recovery slow;
-``min_factor``/``max_factor`` keep α within [α₀·min_factor, α₀·max_factor]. At the target the step
-is zero (fixed point), Δ is non-increasing in ρ_fast, and layers never interact.
+``min_factor``/``max_factor`` keep α within [α₀·min_factor, α₀·max_factor]; ``warmup`` is the
+number of measurements a layer needs before its α may move. The averaging factors start at 0 and
+grow to β (``min(β, 1 − 1/n)``: the running mean of the first measurements), so the long-run level
+is not anchored to the first step's ρ: with B = 0 at initialisation that ρ is degenerate (A has no
+gradient yet, so dA ≈ 0) and orders of magnitude below the level that follows. At the target the
+step is zero (fixed point), Δ is non-increasing in ρ_fast, and layers never interact.
 
 Why it looks like this:
 
@@ -73,7 +78,9 @@ _RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "recovery": (1.0, True, math.inf, False, "1 <= recovery < inf"),
     "min_factor": (0.0, False, 1.0, True, "0 < min_factor <= 1"),
     "max_factor": (1.0, True, math.inf, False, "1 <= max_factor < inf"),
+    "warmup": (0.0, True, math.inf, False, "warmup an integer >= 0"),
 }
+_INTEGER_FIELDS = frozenset({"warmup"})
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class ControlConfig:
         recovery: Largest multiplier of α in one control step, ≥ 1.
         min_factor: Lower bound of α as a fraction of α₀, in (0, 1].
         max_factor: Upper bound of α as a multiple of α₀, in [1, inf).
+        warmup: Valid measurements a layer needs before the law may move its α, integer ≥ 0.
 
     Raises:
         ValueError: If a field is not a real number in its valid range; the message names the
@@ -105,12 +113,15 @@ class ControlConfig:
     recovery: float = 1.1
     min_factor: float = 1.0 / 16.0
     max_factor: float = 1.0
+    warmup: int = 3
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             lo, lo_incl, hi, hi_incl, valid = _RANGES[f.name]
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if f.name in _INTEGER_FIELDS:
+                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             if ok:
                 v = float(value)
                 ok = (lo <= v if lo_incl else lo < v) and (v <= hi if hi_incl else v < hi)
@@ -183,11 +194,12 @@ def observe(state: ControlState, rho: Tensor, config: ControlConfig) -> ControlS
         rho = rho.to(torch.float32)
     valid = torch.isfinite(rho) & (rho >= 0)
     r = torch.where(valid, rho, 0).to(torch.float32).clamp(max=_RHO_CEIL)
-    first = valid & (state.n_measured == 0)
+    # 1 - 1/n: the running mean until it reaches beta (0 at the first measurement).
+    mean_weight = 1.0 - 1.0 / (state.n_measured + 1).to(torch.float32)
 
     def ema(old: Tensor, beta: float) -> Tensor:
-        blended = beta * old + (1.0 - beta) * r
-        return torch.where(first, r, torch.where(valid, blended, old))
+        b = mean_weight.clamp(max=beta)
+        return torch.where(valid, b * old + (1.0 - b) * r, old)
 
     return state._replace(
         rho_fast=ema(state.rho_fast, config.beta_fast),
@@ -202,16 +214,17 @@ def control_error(state: ControlState, config: ControlConfig) -> Tensor:
 
     Args:
         state: Current state.
-        config: Control parameters (uses ``tolerance`` and ``rho_max``).
+        config: Control parameters (uses ``tolerance``, ``rho_max`` and ``warmup``).
 
     Returns:
         Shape (L,) float32, finite: positive above target, negative below, 0 where the layer has
-        no valid measurement yet. ρ values are floored at 1e-30 before the logs.
+        fewer than ``max(warmup, 1)`` valid measurements. ρ values are floored at 1e-30 before
+        the logs.
     """
     log_fast = torch.log(state.rho_fast.clamp(min=_RHO_FLOOR))
     log_slow = torch.log(state.rho_slow.clamp(min=_RHO_FLOOR))
     log_target = torch.clamp(log_slow + math.log(config.tolerance), max=math.log(config.rho_max))
-    return torch.where(state.n_measured > 0, log_fast - log_target, 0.0)
+    return torch.where(state.n_measured >= max(config.warmup, 1), log_fast - log_target, 0.0)
 
 
 def update_alpha(state: ControlState, config: ControlConfig) -> ControlState:

@@ -213,7 +213,8 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         Returns:
             Whatever the inner optimizer's ``step`` returns.
         """
-        measuring = self._meter is not None and self._steps % self.measure_every == 0
+        # Measure the last step of each interval, so a control decision sees the freshest ρ.
+        measuring = self._meter is not None and (self._steps + 1) % self.measure_every == 0
         if measuring:
             self._meter.snapshot()  # type: ignore[union-attr]
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)

@@ -33,6 +33,7 @@ configs = st.builds(
     recovery=st.floats(1.0, 2.0),
     min_factor=st.floats(1e-3, 1.0),
     max_factor=st.floats(1.0, 16.0),
+    warmup=st.integers(0, 1),  # make_state() builds states with one measurement
 )
 alpha0s = st.floats(1e-3, 1e3)
 valid_rhos = st.floats(0.0, 1e6)
@@ -198,6 +199,7 @@ def test_steady_rho_recovers_and_never_decreases(config: ControlConfig, data: st
         recovery=max(config.recovery, 1.05),
         min_factor=max(config.min_factor, 1 / 16),
         max_factor=min(config.max_factor, 4.0),
+        warmup=0,
     )
     rho = [data.draw(st.floats(0.0, min(cfg.rho_max / 2, 1e3))) for _ in range(n)]
     state = make_state(a0, rho, rho, [0.0] * n, cfg)
@@ -240,8 +242,14 @@ def test_first_measurement_seeds_both_emas_then_blends() -> None:
     torch.testing.assert_close(state.rho_slow, t([0.4, 0.0]))
     state = observe(state, t([0.2, 0.3]), cfg)
     torch.testing.assert_close(state.rho_fast, t([0.3, 0.3]))
-    torch.testing.assert_close(state.rho_slow, t([0.38, 0.3]))
-    assert state.n_measured.tolist() == [2, 1] and state.n_skipped.tolist() == [0, 1]
+    # running mean while 1 - 1/n < beta: (0.4 + 0.2) / 2, not 0.9·0.4 + 0.1·0.2
+    torch.testing.assert_close(state.rho_slow, t([0.3, 0.3]))
+    for _ in range(30):
+        state = observe(state, t([0.2, 0.3]), cfg)
+    before = state.rho_slow.clone()
+    state = observe(state, t([1.2, 0.3]), cfg)  # once n > 10, the slow EMA blends with beta_slow = 0.9
+    torch.testing.assert_close(state.rho_slow, 0.9 * before + 0.1 * t([1.2, 0.3]))
+    assert state.n_measured.tolist() == [33, 32] and state.n_skipped.tolist() == [0, 1]
 
 
 def test_worked_example_spike_halves_alpha_then_recovers() -> None:
@@ -313,6 +321,9 @@ def test_observe_rejects_wrong_shape() -> None:
         ("gain", "1.0"),
         ("gain", True),
         ("tolerance", None),
+        ("warmup", -1),
+        ("warmup", 1.5),
+        ("warmup", True),
     ],
 )
 def test_invalid_config_raises(field: str, value: object) -> None:
@@ -379,3 +390,17 @@ def test_functions_do_not_mutate_inputs() -> None:
     # the results did change, so the comparisons above are not vacuous
     assert not torch.equal(observed.rho_fast, state.rho_fast)
     assert not torch.equal(updated.log_alpha, observed.log_alpha)
+
+
+def test_warmup_holds_alpha_and_first_step_transient_is_not_a_spike() -> None:
+    """With B = 0 at init the first step's ρ is ~1000x below the level that follows."""
+    cfg = ControlConfig(warmup=3)
+    state = init_control(t([8.0]))
+    state = update_alpha(observe(state, t([1.0]), cfg), cfg)  # huge ρ, but only 1 measurement
+    torch.testing.assert_close(alpha(state), t([8.0]))
+    state = init_control(t([8.0]))
+    rhos = [2e-7, 2e-4, 2.2e-4, 2.3e-4, 2.1e-4, 2.4e-4, 2.5e-4, 2.6e-4]
+    for r in rhos:
+        state = step(state, t([r]), cfg)
+    assert state.n_backoffs.tolist() == [0]
+    torch.testing.assert_close(alpha(state), t([8.0]))
