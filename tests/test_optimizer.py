@@ -245,3 +245,33 @@ def test_principled_init_preserves_function_with_nonzero_b() -> None:
     opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), model)
     torch.testing.assert_close(model(ids_batch()), before, rtol=1e-5, atol=1e-6)
     assert opt.alphas() != {n: 8.0 for n in opt.alphas()}
+
+
+def test_principled_alpha_per_layer_follows_rank_and_group_lr() -> None:
+    model = tiny_llama(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 16})
+    q = [p for n, p in model.named_parameters() if "q_proj.lora_" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "q_proj.lora_" not in n]
+    inner = torch.optim.AdamW([{"params": q, "lr": 8e-5}, {"params": rest, "lr": 2e-5}])
+    opt = AlphaTunedOptimizer(inner, model, adapt=False, c=10.0, lr_exponent=0.5)
+    for name, alpha in opt.alphas().items():
+        if name.endswith("q_proj"):  # r = 4, lr 4x the reference: c = 10 / 2
+            assert alpha == pytest.approx(5.0 * 2.0)
+        else:  # r = 16 at the reference lr
+            assert alpha == pytest.approx(10.0 * 4.0)
+
+
+def test_non_lora_parameters_are_updated_exactly_as_by_the_inner_optimizer() -> None:
+    def run(wrap: bool) -> dict[str, torch.Tensor]:
+        model = tiny_llama(seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if wrap:
+            opt = AlphaTunedOptimizer(opt, model, measure_every=1, control_every=1)
+        # One step: B = 0 makes the forward pass (hence every gradient) independent of alpha,
+        # so the non-LoRA head must receive exactly the inner optimizer's update.
+        _train(model, opt, 1)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lm_head" in n}
+
+    bare, wrapped = run(False), run(True)
+    assert bare and bare.keys() == wrapped.keys()
+    for name in bare:
+        assert torch.equal(bare[name], wrapped[name]), name
