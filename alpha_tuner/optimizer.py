@@ -17,7 +17,8 @@ from torch import nn
 
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
-from .measure import DriftMeter, Measurement
+from .distributed import broadcast_state, drift_meter, unwrap_model
+from .measure import Measurement
 from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha
 from .rescale import rescale_target_, update_adapter_config, write_alpha
 
@@ -133,7 +134,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
             raise ValueError("adapt=True needs measure=True: the controller acts on measured drift ratios.")
         self.control_config = control or ControlConfig()
         self.optimizer = optimizer
-        self.model = model
+        self.model = model = unwrap_model(model)  # DDP's `module.` prefix would break state keys
         self.targets: list[LoraTarget] = find_lora_targets(model)
         self._names = display_names(self.targets)
         self._check_in_optimizer()
@@ -153,7 +154,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self.device = self.targets[0].weight_b.device
         alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         self._control: ControlState = init_control(alpha0)
-        self._meter = DriftMeter(self.targets, self.device) if self.measuring else None
+        self._meter = drift_meter(self.targets, self.device) if self.measuring else None
         self._last: Measurement | None = None
         self._steps = 0
 
@@ -226,7 +227,8 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _control_step(self) -> None:
-        self._control = update_alpha(self._control, self.control_config)
+        # Multi-process: every rank takes rank 0's state (one collective; none on other steps).
+        self._control = broadcast_state(update_alpha(self._control, self.control_config))
         # The one host transfer of a control interval: PEFT keeps its scalings as floats.
         proposed = torch.exp(self._control.log_alpha).tolist()
         self._apply_alphas(proposed, reference=False)
