@@ -9,11 +9,17 @@ and hand it to the Hugging Face ``Trainer`` with ``optimizers=(opt, None)``.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .control import ControlConfig
 from .discovery import LoraTarget, find_lora_targets
 from .factory import create_alpha_tuned_optimizer
 from .optimizer import AlphaTunedOptimizer
 from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha, principled_coefficient
+
+if TYPE_CHECKING:
+    from .integrations import AlphaTunerCallback, collect_metrics
 
 __version__ = "0.1.0"
 
@@ -22,11 +28,25 @@ __all__ = [
     "LR_EXPONENT",
     "REFERENCE_LR",
     "AlphaTunedOptimizer",
+    "AlphaTunerCallback",
     "ControlConfig",
     "LoraTarget",
     "__version__",
+    "collect_metrics",
     "create_alpha_tuned_optimizer",
     "find_lora_targets",
     "principled_alpha",
     "principled_coefficient",
 ]
+
+# The integrations import transformers; load them only when asked for.
+_LAZY = {"AlphaTunerCallback": ".integrations", "collect_metrics": ".integrations"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -310,24 +310,37 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
             return dict.fromkeys(self._names, float("nan"))
         return dict(zip(self._names, self._last.rho.tolist(), strict=True))
 
-    def diagnostics(self) -> dict[str, float]:
-        """A flat summary for logging (mean/min/max of α and ρ, counters). Synchronises once."""
-        alphas = torch.tensor([t.alpha for t in self.targets], dtype=torch.float64)
+    def diagnostics(self, *, per_layer: bool = False) -> dict[str, float]:
+        """A flat summary for logging, read in one device-to-host transfer.
+
+        Args:
+            per_layer: Also return ``rho[<layer>]`` for every layer (names as in :meth:`alphas`).
+
+        Returns:
+            ``alpha_mean/min/max`` (α lives on the host), ``steps``, ``measurements``,
+            ``skipped``, ``backoffs`` (summed over layers) and, after the first measurement,
+            ``rho_mean/min/max`` over the layers whose ρ is finite.
+        """
+        alphas = [t.alpha for t in self.targets]
         stats: dict[str, float] = {
-            "alpha_mean": alphas.mean().item(),
-            "alpha_min": alphas.min().item(),
-            "alpha_max": alphas.max().item(),
+            "alpha_mean": math.fsum(alphas) / len(alphas),
+            "alpha_min": min(alphas),
+            "alpha_max": max(alphas),
             "steps": float(self._steps),
         }
         c = self._control
-        counts = torch.stack([c.n_measured.sum(), c.n_skipped.sum(), c.n_backoffs.sum()]).tolist()
-        stats.update(measurements=counts[0], skipped=counts[1], backoffs=counts[2])
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        parts = [torch.stack([c.n_measured.sum(), c.n_skipped.sum(), c.n_backoffs.sum()]).to(dtype)]
         if self._last is not None:
-            rho = self._last.rho
-            finite = rho[torch.isfinite(rho)]
-            if finite.numel():
-                r = torch.stack([finite.mean(), finite.min(), finite.max()]).tolist()
-                stats.update(rho_mean=r[0], rho_min=r[1], rho_max=r[2])
+            parts.append(self._last.rho.to(dtype))
+        values = torch.cat(parts).tolist()  # the one transfer
+        stats.update(measurements=values[0], skipped=values[1], backoffs=values[2])
+        rho = values[3:]
+        finite = [r for r in rho if math.isfinite(r)]
+        if finite:
+            stats.update(rho_mean=math.fsum(finite) / len(finite), rho_min=min(finite), rho_max=max(finite))
+        if per_layer and rho:
+            stats.update({f"rho[{name}]": r for name, r in zip(self._names, rho, strict=True)})
         return stats
 
     # ---------------------------------------------------------------------- persistence

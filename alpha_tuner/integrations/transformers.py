@@ -1,0 +1,357 @@
+"""Hugging Face ``Trainer`` integration: α and ρ next to the loss in every log.
+
+:class:`AlphaTunerCallback` adds the tuner's telemetry to the dict the Trainer logs, so it
+appears in the console, in ``trainer.state.log_history`` (hence ``trainer_state.json``) and in
+every reporting integration (TensorBoard, W&B, MLflow, ...)::
+
+    trainer = Trainer(..., optimizers=(opt, None), callbacks=[AlphaTunerCallback()])
+
+:func:`collect_metrics` is the read-out itself, for loops without a Trainer (Accelerate's
+``accelerator.log``, a plain ``SummaryWriter``).
+
+Keys (α in the model's own PEFT convention, ρ the drift ratio of the last measurement):
+
+- ``alpha/mean``, ``alpha/min``, ``alpha/max``: α over the tuned LoRA layers;
+- ``rho/mean``, ``rho/min``, ``rho/max``: the finite ρ of the last measurement (absent before
+  the first one, or when not measuring);
+- ``alpha/backoffs``: control steps that lowered some layer's α, summed over layers;
+- ``alpha/measurements``, ``alpha/skipped``: valid and skipped (non-finite) ρ measurements,
+  summed over layers;
+- ``alpha/<layer>``, ``rho/<layer>``: per layer (``per_layer=True``; in the callback, on
+  per-layer logging steps only).
+
+One logging step costs one device→host transfer: the per-layer ρ and the counters are stacked
+on the device and read together; α is a host-side float already (PEFT keeps its scalings as
+floats). Nothing is read between logging steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+from ..optimizer import AlphaTunedOptimizer
+
+__all__ = [
+    "AlphaTunerCallback",
+    "collect_metrics",
+    "find_alpha_tuned_optimizer",
+    "history_from_log_history",
+]
+
+logger = logging.getLogger(__name__)
+
+#: PEFT's prefix of module names inside a ``PeftModel``; dropped from per-layer keys.
+_PEFT_PREFIX = "base_model.model."
+#: How many ``.optimizer`` attributes to follow (Accelerate, DeepSpeed and SageMaker wrappers).
+_MAX_UNWRAP = 8
+#: The summary keys of :func:`collect_metrics` (everything but the per-layer values).
+_SUMMARY_KEYS = frozenset(
+    {
+        *("alpha/mean", "alpha/min", "alpha/max", "rho/mean", "rho/min", "rho/max"),
+        *("alpha/backoffs", "alpha/measurements", "alpha/skipped"),
+    }
+)
+#: Trainer log entries that :attr:`AlphaTunerCallback.history` keeps next to α and ρ.
+_CONTEXT_KEYS = ("loss", "learning_rate", "grad_norm")
+#: Accelerate's stand-ins for an optimizer that DeepSpeed owns.
+_DEEPSPEED_WRAPPERS = ("DeepSpeedOptimizerWrapper", "DummyOptim")
+
+
+def find_alpha_tuned_optimizer(optimizer: object) -> AlphaTunedOptimizer | None:
+    """Return the :class:`AlphaTunedOptimizer` inside ``optimizer``, or ``None``.
+
+    The Trainer hands callbacks Accelerate's ``AcceleratedOptimizer``; DeepSpeed and other
+    back-ends add their own wrappers. All of them keep the wrapped optimizer in an
+    ``optimizer`` attribute, which this follows.
+
+    Args:
+        optimizer: Any optimizer or optimizer wrapper (``None`` is fine).
+
+    Returns:
+        The first :class:`AlphaTunedOptimizer` along the ``.optimizer`` chain, if any.
+    """
+    current = optimizer
+    for _ in range(_MAX_UNWRAP):
+        if isinstance(current, AlphaTunedOptimizer):
+            return current
+        # AlphaTunedOptimizer forwards unknown attributes; others simply may not have one.
+        current = getattr(current, "optimizer", None)
+        if current is None:
+            return None
+    return None
+
+
+def _short_name(name: str) -> str:
+    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+
+
+def collect_metrics(optimizer: object, *, per_layer: bool = False) -> dict[str, float]:
+    """Read the tuner's telemetry as a flat ``{key: float}`` dict, in one device transfer.
+
+    Args:
+        optimizer: An :class:`AlphaTunedOptimizer`, or a wrapper around one (e.g. Accelerate's
+            ``AcceleratedOptimizer``).
+        per_layer: Also return ``alpha/<layer>`` and ``rho/<layer>`` for every tuned layer
+            (layer names as in ``opt.alphas()``, without PEFT's ``base_model.model.`` prefix).
+
+    Returns:
+        The keys listed in this module's docstring; ``rho/*`` only after the first measurement.
+
+    Raises:
+        TypeError: If no :class:`AlphaTunedOptimizer` is found inside ``optimizer``.
+
+    Example:
+        >>> accelerator.log(collect_metrics(opt), step=step)  # doctest: +SKIP
+    """
+    opt = find_alpha_tuned_optimizer(optimizer)
+    if opt is None:
+        raise TypeError(
+            f"No AlphaTunedOptimizer found in {type(optimizer).__name__}; pass the optimizer built as "
+            "AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=...), model)."
+        )
+    diag = opt.diagnostics(per_layer=per_layer)  # the one device transfer
+    metrics = {
+        "alpha/mean": diag["alpha_mean"],
+        "alpha/min": diag["alpha_min"],
+        "alpha/max": diag["alpha_max"],
+    }
+    if "rho_mean" in diag:
+        metrics.update({"rho/mean": diag["rho_mean"], "rho/min": diag["rho_min"], "rho/max": diag["rho_max"]})
+    metrics.update(
+        {
+            "alpha/backoffs": diag["backoffs"],
+            "alpha/measurements": diag["measurements"],
+            "alpha/skipped": diag["skipped"],
+        }
+    )
+    if per_layer:
+        for name, alpha in opt.alphas().items():  # host floats: PEFT stores scalings as numbers
+            metrics[f"alpha/{_short_name(name)}"] = alpha
+            if f"rho[{name}]" in diag:
+                metrics[f"rho/{_short_name(name)}"] = diag[f"rho[{name}]"]
+    return metrics
+
+
+def _uses_deepspeed(args: TrainingArguments, optimizer: object) -> bool:
+    if getattr(args, "deepspeed", None):
+        return True
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return True
+    current = optimizer
+    for _ in range(_MAX_UNWRAP):
+        if current is None or isinstance(current, AlphaTunedOptimizer):
+            return False
+        kind = type(current)
+        if kind.__module__.split(".")[0] == "deepspeed" or kind.__name__ in _DEEPSPEED_WRAPPERS:
+            return True
+        current = getattr(current, "optimizer", None)
+    return False
+
+
+def _swapped_parameters(tuner: AlphaTunedOptimizer) -> bool:
+    """Whether some tuned factor is no longer among the parameters of the optimizer's groups."""
+    live = {id(p) for group in tuner.param_groups for p in group["params"]}
+    return any(id(t.weight_a) not in live or id(t.weight_b) not in live for t in tuner.targets)
+
+
+def _calling_handler() -> CallbackHandler | None:
+    """The ``CallbackHandler`` whose event is calling the current hook, if it can be found."""
+    frame: FrameType | None = sys._getframe(2)  # 0: this function, 1: the hook, 2: call_event
+    for _ in range(3):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+class AlphaTunerCallback(TrainerCallback):
+    """Log the tuned α and the drift ratio ρ with every training log of a ``Trainer``.
+
+    On each training log (a log that carries ``"loss"``) it reads the tuner once
+    (:func:`collect_metrics`, one device transfer), adds the summary to the logs dict and to
+    the matching entry of ``state.log_history``, and appends summary and per-layer values to
+    :attr:`history`. Every ``per_layer_every`` training logs the logs get each layer's α and ρ
+    too (off by default: a large model has hundreds of LoRA layers).
+
+    Reporting integrations (TensorBoard, W&B, ...) come before user callbacks in the Trainer's
+    list, so they would see a log before this callback could add to it; when the Trainer
+    starts (or is built), this callback moves itself to just after ``DefaultFlowCallback``.
+    Where that is not possible it says so, and :meth:`attach` does the same explicitly.
+
+    Args:
+        per_layer_every: Add per-layer ``alpha/<layer>`` and ``rho/<layer>`` keys every this
+            many training logs (``0``: never). The first training log counts as the first.
+        history: Keep the values of every training log in :attr:`history`, for plotting.
+
+    Attributes:
+        history: One dict per training log: ``step``; ``loss``, ``learning_rate`` and
+            ``grad_norm`` when logged; the summary and the per-layer ``alpha/<layer>`` and
+            ``rho/<layer>`` values.
+
+    Raises:
+        ValueError: If ``per_layer_every`` is not a non-negative integer.
+
+    Example:
+        >>> trainer = Trainer(..., optimizers=(opt, None), callbacks=[AlphaTunerCallback()])  # doctest: +SKIP
+    """
+
+    def __init__(self, *, per_layer_every: int = 0, history: bool = True) -> None:
+        if isinstance(per_layer_every, bool) or not isinstance(per_layer_every, int) or per_layer_every < 0:
+            raise ValueError(
+                "per_layer_every must be an integer >= 0 (0 turns per-layer logging off), "
+                f"got {per_layer_every!r}."
+            )
+        self.per_layer_every = per_layer_every
+        self.keep_history = bool(history)
+        self.history: list[dict[str, float]] = []
+        self._logs_seen = 0
+        self._placed = False
+        self._warned_missing = False
+
+    # ------------------------------------------------------------------------ placement
+    def attach(self, trainer: Any) -> AlphaTunerCallback:
+        """Add this callback to ``trainer`` ahead of its reporting integrations.
+
+        Args:
+            trainer: A ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
+
+        Returns:
+            This callback.
+        """
+        self._place(trainer.callback_handler)
+        return self
+
+    def _place(self, handler: CallbackHandler) -> None:
+        callbacks = handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        # Moving an element earlier keeps an ongoing `for callback in callbacks` loop intact:
+        # the entries after its old position do not move.
+        flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+        callbacks.insert(flow[0] + 1 if flow else 0, self)
+        self._placed = True
+
+    def _place_from_event(self) -> None:
+        if self._placed:
+            return
+        handler = _calling_handler()
+        if handler is None:
+            logger.warning(
+                "AlphaTunerCallback could not move itself ahead of the reporting integrations; α and ρ still "
+                "reach the console and trainer.state.log_history. Use AlphaTunerCallback().attach(trainer) "
+                "to log them to TensorBoard/W&B as well."
+            )
+            self._placed = True
+            return
+        self._place(handler)
+
+    # ---------------------------------------------------------------------------- events
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Move ahead of the reporting integrations."""
+        self._place_from_event()
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Check placement, and warn where the Trainer runs without the tuner."""
+        self._place_from_event()
+        optimizer = kwargs.get("optimizer")
+        tuner = find_alpha_tuned_optimizer(optimizer)
+        # A static α (adapt=False, measure=False) is set once at construction and needs nothing later.
+        dynamic = tuner is None or tuner.adapt or tuner.measuring
+        if dynamic and _uses_deepspeed(args, optimizer):
+            logger.warning(
+                "DeepSpeed is enabled: DeepSpeed either replaces the optimizer (an 'optimizer' block in its "
+                "config) or steps fp32 master copies of the parameters (ZeRO, bf16), so AlphaTunedOptimizer "
+                "cannot measure or rescale the LoRA factors. Train without DeepSpeed (single device, DDP), "
+                "or set alpha once at construction: AlphaTunedOptimizer(..., adapt=False)."
+            )
+        if tuner is None:
+            self._warn_missing(optimizer)
+        elif dynamic and _swapped_parameters(tuner):
+            logger.warning(
+                "The LoRA factors that AlphaTunedOptimizer tunes are no longer the parameters its optimizer "
+                "updates: they were replaced after it was built (Accelerate does this when it shards with "
+                "FSDP2, and the Trainer builds the optimizer before sharding). Measuring and rescaling would "
+                "act on stale tensors. Build the optimizer after sharding (README, Multi-GPU), or set alpha "
+                "once at construction: AlphaTunedOptimizer(..., adapt=False)."
+            )
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add α and ρ to a training log (one device transfer)."""
+        if logs is None or "loss" not in logs:
+            return  # evaluation logs and the end-of-training summary
+        optimizer = kwargs.get("optimizer")
+        if find_alpha_tuned_optimizer(optimizer) is None:
+            self._warn_missing(optimizer)
+            return
+        self._logs_seen += 1
+        per_layer = self.per_layer_every > 0 and (self._logs_seen - 1) % self.per_layer_every == 0
+        # The per-layer values come with the same transfer; only the logs are spared them.
+        metrics = collect_metrics(optimizer, per_layer=True)
+        logged = metrics if per_layer else {k: v for k, v in metrics.items() if k in _SUMMARY_KEYS}
+        logs.update(logged)
+        # Trainer.log appends a copy of the logs to log_history before calling callbacks.
+        if state.log_history:
+            record = state.log_history[-1]
+            if record.get("step") == state.global_step and record.get("loss") == logs["loss"]:
+                record.update(logged)
+        if self.keep_history:
+            entry: dict[str, float] = {"step": float(state.global_step)}
+            for key in _CONTEXT_KEYS:
+                if isinstance(logs.get(key), (int, float)):
+                    entry[key] = float(logs[key])
+            entry.update(metrics)
+            self.history.append(entry)
+
+    def _warn_missing(self, optimizer: object) -> None:
+        if not self._warned_missing:
+            self._warned_missing = True
+            logger.warning(
+                "AlphaTunerCallback found no AlphaTunedOptimizer in the Trainer's optimizer (%s) and logs "
+                "nothing. Pass optimizers=(AlphaTunedOptimizer(AdamW(model.parameters(), lr=...), model), "
+                "None) or optimizer_cls_and_kwargs=(create_alpha_tuned_optimizer, {...}).",
+                type(optimizer).__name__,
+            )
+
+
+def history_from_log_history(log_history: list[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """Extract the logged α/ρ entries from ``trainer.state.log_history`` (or a loaded ``trainer_state.json``).
+
+    Args:
+        log_history: The Trainer's list of logged dicts.
+
+    Returns:
+        One dict per training log that carries α, shaped like the entries of
+        :attr:`AlphaTunerCallback.history` (per-layer values only where they were logged).
+    """
+    out = []
+    for record in log_history:
+        if "alpha/mean" not in record:
+            continue
+        entry = {"step": float(record.get("step", math.nan))}
+        entry.update({k: float(record[k]) for k in _CONTEXT_KEYS if k in record})
+        entry.update({k: float(v) for k, v in record.items() if k.startswith(("alpha/", "rho/"))})
+        out.append(entry)
+    return out
