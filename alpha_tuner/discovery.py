@@ -43,12 +43,10 @@ class LoraTarget:
             ``LoraConfig.alpha_pattern`` (``None`` for models that are not ``PeftModel``).
         layer: The PEFT ``LoraLayer`` itself.
         kind: ``"linear"``, ``"embedding"`` or ``"conv"``.
-        weight_a: The A factor parameter (``r × k``, or ``r × in × kernel`` for convs).
-        weight_b: The B factor parameter (``d × r``, or ``out × r × 1…`` for convs).
-        bias_b: The bias of B when the adapter was made with ``lora_bias=True``; it is
-            multiplied by the scaling like B, so it is rescaled with B.
         rank: The rank r of this adapter.
         use_rslora: Whether the scaling is ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        has_bias: Whether B has a trainable bias (``lora_bias=True``); it is multiplied by
+            the scaling like B, so it is rescaled with B.
     """
 
     module_name: str
@@ -57,11 +55,31 @@ class LoraTarget:
     config_key: str | None
     layer: Any = field(repr=False)
     kind: str
-    weight_a: nn.Parameter = field(repr=False)
-    weight_b: nn.Parameter = field(repr=False)
-    bias_b: nn.Parameter | None = field(repr=False)
     rank: int
     use_rslora: bool
+    has_bias: bool = False
+
+    # The factors are looked up in the layer at each use rather than stored: FSDP2 (through
+    # Accelerate) replaces parameter objects after the optimizer is built, and the tuner must
+    # act on the live ones.
+    @property
+    def weight_a(self) -> nn.Parameter:
+        """The A factor parameter (``r × k``, or ``r × in × kernel`` for convs)."""
+        if self.kind == "embedding":
+            return self.layer.lora_embedding_A[self.adapter]
+        return self.layer.lora_A[self.adapter].weight
+
+    @property
+    def weight_b(self) -> nn.Parameter:
+        """The B factor parameter (``d × r``, or ``out × r × 1…`` for convs)."""
+        if self.kind == "embedding":
+            return self.layer.lora_embedding_B[self.adapter]
+        return self.layer.lora_B[self.adapter].weight
+
+    @property
+    def bias_b(self) -> nn.Parameter | None:
+        """B's bias when the adapter has ``lora_bias=True`` (scaled by ``s`` like B)."""
+        return self.layer.lora_B[self.adapter].bias if self.has_bias else None
 
     @property
     def divisor(self) -> float:
@@ -163,9 +181,7 @@ def find_lora_targets(model: nn.Module) -> list[LoraTarget]:
                     config_key=config_key,
                     layer=layer,
                     kind=kind,
-                    weight_a=weight_a,
-                    weight_b=weight_b,
-                    bias_b=bias_b if bias_b is not None and bias_b.requires_grad else None,
+                    has_bias=bias_b is not None and bias_b.requires_grad,
                     rank=int(layer.r[adapter]),
                     use_rslora=bool(layer.use_rslora.get(adapter, False)),
                 )

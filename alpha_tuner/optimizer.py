@@ -155,6 +155,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         self._control: ControlState = init_control(alpha0)
         self._meter = drift_meter(self.targets, self.device) if self.measuring else None
+        self._meter_params = self._factor_ids()
         self._last: Measurement | None = None
         self._steps = 0
 
@@ -163,6 +164,9 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         self.defaults = self.optimizer.defaults
+
+    def _factor_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for t in self.targets for p in (t.weight_a, t.weight_b))
 
     def _check_in_optimizer(self) -> None:
         in_opt = param_ids(p for g in self.optimizer.param_groups for p in g["params"])
@@ -217,6 +221,10 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         # Measure the last step of each interval, so a control decision sees the freshest ρ.
         measuring = self._meter is not None and (self._steps + 1) % self.measure_every == 0
         if measuring:
+            if self._factor_ids() != self._meter_params:
+                # Parameters were replaced after wrapping (FSDP2 via Accelerate): re-group.
+                self._meter = drift_meter(self.targets, self.device)
+                self._meter_params = self._factor_ids()
             self._meter.snapshot()  # type: ignore[union-attr]
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if measuring:

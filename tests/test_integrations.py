@@ -246,7 +246,7 @@ def test_callback_warns_when_deepspeed_is_configured(
     assert sum("DeepSpeed is enabled" in r.message for r in caplog.records) == 1
 
 
-def test_callback_warns_when_the_tuned_parameters_were_swapped(
+def test_tuner_follows_swapped_parameters_and_warns_when_the_optimizer_does_not(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What Accelerate's FSDP2 prepare does: new Parameter objects in the model and the groups."""
@@ -255,19 +255,30 @@ def test_callback_warns_when_the_tuned_parameters_were_swapped(
     callback = AlphaTunerCallback()
     handler = CallbackHandler([DefaultFlowCallback(), callback], model, None, opt, None)
     args = trainer_args(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="alpha_tuner.integrations.transformers"):
-        handler.on_train_begin(args, TrainerState(), TrainerControl())
-        assert not any("no longer the parameters" in r.message for r in caplog.records)
+
+    def swap(groups_too: bool) -> dict[int, torch.nn.Parameter]:
         mapping = {}
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
                 new = torch.nn.Parameter(module.weight.detach().clone())
                 mapping[id(module.weight)] = new
                 module.weight = new
-        for group in opt.param_groups:
-            group["params"] = [mapping.get(id(p), p) for p in group["params"]]
+        if groups_too:
+            for group in opt.param_groups:
+                group["params"] = [mapping.get(id(p), p) for p in group["params"]]
+        return mapping
+
+    with caplog.at_level(logging.WARNING, logger="alpha_tuner.integrations.transformers"):
         handler.on_train_begin(args, TrainerState(), TrainerControl())
-    assert sum("no longer the parameters" in r.message for r in caplog.records) == 1
+        mapping = swap(groups_too=True)
+        handler.on_train_begin(args, TrainerState(), TrainerControl())
+        assert not any("not the parameters" in r.message for r in caplog.records)
+        # the tuner acts on the live parameters: a rescale changes the new B, not the old one
+        target = opt.targets[0]
+        assert any(target.weight_b is p for p in mapping.values())
+        swap(groups_too=False)  # the model moved on, the optimizer did not
+        handler.on_train_begin(args, TrainerState(), TrainerControl())
+    assert sum("not the parameters" in r.message for r in caplog.records) == 1
 
 
 def test_integrations_import_transformers_lazily() -> None:

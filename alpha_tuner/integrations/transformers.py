@@ -158,7 +158,7 @@ def _uses_deepspeed(args: TrainingArguments, optimizer: object) -> bool:
 
 
 def _swapped_parameters(tuner: AlphaTunedOptimizer) -> bool:
-    """Whether some tuned factor is no longer among the parameters of the optimizer's groups."""
+    """Whether some live LoRA factor of the model is not among the optimizer's parameters."""
     live = {id(p) for group in tuner.param_groups for p in group["params"]}
     return any(id(t.weight_a) not in live or id(t.weight_b) not in live for t in tuner.targets)
 
@@ -284,11 +284,10 @@ class AlphaTunerCallback(TrainerCallback):
             self._warn_missing(optimizer)
         elif dynamic and _swapped_parameters(tuner):
             logger.warning(
-                "The LoRA factors that AlphaTunedOptimizer tunes are no longer the parameters its optimizer "
-                "updates: they were replaced after it was built (Accelerate does this when it shards with "
-                "FSDP2, and the Trainer builds the optimizer before sharding). Measuring and rescaling would "
-                "act on stale tensors. Build the optimizer after sharding (README, Multi-GPU), or set alpha "
-                "once at construction: AlphaTunedOptimizer(..., adapt=False)."
+                "The model's LoRA factors are not the parameters that AlphaTunedOptimizer's inner optimizer "
+                "updates: they were replaced after the optimizer was built and its param groups were not "
+                "updated, so the optimizer trains stale tensors. Build the optimizer after the model is "
+                "sharded or moved (README, Multi-GPU)."
             )
 
     def on_log(
