@@ -1,0 +1,68 @@
+"""Smoke test of benchmarks/bench_step.py: ``--quick`` runs and reports every quantity.
+
+Only the format is checked, never the timings (the machine running the tests may be shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_step.py"
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+def test_quick_mode_reports_every_quantity(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 20, f"--quick took {elapsed:.1f} s"
+    text = proc.stdout
+
+    assert re.search(r"^machine: .+, \d+ cores, 1 torch threads", text, re.M)
+    assert re.search(r"^torch \S+, Python \S+; load average", text, re.M)
+    assert re.search(r"^shapes: 2 blocks × \(q,k,v,o: A 8×64, B 64×8;", text, re.M)
+    assert "| quantity | inner AdamW | value | target | met |" in text
+    rows = {
+        "step time ratio, default cadence": rf"{NUMBER}× \(range {NUMBER}–{NUMBER} over 1\) \| ≤ 1\.05×",
+        "step time ratio, every step": rf"{NUMBER}× \(range {NUMBER}–{NUMBER} over 6\) \| ≤ 1\.5×",
+        "extra memory of a measurement step / LoRA bytes": rf"{NUMBER}× \(snapshot {NUMBER}×",
+        "Gram vs dense, one block's 7 layers \\(ms\\)": rf"{NUMBER} vs {NUMBER}",
+        "one measurement, all 14 layers \\(ms\\)": rf"DriftMeter {NUMBER} \+ snapshot {NUMBER}",
+    }
+    for name, value in rows.items():
+        assert re.search(rf"^\| {name} \| \S+ \| {value}", text, re.M), name
+    for line in text.splitlines():
+        if "| ≤ " in line:
+            assert line.rstrip().endswith(("| yes |", "| no |")), line
+
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["quick"] is True
+    assert set(results["timing"]) == set(results["memory"]) == {"fused"}
+    timing = results["timing"]["fused"]
+    assert set(timing) == {"default cadence", "every step"}
+    for t in timing.values():
+        assert t["ratio_min"] <= t["ratio"] <= t["ratio_max"]
+        assert t["bare_ms"] > 0 and t["wrapped_ms"] > 0
+    memory = results["memory"]["fused"]
+    assert memory["snapshot"] >= 0.999  # a full copy of the factors: the floor of an exact measurement
+    assert memory["own"] >= memory["snapshot"]
+    gram = results["gram"]
+    assert gram["layers"] == 14 and gram["groups"] == 3 and gram["gram_max_rel_err"] < 1e-4

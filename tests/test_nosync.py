@@ -1,0 +1,244 @@
+"""step() never synchronises with the host, except for one batched transfer per control step.
+
+On CPU there is no device to wait for, so the test makes every way of reading a tensor value
+on the host (``item``, ``bool``, ``float``, ``int``, ``index``, ``tolist``, ``cpu``, ``numpy``)
+raise while ``step()`` runs. torch's own AdamW reads its CPU step counters with ``.item()``
+in the for-loop and foreach paths (``torch.optim.optimizer._get_value``; on CUDA those counters
+stay on the CPU when ``capturable=False``, so this is no device sync there). For those
+configurations the inner ``step`` is exempted, and what is checked is the wrapper's own work
+around it: snapshot, measurement, observation, control. Fused AdamW reads nothing on the host,
+so with it the whole ``step()`` is checked, inner step included.
+
+On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` turns any synchronising CUDA call into an
+error; the CUDA test runs wrapped steps under it and skips cleanly without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import lm_batch, tiny_llama
+from torch import nn
+
+import alpha_tuner.measure
+import alpha_tuner.optimizer
+from alpha_tuner import AlphaTunedOptimizer, ControlConfig
+
+SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
+
+#: Inner AdamW configurations: (kwargs, whether its own step reads values on the host on CPU).
+INNER: dict[str, tuple[dict[str, Any], bool]] = {
+    "for-loop": ({"foreach": False}, True),
+    "foreach": ({"foreach": True}, True),
+    "fused": ({"fused": True}, False),
+}
+
+
+class HostSync(RuntimeError):
+    """Raised by a guarded tensor method."""
+
+
+class SyncGuard:
+    """While armed, the host-sync methods of ``torch.Tensor`` raise (or, if allowed, are counted)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed = False
+        self.allowed: frozenset[str] = frozenset()
+        self.calls: Counter[str] = Counter()
+        for name in SYNC_METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._guarded(name, getattr(torch.Tensor, name)))
+
+    def _guarded(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def method(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.armed:
+                if name not in self.allowed:
+                    raise HostSync(f"Tensor.{name} called inside step()")
+                self.calls[name] += 1
+            return original(tensor, *args, **kwargs)
+
+        return method
+
+    @contextlib.contextmanager
+    def armed_for(self, allowed: tuple[str, ...] = ()) -> Iterator[Counter[str]]:
+        """Arm the guard; yields the counter of allowed calls made while armed."""
+        self.armed, self.allowed, self.calls = True, frozenset(allowed), Counter()
+        try:
+            yield self.calls
+        finally:
+            self.armed = False
+
+    def exempt(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with the guard disarmed while it runs (for the inner optimizer's step)."""
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            armed, self.armed = self.armed, False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.armed = armed
+
+        return call
+
+
+@pytest.fixture
+def guard(monkeypatch: pytest.MonkeyPatch) -> SyncGuard:
+    return SyncGuard(monkeypatch)
+
+
+def _random_grads(model: nn.Module, seed: int) -> None:
+    """Gradients without a forward/backward pass (the step is what is under test)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-2
+
+
+def _wrapped(
+    guard: SyncGuard, inner: str, control: ControlConfig | None = None, **kw: Any
+) -> tuple[nn.Module, AlphaTunedOptimizer]:
+    model = tiny_llama(seed=7)
+    kwargs, inner_reads_host = INNER[inner]
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3, **kwargs)
+    if inner_reads_host:
+        base.step = guard.exempt(base.step)  # type: ignore[method-assign]
+    return model, AlphaTunedOptimizer(base, model, control=control, **kw)
+
+
+def test_guard_catches_every_host_read(guard: SyncGuard) -> None:
+    """The guard itself can fail: each method raises while armed, on tensors and parameters."""
+    reads: dict[str, Callable[[torch.Tensor], Any]] = {
+        "item": lambda t: t.item(),
+        "__bool__": bool,
+        "__float__": float,
+        "__int__": int,
+        "__index__": operator.index,
+        "tolist": lambda t: t.tolist(),
+        "cpu": lambda t: t.cpu(),
+        "numpy": lambda t: t.numpy(),
+    }
+    assert set(reads) == set(SYNC_METHODS)
+    for t in (torch.ones((), dtype=torch.long), nn.Parameter(torch.ones(()), requires_grad=False)):
+        for name, read in reads.items():
+            if name == "__index__" and t.is_floating_point():
+                continue
+            with guard.armed_for(), pytest.raises(HostSync, match=name):
+                read(t)
+            with guard.armed_for((name,)) as calls:
+                read(t)
+            assert calls[name] == 1
+    with guard.armed_for(), pytest.raises(HostSync):  # Python-side branching on a tensor too
+        if torch.ones(()) > 0:
+            pass
+
+
+def test_guard_catches_a_sync_in_the_wrapper(guard: SyncGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host read slipped into the measurement is caught even with the inner step exempted."""
+    real_ratio = alpha_tuner.measure.drift_ratio
+
+    def syncing_ratio(norms: Any) -> torch.Tensor:
+        rho = real_ratio(norms)
+        if rho.max() > 1e9:  # the kind of innocent-looking line this test exists for
+            pass
+        return rho
+
+    monkeypatch.setattr(alpha_tuner.measure, "drift_ratio", syncing_ratio)
+    model, opt = _wrapped(guard, "foreach", measure_every=1, control_every=1000)
+    _random_grads(model, 0)
+    with guard.armed_for(), pytest.raises(HostSync, match="__bool__"):
+        opt.step()
+
+
+@pytest.mark.parametrize("inner", list(INNER))
+def test_measurement_and_plain_steps_do_not_sync(guard: SyncGuard, inner: str) -> None:
+    model, opt = _wrapped(guard, inner, measure_every=1, control_every=1000)
+    for i in range(4):  # every step measures; none controls
+        _random_grads(model, i)
+        with guard.armed_for():
+            opt.step()
+        opt.zero_grad()
+    assert opt.diagnostics()["measurements"] == 4 * len(opt.targets)
+
+
+@pytest.mark.parametrize("inner", list(INNER))
+@pytest.mark.parametrize("backing_off", [False, True], ids=["alpha-kept", "alpha-moved"])
+def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: str, backing_off: bool) -> None:
+    """Default cadence: 50 steps of which 5 measure; only the 50th syncs, with one ``tolist``."""
+    # rho_max tiny: every control step backs α off, so the rescale path runs under the guard too.
+    control = ControlConfig(rho_max=1e-12) if backing_off else None
+    model, opt = _wrapped(guard, inner, control=control)
+    assert (opt.measure_every, opt.control_every) == (10, 50)
+    alphas0 = opt.alphas()
+    for i in range(2 * opt.control_every):
+        _random_grads(model, i)
+        control_step = (i + 1) % opt.control_every == 0
+        with guard.armed_for(("tolist",) if control_step else ()) as calls:
+            opt.step()
+        assert calls == (Counter(tolist=1) if control_step else Counter()), f"step {i}"
+    assert opt.diagnostics()["measurements"] == 10 * len(opt.targets)
+    assert (opt.alphas() != alphas0) == backing_off
+
+
+@pytest.mark.parametrize("inner", list(INNER))
+def test_frequent_control_steps_sync_once_each(guard: SyncGuard, inner: str) -> None:
+    model, opt = _wrapped(
+        guard, inner, control=ControlConfig(rho_max=1e-12), measure_every=2, control_every=4
+    )
+    for i in range(12):
+        _random_grads(model, i)
+        control_step = (i + 1) % 4 == 0
+        with guard.armed_for(("tolist",) if control_step else ()) as calls:
+            opt.step()
+        assert calls["tolist"] == int(control_step), f"step {i}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("inner", ["foreach", "fused"])
+def test_cuda_steps_do_not_sync(inner: str) -> None:
+    """Under ``set_sync_debug_mode("error")`` no measurement or plain step synchronises.
+
+    The inner step is exempted (debug mode off while it runs), so this checks the wrapper's
+    own kernels; control steps, which transfer α to the host by design, are not checked.
+    """
+    device = torch.device("cuda")
+    model = tiny_llama(seed=7).to(device)
+    kwargs, _ = INNER[inner]
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3, **kwargs)
+    inner_step = base.step
+
+    def exempt_step(*args: Any, **kw: Any) -> Any:
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return inner_step(*args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    base.step = exempt_step  # type: ignore[method-assign]
+    opt = AlphaTunedOptimizer(
+        base, model, control=ControlConfig(rho_max=1e-12), measure_every=2, control_every=6
+    )
+    checked = 0
+    for i in range(13):
+        batch = {k: v.to(device) for k, v in lm_batch(seed=i).items()}
+        model(**batch).loss.backward()
+        control_step = (i + 1) % opt.control_every == 0
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(0 if control_step else "error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        checked += not control_step
+        opt.zero_grad()
+    assert checked == 11
+    assert opt.diagnostics()["measurements"] >= 6 * len(opt.targets)  # every other step measured
