@@ -172,27 +172,40 @@ def init_control(alpha0: Tensor) -> ControlState:
     return ControlState(log_alpha0.clone(), log_alpha0, zeros_f, zeros_f, zeros_i, zeros_i, zeros_i)
 
 
-def observe(state: ControlState, rho: Tensor, config: ControlConfig) -> ControlState:
-    """Folds one measurement of every layer's drift ratio ρ into the EMAs.
+def observe(
+    state: ControlState, rho: Tensor, config: ControlConfig, mask: Tensor | None = None
+) -> ControlState:
+    """Folds one measurement of the layers' drift ratio ρ into the EMAs.
 
     Args:
         state: Current state.
         rho: Shape (L,), this step's ρ per layer, on the state's device; may hold NaN/inf.
         config: Control parameters (uses ``beta_fast`` and ``beta_slow``).
+        mask: Optional bool, shape (L,): the layers this measurement covered. Where it is
+            False the layer is not observed at all: its EMAs and counters are unchanged and it
+            is not counted as skipped, whatever ``rho`` holds there. ``None``: every layer.
 
     Returns:
-        The new state. Where ρ is non-finite or negative the EMAs and ``n_measured`` are
-        unchanged and ``n_skipped`` grows by one; α is never changed here.
+        The new state. Where an observed ρ is non-finite or negative the EMAs and
+        ``n_measured`` are unchanged and ``n_skipped`` grows by one; α is never changed here.
 
     Raises:
-        ValueError: If ``rho`` does not have the state's shape (L,).
+        ValueError: If ``rho`` or ``mask`` does not have the state's shape (L,).
     """
-    if rho.shape != state.rho_fast.shape:
-        raise ValueError(f"rho must have shape {tuple(state.rho_fast.shape)}, got {tuple(rho.shape)}")
+    shape = state.rho_fast.shape
+    if rho.shape != shape:
+        raise ValueError(f"rho must have shape {tuple(shape)}, got {tuple(rho.shape)}")
+    if mask is not None and mask.shape != shape:
+        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     rho = rho.detach()
     if not rho.is_floating_point():
         rho = rho.to(torch.float32)
     valid = torch.isfinite(rho) & (rho >= 0)
+    skipped = ~valid
+    if mask is not None:
+        observed = mask.detach().to(torch.bool)
+        valid = valid & observed
+        skipped = skipped & observed
     r = torch.where(valid, rho, 0).to(torch.float32).clamp(max=_RHO_CEIL)
     # 1 - 1/n: the running mean until it reaches beta (0 at the first measurement).
     mean_weight = 1.0 - 1.0 / (state.n_measured + 1).to(torch.float32)
@@ -205,7 +218,7 @@ def observe(state: ControlState, rho: Tensor, config: ControlConfig) -> ControlS
         rho_fast=ema(state.rho_fast, config.beta_fast),
         rho_slow=ema(state.rho_slow, config.beta_slow),
         n_measured=state.n_measured + valid.to(torch.int64),
-        n_skipped=state.n_skipped + (~valid).to(torch.int64),
+        n_skipped=state.n_skipped + skipped.to(torch.int64),
     )
 
 

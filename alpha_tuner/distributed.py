@@ -9,11 +9,12 @@ rank at each control step: one collective per control step, none on any other st
 
 Fully sharded data parallelism (FSDP2, ``torch.distributed.fsdp.fully_shard``) turns the
 factors into DTensors sharded on dim 0. The Gram ``A·Aᵀ`` of an ``A`` (r×k) split by rows is
-not a sum of per-rank parts, so :class:`ShardedDriftMeter` snapshots and differences the local
-shards (no communication), then gathers ``[A_old; dA]`` and ``[B_old; dB]`` of each group of
-same-shape layers (two all-gathers per group and measurement, about twice the size of the LoRA
-factors, which FSDP itself gathers every step) and applies :func:`~alpha_tuner.drift.drift_norms`
-to the full tensors. Every rank therefore computes the single-process ρ of the same factors.
+not a sum of per-rank parts, so :class:`~alpha_tuner.measure.DriftMeter` snapshots and
+differences the local shards (no communication), then, through :func:`gather_full`, gathers
+``[A_old; dA]`` and ``[B_old; dB]`` of each chunk of same-shape layers (two all-gathers per chunk
+and measurement, in all about twice the size of the measured factors, which FSDP itself gathers
+every step) and measures the full tensors with the same code as a single process. Every rank
+therefore computes the single-process ρ of the same factors.
 (B's Grams alone could be all-reduced as partial sums over its rows; gathering both sides keeps
 a single implementation of the maths, at a cost that is small next to FSDP's own traffic.)
 The rescale of B and of its optimizer state is elementwise and acts on the local shards.
@@ -25,9 +26,7 @@ require anyway; a control step on one rank waits for the others.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,16 +34,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .control import ControlState
-from .discovery import LoraTarget
-from .drift import DriftNorms, compute_dtype, drift_norms, drift_ratio, lora_matrices
-from .measure import DriftMeter, Measurement
 
 __all__ = [
-    "ShardedDriftMeter",
     "broadcast_state",
-    "drift_meter",
+    "gather_full",
     "is_distributed",
     "is_sharded",
+    "layout",
+    "local_tensor",
     "pack_tensors",
     "unpack_tensors",
     "unwrap_model",
@@ -127,106 +124,41 @@ def is_sharded(tensor: Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
-def _layout(t: Tensor) -> tuple[object, ...]:
+def layout(t: Tensor) -> tuple[object, ...]:
+    """What must match for two factors to be batched: device mesh and placements, or device."""
     if is_sharded(t):
         return (t.device_mesh, tuple(t.placements))  # type: ignore[attr-defined]
     return (t.device,)
 
 
-def _full(t: Tensor) -> Tensor:
-    return t.full_tensor() if is_sharded(t) else t  # type: ignore[attr-defined]
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view, no copy); a plain tensor as is."""
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
 
 
-@dataclass
-class _Group:
-    index: Tensor
-    a: list[Tensor]
-    b: list[Tensor]
-    snap_a: Tensor | None = None
-    snap_b: Tensor | None = None
+def gather_full(local: Tensor, like: Tensor) -> Tensor:
+    """The full tensor of a stack of local shards laid out like the DTensor ``like``.
 
-
-class ShardedDriftMeter:
-    """Snapshot-then-measure of the drift ratio for LoRA factors that may be DTensors.
-
-    The interface of :class:`~alpha_tuner.measure.DriftMeter`. Snapshots and differences stay
-    local to each rank's shard; :meth:`measure` gathers the pre-step factors and the steps of
-    each same-shape group (two all-gathers per group) and returns, on every rank, the ρ that a
-    single process holding the full factors computes. Plain-tensor factors are measured locally.
+    The hook through which :class:`~alpha_tuner.measure.DriftMeter` measures sharded factors:
+    ``local`` has leading stack dimensions followed by the shape of ``like``'s local shard
+    (e.g. ``[A_old; dA]`` of a chunk, shape ``(2, n, r_local, k)``), and the result has those
+    leading dimensions followed by ``like``'s full shape, on every rank (one all-gather per
+    sharded mesh dimension; uneven shards are handled). A plain ``like`` returns ``local``.
 
     Args:
-        targets: The LoRA targets, in the order of the result vectors.
-        device: Where the result vectors live (the controller's device).
+        local: The stacked local shards.
+        like: A factor (view) with the placements to undo.
+
+    Returns:
+        The full tensor, a plain tensor on ``local``'s device.
     """
+    if not is_sharded(like):
+        return local
+    from torch.distributed.tensor import DTensor, Shard
 
-    def __init__(self, targets: Sequence[LoraTarget], device: torch.device) -> None:
-        self.device = device
-        self.num_layers = len(targets)
-        views = [lora_matrices(t.weight_a, t.weight_b) for t in targets]
-        keyed: dict[tuple[object, ...], list[int]] = {}
-        for i, (a, b) in enumerate(views):
-            key = (tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, _layout(a), _layout(b))
-            keyed.setdefault(key, []).append(i)
-        self._groups = [
-            _Group(
-                index=torch.tensor(idx, dtype=torch.long, device=device),
-                a=[views[i][0] for i in idx],
-                b=[views[i][1] for i in idx],
-            )
-            for idx in keyed.values()
-        ]
-
-    @property
-    def num_groups(self) -> int:
-        """Number of shape groups, i.e. batched calls (and gather pairs) per measurement."""
-        return len(self._groups)
-
-    def snapshot(self) -> None:
-        """Copy the local shards before the inner optimizer's step (no communication)."""
-        with torch.no_grad():
-            for g in self._groups:
-                g.snap_a = torch.stack(g.a)
-                g.snap_b = torch.stack(g.b)
-
-    def discard(self) -> None:
-        """Drop a snapshot without measuring (frees its memory)."""
-        for g in self._groups:
-            g.snap_a = g.snap_b = None
-
-    def measure(self) -> Measurement:
-        """Compute signal, drift and ρ of the step taken since :meth:`snapshot`, on every rank.
-
-        Raises:
-            RuntimeError: If no snapshot was taken.
-        """
-        signal = torch.zeros(self.num_layers, dtype=torch.float32, device=self.device)
-        drift = torch.zeros_like(signal)
-        with torch.no_grad():
-            for g in self._groups:
-                if g.snap_a is None or g.snap_b is None:
-                    raise RuntimeError("measure() needs a snapshot(): call it before the step.")
-                dtype = compute_dtype(torch.promote_types(g.snap_a.dtype, g.snap_b.dtype))
-                snap_a, snap_b = g.snap_a.to(dtype), g.snap_b.to(dtype)
-                g.snap_a = g.snap_b = None
-                # Old factors and their steps side by side: one gather per side and group.
-                a, da = _full(torch.stack((snap_a, torch.stack(g.a).to(dtype) - snap_a))).unbind(0)
-                b, db = _full(torch.stack((snap_b, torch.stack(g.b).to(dtype) - snap_b))).unbind(0)
-                norms = drift_norms(a, b, da, db)
-                signal.index_copy_(0, g.index, norms.signal.to(self.device, torch.float32))
-                drift.index_copy_(0, g.index, norms.drift.to(self.device, torch.float32))
-        rho = drift_ratio(DriftNorms(signal=signal, drift=drift))
-        # As DriftMeter: a non-finite norm is no measurement (NaN: the controller skips it).
-        rho = torch.where(torch.isfinite(signal) & torch.isfinite(drift), rho, math.nan)
-        return Measurement(signal=signal, drift=drift, rho=rho)
-
-
-def drift_meter(targets: Sequence[LoraTarget], device: torch.device) -> DriftMeter | ShardedDriftMeter:
-    """The meter for ``targets``: :class:`ShardedDriftMeter` if a factor is a DTensor.
-
-    Args:
-        targets: The LoRA targets, in the order of the result vectors.
-        device: Where the result vectors live.
-    """
-    if any(is_sharded(t.weight_a) or is_sharded(t.weight_b) for t in targets):
-        return ShardedDriftMeter(targets, device)
-    return DriftMeter(targets, device)
+    lead = local.ndim - like.ndim
+    placements = [Shard(p.dim + lead) if isinstance(p, Shard) else p for p in like.placements]  # type: ignore[attr-defined]
+    shape = torch.Size((*local.shape[:lead], *like.shape))
+    stride = torch.empty(shape, device="meta").stride()
+    full = DTensor.from_local(local, like.device_mesh, placements, shape=shape, stride=stride)  # type: ignore[attr-defined]
+    return full.full_tensor()

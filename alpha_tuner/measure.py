@@ -9,13 +9,26 @@ then come out of one short chain of elementwise kernels. The kernel count grows 
 number of chunks (a few dozen for a 7B model), not with the number of layers. Nothing leaves
 the device and nothing here reads a tensor value on the host.
 
+Phases: with ``phases`` > 1 the chunks are dealt into that many disjoint subsets of about
+equal bytes, and each snapshot/measurement covers one of them (``snapshot(phase)``); the other
+layers read NaN in that measurement's ρ and False in its ``measured`` mask. A caller that
+cycles through the phases measures every layer once per cycle at 1/``phases`` of the cost and
+memory of a full measurement.
+
+Sharded factors: factors that are DTensors (FSDP2 ``fully_shard``) are snapshotted and
+differenced on the local shards, without communication; a chunk's pre-step factors and
+updates are then gathered into full tensors by :func:`alpha_tuner.distributed.gather_full`
+(one all-gather per side and chunk), so every rank computes the single-process ρ through the
+same code path.
+
 Memory: the snapshot, exactly one copy of the measured factors in their own dtype, lives from
 :meth:`DriftMeter.snapshot` to :meth:`DriftMeter.measure` (across the inner step) and is freed
 chunk by chunk as it is measured; on CPU its storage is kept for the next snapshot instead
-(``keep_snapshot``). The updates are formed in place in a workspace of one chunk (at most
-``chunk_bytes``, compute dtype), allocated at the first measurement and kept; bf16/fp16 factors
-add an upcast copy of one chunk's snapshot. A measurement therefore needs one times the LoRA
-factor bytes plus about one chunk (by default at most 1/16 of them) and the r×r Grams. The
+(``keep_snapshot``), in one buffer shared by all phases and sized for the largest. The updates
+are formed in place in a workspace of one chunk (at most ``chunk_bytes``, compute dtype),
+allocated at the first measurement and kept; bf16/fp16 factors add an upcast copy of one
+chunk's snapshot. A measurement therefore needs the factor bytes of its phase (1/``phases`` of
+all of them) plus about one chunk (by default at most 1/16 of them) and the r×r Grams. The
 snapshot is the floor of any exact measurement: the inner optimizer updates the factors in
 place, and ``dA`` cannot be recovered without the pre-step values.
 """
@@ -30,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .discovery import LoraTarget
+from .distributed import gather_full, is_sharded, layout, local_tensor
 from .drift import DriftNorms, compute_dtype, drift_ratio, lora_matrices
 
 __all__ = ["DriftMeter", "Measurement"]
@@ -42,39 +56,61 @@ _MIN_CHUNK_BYTES = 1 << 20
 # accelerators larger chunks mean fewer kernel launches.
 _MAX_CHUNK_BYTES_CPU = 4 << 20
 _MAX_CHUNK_BYTES = 64 << 20
+_ALIGN = 64  # byte alignment of the snapshots inside the kept buffer
 
 _Key = tuple[int, torch.dtype, torch.device]  # (rank, compute dtype, device) of a Gram buffer
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """Per-layer results of one measurement, each a 1-D float32 tensor over the targets.
+    """Per-layer results of one measurement, each a 1-D tensor over the targets.
 
     Attributes:
-        signal: ``‖dB·A + B·dA‖_F`` per layer.
-        drift: ``‖dB·dA‖_F`` per layer.
-        rho: ``drift / signal``; NaN where a norm is not finite (a NaN/inf or overflowing
-            step), which the controller skips and counts.
+        signal: ``‖dB·A + B·dA‖_F`` per layer, float32 (NaN where not measured).
+        drift: ``‖dB·dA‖_F`` per layer, float32 (NaN where not measured).
+        rho: ``drift / signal``, float32; NaN where the layer was not measured in this phase
+            or a norm is not finite (a NaN/inf or overflowing step), which the controller
+            skips and counts.
+        measured: Bool, True for the layers of the phase this measurement covered.
     """
 
     signal: Tensor
     drift: Tensor
     rho: Tensor
+    measured: Tensor
 
 
 @dataclass
 class _Chunk:
-    a: list[Tensor]  # 2-D views (r, k) of the A factors, all of one shape
+    a: list[Tensor]  # 2-D views (r, k) of the A factors, all of one shape (DTensors if sharded)
     b: list[Tensor]  # 2-D views (d, r) of the B factors
-    key: _Key  # the Gram buffer this chunk writes into ...
+    key: _Key  # the Gram buffer of its phase this chunk writes into ...
     start: int  # ... at rows start : start + len(a)
-    snap_a: Tensor | None = None  # (n, r, k) pre-step copy, factor dtype
+    nbytes: int  # the full factors' bytes in the compute dtype (for chunking and phases)
+    sharded: bool  # a factor is a DTensor: measured on gathered full tensors
+    snap_a: Tensor | None = None  # (n, r, k) pre-step copy of the local shards, factor dtype
     snap_b: Tensor | None = None  # (n, d, r)
     kept: tuple[Tensor, Tensor] | None = None  # the snapshot's storage, when it is kept
+    offset: int = 0  # where that storage starts in the kept buffer of its device (bytes)
+
+    def locals(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The local shards (the tensors themselves when not sharded)."""
+        if not self.sharded:
+            return self.a, self.b
+        return [local_tensor(x) for x in self.a], [local_tensor(x) for x in self.b]
 
     @property
     def numel(self) -> int:
-        return len(self.a) * (self.a[0].numel() + self.b[0].numel())
+        """Elements of the local factors (what the workspace holds)."""
+        a, b = self.locals()
+        return len(a) * (a[0].numel() + b[0].numel())
+
+    def snapshot_bytes(self) -> tuple[int, int]:
+        """Bytes of the local snapshots of A and B, each rounded up to the alignment."""
+        a, b = self.locals()
+        return tuple(  # type: ignore[return-value]
+            -(-len(x) * x[0].numel() * x[0].element_size() // _ALIGN) * _ALIGN for x in (a, b)
+        )
 
 
 def _norms_from_grams(grams: Tensor) -> DriftNorms:
@@ -95,11 +131,23 @@ def _default_chunk_bytes(total_bytes: int, device: torch.device) -> int:
     return min(max(total_bytes // _CHUNK_FRACTION, _MIN_CHUNK_BYTES), cap)
 
 
+def _deal(sizes: Sequence[int], phases: int) -> list[int]:
+    """The phase of each item: largest first onto the lightest phase (balanced by size)."""
+    load = [0] * phases
+    phase_of = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        p = min(range(phases), key=lambda p: load[p])
+        phase_of[i] = p
+        load[p] += sizes[i]
+    return phase_of
+
+
 class DriftMeter:
     """Snapshot-then-measure of the drift ratio for a fixed list of LoRA targets.
 
     Args:
-        targets: The LoRA targets, in the order of the result vectors.
+        targets: The LoRA targets, in the order of the result vectors. Factors may be
+            DTensors (FSDP2); every rank then gets the single-process result.
         device: Where the result vectors live (the controller's device).
         chunk_bytes: Largest size of one chunk's factors in the compute dtype. It bounds the
             workspace that :meth:`measure` allocates once and keeps, and so the memory a
@@ -112,9 +160,12 @@ class DriftMeter:
             step's temporaries beside them: on a 7B-shaped LoRA set a measurement step next to
             foreach AdamW took 2.4–2.7 bare steps instead of 1.6. A caching device allocator
             has no such cost, and there the freed memory serves the forward pass.
+        phases: Number of disjoint subsets of whole chunks, balanced by bytes, that a
+            measurement covers one at a time (see :meth:`snapshot`). Chunks are capped at
+            1/``phases`` of all factor bytes so that small models split too.
 
     Raises:
-        ValueError: If ``chunk_bytes`` is not a positive integer.
+        ValueError: If ``chunk_bytes`` or ``phases`` is not a positive integer.
     """
 
     def __init__(
@@ -124,16 +175,21 @@ class DriftMeter:
         *,
         chunk_bytes: int | None = None,
         keep_snapshot: bool | None = None,
+        phases: int = 1,
     ) -> None:
+        if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
+            raise ValueError(f"phases must be a positive integer, got {phases!r}.")
         self.device = device
         self.num_layers = len(targets)
+        self.num_phases = phases
         views = [lora_matrices(t.weight_a, t.weight_b) for t in targets]
-        factor_device = views[0][0].device if views else device
+        factor_device = local_tensor(views[0][0]).device if views else device
         groups: dict[tuple[object, ...], list[int]] = {}
         for i, (a, b) in enumerate(views):
-            shape = (tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, a.device, b.device)
+            shape = (tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, layout(a), layout(b))
             groups.setdefault(shape, []).append(i)
         dtypes = [compute_dtype(torch.promote_types(a.dtype, b.dtype)) for a, b in views]
+        # Full (global) sizes: the same chunks and phases on every rank and in one process.
         sizes = [(a.numel() + b.numel()) * dt.itemsize for (a, b), dt in zip(views, dtypes, strict=True)]
         if chunk_bytes is None:
             chunk_bytes = _default_chunk_bytes(sum(sizes), factor_device)
@@ -142,21 +198,46 @@ class DriftMeter:
         self.chunk_bytes = chunk_bytes
         self.keep_snapshot = factor_device.type == "cpu" if keep_snapshot is None else bool(keep_snapshot)
         self._num_groups = len(groups)
+        budget = chunk_bytes if phases == 1 else min(chunk_bytes, -(-sum(sizes) // phases))
 
-        self._chunks: list[_Chunk] = []
-        rows: dict[_Key, list[int]] = {}  # per Gram buffer: the target index of each row
+        pairs: list[tuple[_Chunk, list[int]]] = []  # each chunk with its target indices
         for idx in groups.values():
-            a, _ = views[idx[0]]
-            key = (a.shape[0], dtypes[idx[0]], a.device)
-            per_chunk = max(1, chunk_bytes // sizes[idx[0]])
+            a, b = views[idx[0]]
+            sharded = is_sharded(a) or is_sharded(b)
+            key = (a.shape[0], dtypes[idx[0]], local_tensor(a).device)
+            per_chunk = max(1, budget // sizes[idx[0]])
             for start in range(0, len(idx), per_chunk):
                 part = idx[start : start + per_chunk]
-                taken = rows.setdefault(key, [])
-                chunk = _Chunk([views[i][0] for i in part], [views[i][1] for i in part], key, len(taken))
-                self._chunks.append(chunk)
+                a_views, b_views = [views[i][0] for i in part], [views[i][1] for i in part]
+                pairs.append((_Chunk(a_views, b_views, key, 0, len(part) * sizes[idx[0]], sharded), part))
+        phase_of = _deal([c.nbytes for c, _ in pairs], phases)
+        self._chunks = [c for c, _ in pairs]
+        self._phase_chunks: list[list[_Chunk]] = [[] for _ in range(phases)]
+        # Per phase and Gram buffer: the target index of each row; per phase: its layers.
+        self._rows: list[dict[_Key, Tensor]] = []
+        self._measured: list[Tensor] = []
+        kept_bytes: dict[torch.device, int] = {}
+        for p in range(phases):
+            rows: dict[_Key, list[int]] = {}
+            offsets: dict[torch.device, int] = {}
+            for (c, part), q in zip(pairs, phase_of, strict=True):
+                if q != p:
+                    continue
+                taken = rows.setdefault(c.key, [])
+                c.start = len(taken)
                 taken.extend(part)
-        # Where each Gram buffer's rows go in the result vectors.
-        self._rows = {key: torch.tensor(idx, dtype=torch.long, device=device) for key, idx in rows.items()}
+                c.offset = offsets.get(c.key[2], 0)
+                offsets[c.key[2]] = c.offset + sum(c.snapshot_bytes())
+                self._phase_chunks[p].append(c)
+            for dev, n in offsets.items():
+                kept_bytes[dev] = max(kept_bytes.get(dev, 0), n)
+            self._rows.append({k: torch.tensor(v, dtype=torch.long, device=device) for k, v in rows.items()})
+            mask = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
+            mask[[i for v in rows.values() for i in v]] = True
+            self._measured.append(mask)
+        # On CPU (keep_snapshot): one buffer per device for the snapshot of any one phase.
+        self._kept_bytes = kept_bytes
+        self._kept: dict[torch.device, Tensor] = {}
         # One workspace per compute dtype and device, sized for the largest chunk, allocated at
         # the first measurement and kept: no fresh buffer per chunk and measurement.
         self._workspace_numel: dict[tuple[torch.dtype, torch.device], int] = {}
@@ -164,6 +245,7 @@ class DriftMeter:
             ws_key = c.key[1:]
             self._workspace_numel[ws_key] = max(self._workspace_numel.get(ws_key, 0), c.numel)
         self._workspaces: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._pending: int | None = None  # the phase whose snapshot is held
 
     @property
     def num_groups(self) -> int:
@@ -172,29 +254,72 @@ class DriftMeter:
 
     @property
     def num_chunks(self) -> int:
-        """Number of chunks, i.e. stacked copies and batched Gram calls per measurement."""
+        """Number of chunks, i.e. stacked copies and batched Gram calls per full cycle."""
         return len(self._chunks)
 
-    def snapshot(self) -> None:
-        """Copy the factors before the inner optimizer's step (one stacked copy per chunk)."""
+    @property
+    def held_bytes(self) -> int:
+        """Bytes kept between measurements: the workspaces and the kept snapshot storage."""
+        return sum(t.numel() * t.element_size() for d in (self._workspaces, self._kept) for t in d.values())
+
+    def phase_layers(self, phase: int) -> Tensor:
+        """Bool mask over the targets of the layers that ``phase`` measures."""
+        return self._measured[phase]
+
+    def _check_phase(self, phase: int) -> int:
+        if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < self.num_phases:
+            raise ValueError(f"phase must be an integer in [0, {self.num_phases}), got {phase!r}.")
+        return phase
+
+    def _kept_storage(self, c: _Chunk, a: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        dev = c.key[2]
+        buf = self._kept.get(dev)
+        if buf is None:
+            buf = torch.empty(self._kept_bytes[dev], dtype=torch.uint8, device=dev)
+            self._kept[dev] = buf
+        size_a, _ = c.snapshot_bytes()
+        out = []
+        for x, off in ((a, c.offset), (b, c.offset + size_a)):
+            n = len(x) * x[0].numel() * x[0].element_size()
+            out.append(buf[off : off + n].view(x[0].dtype).view(len(x), *x[0].shape))
+        return out[0], out[1]
+
+    def snapshot(self, phase: int = 0) -> None:
+        """Copy the factors of ``phase`` before the inner optimizer's step.
+
+        One stacked copy per chunk of the phase, of the local shards if sharded (no
+        communication).
+
+        Args:
+            phase: Which subset of the layers the next :meth:`measure` covers, in
+                ``[0, num_phases)``.
+
+        Raises:
+            ValueError: If ``phase`` is out of range.
+        """
+        self._check_phase(phase)
+        self.discard()
         with torch.no_grad():
-            for c in self._chunks:
-                if c.kept is not None:
-                    c.snap_a = torch.stack(c.a, out=c.kept[0])
-                    c.snap_b = torch.stack(c.b, out=c.kept[1])
-                    continue
-                c.snap_a = torch.stack(c.a)
-                c.snap_b = torch.stack(c.b)
+            for c in self._phase_chunks[phase]:
+                a, b = c.locals()
                 if self.keep_snapshot:
-                    c.kept = (c.snap_a, c.snap_b)
+                    if c.kept is None:
+                        c.kept = self._kept_storage(c, a, b)
+                    c.snap_a = torch.stack(a, out=c.kept[0])
+                    c.snap_b = torch.stack(b, out=c.kept[1])
+                else:
+                    c.snap_a = torch.stack(a)
+                    c.snap_b = torch.stack(b)
+        self._pending = phase
 
     def discard(self) -> None:
         """Drop a snapshot without measuring (frees its memory unless it is kept)."""
         for c in self._chunks:
             c.snap_a = c.snap_b = None
+        self._pending = None
 
     def _updates(self, c: _Chunk, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """``dA``, ``dB`` of chunk ``c`` (pre-step ``a``, ``b``), as views of the workspace."""
+        """``dA``, ``dB`` of chunk ``c`` (pre-step local ``a``, ``b``), as workspace views."""
         ws_key = c.key[1:]
         ws = self._workspaces.get(ws_key)
         if ws is None:
@@ -202,7 +327,7 @@ class DriftMeter:
             self._workspaces[ws_key] = ws
         out_a = ws[: a.numel()].view(a.shape)
         out_b = ws[a.numel() : a.numel() + b.numel()].view(b.shape)
-        for out, views, old in ((out_a, c.a, a), (out_b, c.b, b)):
+        for out, views, old in zip((out_a, out_b), c.locals(), (a, b), strict=True):
             if views[0].dtype == out.dtype:
                 torch.stack(views, out=out)
             else:  # half-precision factors: upcast before subtracting, so dA is exact
@@ -213,7 +338,8 @@ class DriftMeter:
     def measure(self) -> Measurement:
         """Compute signal, drift and ρ of the step taken since :meth:`snapshot`.
 
-        The snapshot is consumed: each chunk's copy is released as soon as it is measured.
+        Only the layers of the snapshot's phase are measured; the others read NaN. The
+        snapshot is consumed: each chunk's copy is released as soon as it is measured.
 
         Returns:
             The per-layer :class:`Measurement`, on ``device``.
@@ -221,20 +347,25 @@ class DriftMeter:
         Raises:
             RuntimeError: If no snapshot was taken.
         """
-        if any(c.snap_a is None or c.snap_b is None for c in self._chunks):
+        phase = self._pending
+        if phase is None:
             raise RuntimeError("DriftMeter.measure() needs a snapshot(): call it before the step.")
-        signal = torch.zeros(self.num_layers, dtype=torch.float32, device=self.device)
-        drift = torch.zeros_like(signal)
+        self._pending = None
+        signal = torch.full((self.num_layers,), math.nan, dtype=torch.float32, device=self.device)
+        drift = signal.clone()
         with torch.no_grad():
             grams = {
                 key: torch.empty(6, len(idx), key[0], key[0], dtype=key[1], device=key[2])
-                for key, idx in self._rows.items()
+                for key, idx in self._rows[phase].items()
             }
-            for c in self._chunks:
-                assert c.snap_a is not None and c.snap_b is not None  # checked above
+            for c in self._phase_chunks[phase]:
+                assert c.snap_a is not None and c.snap_b is not None  # set by snapshot()
                 a, b = c.snap_a.to(c.key[1]), c.snap_b.to(c.key[1])
                 c.snap_a = c.snap_b = None
                 da, db = self._updates(c, a, b)
+                if c.sharded:  # the full tensors: one gather per side
+                    a, da = gather_full(torch.stack((a, da)), c.a[0]).unbind(0)
+                    b, db = gather_full(torch.stack((b, db)), c.b[0]).unbind(0)
                 g = grams[c.key][:, c.start : c.start + len(c.a)]
                 torch.matmul(a, a.mT, out=g[0])
                 torch.matmul(a, da.mT, out=g[1])
@@ -245,11 +376,12 @@ class DriftMeter:
                 del a, b, da, db
             for key, g in grams.items():
                 norms = _norms_from_grams(g)
-                signal.index_copy_(0, self._rows[key], norms.signal.to(self.device, torch.float32))
-                drift.index_copy_(0, self._rows[key], norms.drift.to(self.device, torch.float32))
+                signal.index_copy_(0, self._rows[phase][key], norms.signal.to(self.device, torch.float32))
+                drift.index_copy_(0, self._rows[phase][key], norms.drift.to(self.device, torch.float32))
         rho = drift_ratio(DriftNorms(signal=signal, drift=drift))
         # A non-finite norm (NaN/inf gradients, an overflowing step) is not a measurement:
         # inf/inf or finite/inf would otherwise read as a valid ρ (NaN or 0). NaN makes the
-        # controller skip the layer and count it.
-        rho = torch.where(torch.isfinite(signal) & torch.isfinite(drift), rho, math.nan)
-        return Measurement(signal=signal, drift=drift, rho=rho)
+        # controller skip the layer and count it; layers of other phases are NaN as well.
+        measured = self._measured[phase]
+        rho = torch.where(measured & torch.isfinite(signal) & torch.isfinite(drift), rho, math.nan)
+        return Measurement(signal=signal, drift=drift, rho=rho, measured=measured)

@@ -17,8 +17,8 @@ from torch import nn
 
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
-from .distributed import broadcast_state, drift_meter, unwrap_model
-from .measure import Measurement
+from .distributed import broadcast_state, unwrap_model
+from .measure import DriftMeter
 from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha
 from .rescale import rescale_target_, update_adapter_config, write_alpha
 
@@ -51,8 +51,9 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
     Update rule: the inner optimizer's step, unchanged. Around it, at construction each
     trainable LoRA layer's multiplier is set to the LoRA-α regime ``s = c(η)/√r``
     (:mod:`alpha_tuner.principled`) with ``η`` the base learning rate of the layer's A factor;
-    every ``measure_every`` steps the drift ratio ``ρ = ‖dB·dA‖/‖dB·A + B·dA‖`` of each layer
-    is measured on the device; every ``control_every`` steps the control law
+    every ``measure_every`` steps the drift ratio ``ρ = ‖dB·dA‖/‖dB·A + B·dA‖`` of one of
+    ``measure_phases`` subsets of the layers is measured on the device (each layer every
+    ``measure_every·measure_phases`` steps); every ``control_every`` steps the control law
     (:mod:`alpha_tuner.control`) moves α, and each change rescales B, B's bias and B's
     optimizer state so that the model's function does not change. Steps that are not control
     steps never synchronise with the host; a control step performs one batched transfer.
@@ -72,8 +73,16 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         adapt: Adapt α online from the drift ratio. ``False`` keeps α fixed after ``init``.
         measure: Measure the drift ratio even when not adapting (for telemetry).
             Defaults to ``adapt``.
-        measure_every: Steps between drift measurements (each costs one factor snapshot).
-        control_every: Steps between control decisions; a multiple of ``measure_every``.
+        measure_every: Steps between drift measurements (each costs one snapshot of the
+            factors of its phase).
+        measure_phases: Number of disjoint subsets of the LoRA layers, balanced by bytes,
+            that successive measurements cover in rotation: each measurement snapshots and
+            measures 1/``measure_phases`` of the factor bytes, so its extra memory and time
+            shrink by that factor, and each layer is measured every
+            ``measure_every·measure_phases`` steps. ``1`` measures all layers every time.
+        control_every: Steps between control decisions; a multiple of
+            ``measure_every·measure_phases``, so that every decision sees a fresh ρ of every
+            layer.
         c: The coefficient c at ``reference_lr`` of the principled rule.
         reference_lr: The learning rate at which the coefficient equals ``c``.
         lr_exponent: ``c(η) = c·(reference_lr/η)**lr_exponent``.
@@ -98,7 +107,8 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         adapt: bool = True,
         measure: bool | None = None,
         measure_every: int = 10,
-        control_every: int = 50,
+        measure_phases: int = 2,
+        control_every: int = 60,
         c: float = C_REF,
         reference_lr: float = REFERENCE_LR,
         lr_exponent: float = LR_EXPONENT,
@@ -120,11 +130,16 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         if init not in ("principled", "keep"):
             raise ValueError(f"init must be 'principled' or 'keep', got {init!r}.")
         self.measure_every = _check_int("measure_every", measure_every, 1)
+        self.measure_phases = _check_int("measure_phases", measure_phases, 1)
         self.control_every = _check_int("control_every", control_every, 1)
-        if control_every % measure_every:
+        cycle = measure_every * measure_phases
+        if control_every % cycle:
+            fix = -(-control_every // cycle) * cycle  # the next multiple
             raise ValueError(
-                f"control_every ({control_every}) must be a multiple of measure_every ({measure_every}) so "
-                "that every control decision sees a fresh measurement."
+                f"control_every ({control_every}) must be a multiple of measure_every × measure_phases "
+                f"({measure_every} × {measure_phases} = {cycle}) so that every control decision sees a fresh "
+                f"measurement of every layer: use control_every={fix}, "
+                "or change measure_every or measure_phases."
             )
         if control is not None and not isinstance(control, ControlConfig):
             raise TypeError(f"control must be an alpha_tuner.ControlConfig, got {type(control).__name__}.")
@@ -154,16 +169,22 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self.device = self.targets[0].weight_b.device
         alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         self._control: ControlState = init_control(alpha0)
-        self._meter = drift_meter(self.targets, self.device) if self.measuring else None
+        self._meter = self._new_meter() if self.measuring else None
         self._meter_params = self._factor_ids()
-        self._last: Measurement | None = None
+        # Each layer's most recent ρ (NaN before its first measurement), kept on the device.
+        self._rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
+        self._measured_once = False
         self._steps = 0
+        self._phase = 0  # the phase the next measurement covers (host-side, saved)
 
     # ----------------------------------------------------------------- construction helpers
     def _share_inner(self) -> None:
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         self.defaults = self.optimizer.defaults
+
+    def _new_meter(self) -> DriftMeter:
+        return DriftMeter(self.targets, self.device, phases=self.measure_phases)
 
     def _factor_ids(self) -> tuple[int, ...]:
         return tuple(id(p) for t in self.targets for p in (t.weight_a, t.weight_b))
@@ -206,8 +227,11 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
     def _after_measure(self) -> None:
         if self._meter is None:
             return
-        self._last = self._meter.measure()
-        self._control = observe(self._control, self._last.rho, self.control_config)
+        m = self._meter.measure()
+        self._control = observe(self._control, m.rho, self.control_config, mask=m.measured)
+        self._rho = torch.where(m.measured, m.rho, self._rho)
+        self._measured_once = True
+        self._phase = (self._phase + 1) % self.measure_phases
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Take the inner optimizer's step, measuring and controlling α on their cadences.
@@ -223,9 +247,9 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         if measuring:
             if self._factor_ids() != self._meter_params:
                 # Parameters were replaced after wrapping (FSDP2 via Accelerate): re-group.
-                self._meter = drift_meter(self.targets, self.device)
+                self._meter = self._new_meter()
                 self._meter_params = self._factor_ids()
-            self._meter.snapshot()  # type: ignore[union-attr]
+            self._meter.snapshot(self._phase)  # type: ignore[union-attr]
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if measuring:
             self._after_measure()
@@ -249,15 +273,17 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
                 changed = True
         if changed:
             update_adapter_config(self.model, self.targets)
-        if reference or changed:
-            self._sync_control_alpha(reference=reference)
+        # A control step's α came from the device log α, which therefore already holds it (a
+        # layer whose change was below the tolerance keeps its host α within 1e-6 of it): no
+        # host-to-device copy on the hot path.
+        if reference:
+            self._sync_control_alpha()
 
-    def _sync_control_alpha(self, *, reference: bool) -> None:
+    def _sync_control_alpha(self) -> None:
+        """Make the host α the controller's α and reference α₀ (a host-to-device copy)."""
         current = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         log_alpha = current.log()
-        self._control = self._control._replace(
-            log_alpha=log_alpha, log_alpha0=log_alpha if reference else self._control.log_alpha0
-        )
+        self._control = self._control._replace(log_alpha=log_alpha, log_alpha0=log_alpha)
 
     # ------------------------------------------------------------------------ user API
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -310,13 +336,15 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         for target, value in zip(self.targets, values, strict=True):
             rescale_target_(target, value, self.optimizer)
         update_adapter_config(self.model, self.targets)
-        self._sync_control_alpha(reference=True)
+        self._sync_control_alpha()
 
     def drift_ratios(self) -> dict[str, float]:
-        """ρ of every layer at the last measurement (NaN before the first). Synchronises."""
-        if self._last is None:
-            return dict.fromkeys(self._names, float("nan"))
-        return dict(zip(self._names, self._last.rho.tolist(), strict=True))
+        """ρ of every layer at its most recent measurement (NaN before it). Synchronises.
+
+        With ``measure_phases`` > 1 the layers were last measured at different steps, up to
+        ``measure_every·measure_phases`` steps apart.
+        """
+        return dict(zip(self._names, self._rho.tolist(), strict=True))
 
     def diagnostics(self, *, per_layer: bool = False) -> dict[str, float]:
         """A flat summary for logging, read in one device-to-host transfer.
@@ -327,7 +355,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         Returns:
             ``alpha_mean/min/max`` (α lives on the host), ``steps``, ``measurements``,
             ``skipped``, ``backoffs`` (summed over layers) and, after the first measurement,
-            ``rho_mean/min/max`` over the layers whose ρ is finite.
+            ``rho_mean/min/max`` over the layers whose most recent ρ is finite.
         """
         alphas = [t.alpha for t in self.targets]
         stats: dict[str, float] = {
@@ -339,8 +367,8 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         c = self._control
         dtype = torch.float32 if self.device.type == "mps" else torch.float64
         parts = [torch.stack([c.n_measured.sum(), c.n_skipped.sum(), c.n_backoffs.sum()]).to(dtype)]
-        if self._last is not None:
-            parts.append(self._last.rho.to(dtype))
+        if self._measured_once:
+            parts.append(self._rho.to(dtype))
         values = torch.cat(parts).tolist()  # the one transfer
         stats.update(measurements=values[0], skipped=values[1], backoffs=values[2])
         rho = values[3:]
@@ -362,9 +390,11 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         sd["alpha_tuner"] = {
             "version": _STATE_VERSION,
             "steps": self._steps,
+            "phase": self._phase,
             "keys": [t.key for t in self.targets],
             "alpha": [t.alpha for t in self.targets],
             "control": {k: v.detach().clone() for k, v in self._control._asdict().items()},
+            "rho": self._rho.detach().clone(),
         }
         return sd
 
@@ -413,7 +443,14 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
             value = torch.as_tensor(value).to(device=self.device, dtype=current.dtype)
             fields[name] = current.clone().index_copy_(0, dst_idx, value.index_select(0, src_idx))
         self._control = ControlState(**fields)
+        rho = tuner.get("rho")
+        if rho is not None:
+            rho = torch.as_tensor(rho).to(device=self.device, dtype=torch.float32)
+            self._rho = self._rho.clone().index_copy_(0, dst_idx, rho.index_select(0, src_idx))
+            self._measured_once = True
         self._steps = int(tuner.get("steps", self._steps))
+        # Checkpoints before measurement phases have none: start the rotation at phase 0.
+        self._phase = int(tuner.get("phase", 0)) % self.measure_phases
 
     # --------------------------------------------------------------------------- misc
     def __getattr__(self, name: str) -> Any:
@@ -426,5 +463,6 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"AlphaTunedOptimizer({type(self.optimizer).__name__}, layers={len(self.targets)}, "
-            f"adapt={self.adapt}, measure_every={self.measure_every}, control_every={self.control_every})"
+            f"adapt={self.adapt}, measure_every={self.measure_every}, measure_phases={self.measure_phases}, "
+            f"control_every={self.control_every})"
         )

@@ -17,8 +17,10 @@ Reported:
 
 * the median wall-time ratio of the wrapped ``step()`` to the bare ``step()`` of the same
   inner AdamW configuration, bare and wrapped steps interleaved one by one: at the default
-  cadence (measure every 10 steps, control every 50) as the median over full 50-step cycles
-  of the ratio of summed times, and measuring every step as the median of per-step ratios;
+  cadence (measure every 10 steps, in 2 phases, control every 60) as the median over full
+  60-step cycles of the ratio of summed times, and measuring every step (one phase per step)
+  as the median of per-step ratios; both also with ``measure_phases=1`` (all layers at each
+  measurement) for comparison;
 * the Gram route (``drift.drift_norms``) against the dense d×k route
   (``drift.dense_drift_norms``) on the same layers, and one full measurement by
   ``DriftMeter`` against the unchunked ``drift.drift_norms_grouped``;
@@ -58,6 +60,13 @@ INNER: dict[str, dict[str, Any]] = {
     "for-loop": {"foreach": False},
 }
 TARGETS = {"default cadence": 1.05, "every step": 1.5, "extra memory": 1.0}
+#: Timed cadences: (measure_every, measure_phases, control_every, target).
+CADENCES: dict[str, tuple[int, int, int, str]] = {
+    "default cadence": (10, 2, 60, "default cadence"),
+    "every step": (1, 2, 10**9, "every step"),
+    "default cadence, 1 phase": (10, 1, 60, "default cadence"),
+    "every step, 1 phase": (1, 1, 10**9, "every step"),
+}
 
 
 @dataclass(frozen=True)
@@ -152,10 +161,18 @@ def time_ratio(
     control_every: int,
     steps: int,
     block: int,
+    measure_phases: int = 2,
 ) -> dict[str, float]:
     """Interleave bare and wrapped steps; median over blocks of ``block`` steps of the time ratio."""
-    bare, wrapped = _pair(shapes, device, inner, measure_every=measure_every, control_every=control_every)
-    for _ in range(measure_every + 1):  # warm-up: optimizer state, one measurement, allocator
+    bare, wrapped = _pair(
+        shapes,
+        device,
+        inner,
+        measure_every=measure_every,
+        measure_phases=measure_phases,
+        control_every=control_every,
+    )
+    for _ in range(measure_every * measure_phases + 1):  # warm-up: state, a measurement per phase
         bare.step()
         wrapped.step()
     meter = wrapped._meter
@@ -289,8 +306,8 @@ def memory(shapes: Shapes, device: torch.device, inner: str) -> dict[str, Any]:
 
     ``held``: what the meter keeps between measurements (its workspace, and on CPU the
     snapshot's storage). ``own``: what the wrapper itself needs, the peak of ``snapshot()`` +
-    ``measure()`` plus ``held``. ``extra``: the peak of a wrapped measurement step minus that of
-    a bare step, plus ``held``.
+    ``measure()`` of the largest phase (default 2 phases) plus ``held``. ``extra``: the peak of
+    a wrapped measurement step minus that of a bare step, plus ``held``.
     """
     bare, wrapped = _pair(shapes, device, inner, measure_every=1, control_every=10**9)
     for _ in range(2):
@@ -304,17 +321,19 @@ def memory(shapes: Shapes, device: torch.device, inner: str) -> dict[str, Any]:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     workspace = nbytes(meter._workspaces.values())
-    kept = nbytes(t for c in meter._chunks if c.kept is not None for t in c.kept)
-    held = workspace + kept
+    held = meter.held_bytes
+    kept = held - workspace
+    sizes = [sum(c.nbytes for c in chunks) for chunks in meter._phase_chunks]
+    phase = sizes.index(max(sizes))
     with _peak(device) as p_bare:
         bare.step()
     with _peak(device) as p_wrapped:
         wrapped.step()
     with _peak(device) as p_own:
-        meter.snapshot()
+        meter.snapshot(phase)
         meter.measure()
     with _peak(device) as p_snap:
-        meter.snapshot()
+        meter.snapshot(phase)
     meter.discard()
     return {
         "lora_mb": lora_bytes / 2**20,
@@ -325,6 +344,7 @@ def memory(shapes: Shapes, device: torch.device, inner: str) -> dict[str, Any]:
         "workspace": workspace / lora_bytes,
         "bare_step": p_bare["peak"] / lora_bytes,
         "chunk_mb": meter.chunk_bytes / 2**20,
+        "phases": meter.num_phases,
     }
 
 
@@ -362,14 +382,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["memory"] = {}
     inners = args.inner or (["fused"] if args.quick else ["foreach", "fused"])
     for inner in inners:
-        results["timing"][inner] = {
-            "default cadence": time_ratio(
-                shapes, device, inner, measure_every=10, control_every=50, steps=50 * cycles, block=50
-            ),
-            "every step": time_ratio(
-                shapes, device, inner, measure_every=1, control_every=10**9, steps=every_steps, block=1
-            ),
-        }
+        results["timing"][inner] = {}
+        for name, (every, phases, control, _) in CADENCES.items():
+            if args.quick and name.endswith("1 phase"):
+                continue
+            default = every > 1
+            results["timing"][inner][name] = time_ratio(
+                shapes,
+                device,
+                inner,
+                measure_every=every,
+                measure_phases=phases,
+                control_every=control,
+                steps=control * cycles if default else every_steps,
+                block=control if default else 1,
+            )
         results["memory"][inner] = memory(shapes, device, inner)
     results["gram"] = gram_vs_dense(shapes, device, repeats=2 if args.quick else 3)
     results["machine"]["load_after"] = machine().get("load", "")
@@ -395,7 +422,7 @@ def report(results: dict[str, Any]) -> str:
     ]
     for inner, timing in results["timing"].items():
         for cadence, t in timing.items():
-            target = TARGETS[cadence]
+            target = TARGETS[CADENCES[cadence][3]]
             detail = f" (range {t['ratio_min']:.3f}–{t['ratio_max']:.3f} over {t['blocks']})"
             lines.append(
                 f"| step time ratio, {cadence} | {inner} | {t['ratio']:.3f}×{detail} | ≤ {target}× | "
@@ -409,7 +436,8 @@ def report(results: dict[str, Any]) -> str:
     for inner, mem in results["memory"].items():
         target = TARGETS["extra memory"]
         lines.append(
-            f"| extra memory of a measurement step / LoRA bytes | {inner} | {mem['own']:.3f}× "
+            f"| extra memory of a measurement step ({mem['phases']} phases) / LoRA bytes | {inner} | "
+            f"{mem['own']:.3f}× "
             f"(snapshot {mem['snapshot']:.3f}×{' kept' if mem['snapshot_kept'] else ''} + workspace "
             f"{mem['workspace']:.3f}× + rest; vs a bare step "
             f"{mem['extra']:.3f}×, whose own transient is {mem['bare_step']:.3f}×) | ≤ {target}× | "
@@ -438,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(INNER),
         help="inner AdamW variants (default: foreach and fused; fused with --quick)",
     )
-    parser.add_argument("--cycles", type=int, default=3, help="full 50-step cycles at the default cadence")
+    parser.add_argument("--cycles", type=int, default=3, help="full 60-step cycles at the default cadence")
     parser.add_argument("--every-steps", type=int, default=20, help="steps timed when measuring every step")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"

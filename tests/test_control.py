@@ -291,6 +291,42 @@ def test_init_control_rejects_non_1d(shape: tuple[int, ...]) -> None:
 def test_observe_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError, match="shape"):
         observe(init_control(torch.ones(3)), torch.ones(4), ControlConfig())
+    with pytest.raises(ValueError, match="mask must have shape"):
+        observe(
+            init_control(torch.ones(3)), torch.ones(3), ControlConfig(), mask=torch.ones(4, dtype=torch.bool)
+        )
+
+
+@SETTINGS
+@given(config=configs, data=st.data())
+def test_masked_layers_are_not_observed(config: ControlConfig, data: st.DataObject) -> None:
+    """Where the mask is False nothing changes (not even n_skipped), whatever ρ holds there;
+    where it is True the layer is observed exactly as without a mask."""
+    a0 = data.draw(layered(alpha0s))
+    n = len(a0)
+    state = init_control(t(a0))
+    for _ in range(data.draw(st.integers(0, 3))):
+        state = step(state, t(data.draw(st.lists(valid_rhos, min_size=n, max_size=n))), config)
+    rho = t(data.draw(st.lists(any_rhos, min_size=n, max_size=n)))
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    masked, unmasked = observe(state, rho, config, mask=mask), observe(state, rho, config)
+    for name, new, old, full in zip(ControlState._fields, masked, state, unmasked, strict=True):
+        torch.testing.assert_close(new[~mask], old[~mask], rtol=0, atol=0, equal_nan=True, msg=name)
+        torch.testing.assert_close(new[mask], full[mask], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_mask_all_true_equals_no_mask_and_all_false_is_identity() -> None:
+    config = ControlConfig()
+    state = observe(init_control(t([1.0, 2.0, 3.0])), t([0.1, 0.2, 0.3]), config)
+    rho = t([0.5, NAN, -1.0])
+    assert_states_equal(
+        observe(state, rho, config, mask=torch.ones(3, dtype=torch.bool)), observe(state, rho, config)
+    )
+    assert_states_equal(observe(state, rho, config, mask=torch.zeros(3, dtype=torch.bool)), state)
+    half = observe(state, rho, config, mask=torch.tensor([True, False, True]))
+    assert half.n_measured.tolist() == [2, 1, 1]
+    assert half.n_skipped.tolist() == [0, 0, 1]  # the NaN of the unmeasured layer is not a skip
+    assert half.rho_fast[1] == state.rho_fast[1] and half.rho_fast[0] != state.rho_fast[0]
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ def test_collect_metrics_before_any_measurement_and_without_measuring() -> None:
 
 def test_collect_metrics_skips_non_finite_rho_in_the_summary() -> None:
     model = tiny_llama()
-    opt = wrap(model, measure_every=1)
+    opt = wrap(model, measure_every=1, measure_phases=1)
     _train(opt, 1)
     model(**lm_batch(seed=1)).loss.backward()
     next(p for n, p in model.named_parameters() if "lora_B" in n).grad.fill_(float("nan"))

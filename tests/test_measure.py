@@ -156,6 +156,49 @@ def test_chunks_respect_the_budget() -> None:
     assert meter.num_groups < meter.num_chunks < len(targets)
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["freed", "kept"])
+@pytest.mark.parametrize("phases", [2, 3])
+def test_phases_measure_disjoint_balanced_subsets_exactly(phases: int, keep: bool) -> None:
+    """Each phase measures its own layers exactly (NaN elsewhere); the phases cover every layer
+    once, hold about equal bytes, and the kept snapshot storage is that of the largest phase."""
+    model = tiny_llama(seed=6).double()
+    randomize_lora_b(model)
+    targets = find_lora_targets(model)
+    meter = DriftMeter(targets, torch.device("cpu"), phases=phases, keep_snapshot=keep)
+    assert meter.num_phases == phases
+    masks = torch.stack([meter.phase_layers(p) for p in range(phases)])
+    assert masks.sum(0).tolist() == [1] * len(targets)  # disjoint, and together every layer
+    layer_bytes = torch.tensor([8 * (t.weight_a.numel() + t.weight_b.numel()) for t in targets])
+    phase_bytes = [int(layer_bytes[m].sum()) for m in masks]
+    assert max(phase_bytes) <= 1.5 * sum(phase_bytes) / phases  # balanced by bytes
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for i in range(2 * phases):
+        _loss(model, i).backward()
+        before = _factors(model)
+        meter.snapshot(i % phases)
+        opt.step()
+        opt.zero_grad()
+        got = meter.measure()
+        mask = masks[i % phases]
+        assert torch.equal(got.measured, mask)
+        signal, drift, rho = _dense(before, _factors(model))
+        torch.testing.assert_close(got.signal[mask].double(), signal[mask], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got.drift[mask].double(), drift[mask], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got.rho[mask].double(), rho[mask], rtol=2e-6, atol=0)
+        assert torch.isnan(got.rho[~mask]).all() and torch.isnan(got.signal[~mask]).all()
+    snapshot_bytes = sum(x.numel() * x.element_size() for a, b in _factors(model) for x in (a, b))
+    kept = meter.held_bytes - sum(w.numel() * w.element_size() for w in meter._workspaces.values())
+    if keep:
+        assert max(phase_bytes) <= kept < max(phase_bytes) + 64 * 2 * meter.num_chunks
+        assert kept < 0.75 * snapshot_bytes
+    else:
+        assert kept == 0
+    with pytest.raises(ValueError, match="phase"):
+        meter.snapshot(phases)
+    with pytest.raises(ValueError, match="phases"):
+        DriftMeter(targets, torch.device("cpu"), phases=0)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_chunk_bytes(bad: Any) -> None:
     with pytest.raises(ValueError, match="chunk_bytes"):
@@ -256,6 +299,7 @@ def test_non_finite_gradient_step_is_skipped_and_alpha_stays_finite(bad: str) ->
         torch.optim.AdamW(model.parameters(), lr=1e-3),
         model,
         measure_every=1,
+        measure_phases=1,
         control_every=2,
         control=ControlConfig(rho_max=1e-12, min_factor=1e-3),  # always backs off: α really moves
     )

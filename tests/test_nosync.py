@@ -9,6 +9,9 @@ configurations the inner ``step`` is exempted, and what is checked is the wrappe
 around it: snapshot, measurement, observation, control. Fused AdamW reads nothing on the host,
 so with it the whole ``step()`` is checked, inner step included.
 
+A control step also copies nothing from the host to the device: ``torch.tensor`` (how the
+wrapper would build a tensor from host values) is counted while the guard is armed.
+
 On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` turns any synchronising CUDA call into an
 error; the CUDA test runs wrapped steps under it and skips cleanly without a GPU.
 """
@@ -52,8 +55,19 @@ class SyncGuard:
         self.armed = False
         self.allowed: frozenset[str] = frozenset()
         self.calls: Counter[str] = Counter()
+        self.host_to_device: Counter[str] = Counter()
         for name in SYNC_METHODS:
             monkeypatch.setattr(torch.Tensor, name, self._guarded(name, getattr(torch.Tensor, name)))
+        monkeypatch.setattr(torch, "tensor", self._counted(torch.tensor))
+
+    def _counted(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def make(*args: Any, **kwargs: Any) -> Any:
+            if self.armed:
+                self.host_to_device["tensor"] += 1
+            return original(*args, **kwargs)
+
+        return make
 
     def _guarded(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -70,6 +84,7 @@ class SyncGuard:
     def armed_for(self, allowed: tuple[str, ...] = ()) -> Iterator[Counter[str]]:
         """Arm the guard; yields the counter of allowed calls made while armed."""
         self.armed, self.allowed, self.calls = True, frozenset(allowed), Counter()
+        self.host_to_device = Counter()
         try:
             yield self.calls
         finally:
@@ -165,17 +180,21 @@ def test_measurement_and_plain_steps_do_not_sync(guard: SyncGuard, inner: str) -
         with guard.armed_for():
             opt.step()
         opt.zero_grad()
-    assert opt.diagnostics()["measurements"] == 4 * len(opt.targets)
+    # Two phases: each step measures half of the layers, each layer every other step.
+    assert opt.diagnostics()["measurements"] == 2 * len(opt.targets)
 
 
 @pytest.mark.parametrize("inner", list(INNER))
 @pytest.mark.parametrize("backing_off", [False, True], ids=["alpha-kept", "alpha-moved"])
 def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: str, backing_off: bool) -> None:
-    """Default cadence: 50 steps of which 5 measure; only the 50th syncs, with one ``tolist``."""
+    """Default cadence: 60 steps of which 6 measure; only the 60th syncs, with one ``tolist``.
+
+    The control step builds no tensor from host values (no host-to-device copy), even when α moves.
+    """
     # rho_max tiny: every control step backs α off, so the rescale path runs under the guard too.
     control = ControlConfig(rho_max=1e-12) if backing_off else None
     model, opt = _wrapped(guard, inner, control=control)
-    assert (opt.measure_every, opt.control_every) == (10, 50)
+    assert (opt.measure_every, opt.measure_phases, opt.control_every) == (10, 2, 60)
     alphas0 = opt.alphas()
     for i in range(2 * opt.control_every):
         _random_grads(model, i)
@@ -183,7 +202,10 @@ def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: st
         with guard.armed_for(("tolist",) if control_step else ()) as calls:
             opt.step()
         assert calls == (Counter(tolist=1) if control_step else Counter()), f"step {i}"
-    assert opt.diagnostics()["measurements"] == 10 * len(opt.targets)
+        if control_step or inner != "fused":  # fused AdamW makes its step counters at step 1
+            assert guard.host_to_device == Counter(), f"step {i}"
+    # 12 measurements, alternating between the two phases: 6 of every layer.
+    assert opt.diagnostics()["measurements"] == 6 * len(opt.targets)
     assert (opt.alphas() != alphas0) == backing_off
 
 
@@ -225,7 +247,12 @@ def test_cuda_steps_do_not_sync(inner: str) -> None:
 
     base.step = exempt_step  # type: ignore[method-assign]
     opt = AlphaTunedOptimizer(
-        base, model, control=ControlConfig(rho_max=1e-12), measure_every=2, control_every=6
+        base,
+        model,
+        control=ControlConfig(rho_max=1e-12),
+        measure_every=2,
+        measure_phases=1,
+        control_every=6,
     )
     checked = 0
     for i in range(13):

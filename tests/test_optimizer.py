@@ -174,6 +174,17 @@ def _errors() -> list[tuple[Any, type[Exception], str]]:
             ValueError,
             "multiple",
         ),
+        (
+            lambda m: AlphaTunedOptimizer(torch.optim.AdamW(m.parameters()), m, measure_phases=0),
+            ValueError,
+            "measure_phases must be an integer >= 1",
+        ),
+        (
+            # The old default control_every=50 with the default 10 × 2 phases: both named, fix given.
+            lambda m: AlphaTunedOptimizer(torch.optim.AdamW(m.parameters()), m, control_every=50),
+            ValueError,
+            r"measure_every × measure_phases \(10 × 2 = 20\).*control_every=60",
+        ),
         (lambda m: AlphaTunedOptimizer(torch.optim.AdamW(m.parameters()), m, init="big"), ValueError, "init"),
         (lambda m: AlphaTunedOptimizer(torch.optim.AdamW(m.parameters()), m, c=-1.0), ValueError, "c must"),
         (
@@ -265,7 +276,7 @@ def test_non_lora_parameters_are_updated_exactly_as_by_the_inner_optimizer() -> 
         model = tiny_llama(seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         if wrap:
-            opt = AlphaTunedOptimizer(opt, model, measure_every=1, control_every=1)
+            opt = AlphaTunedOptimizer(opt, model, measure_every=1, measure_phases=1, control_every=1)
         # One step: B = 0 makes the forward pass (hence every gradient) independent of alpha,
         # so the non-LoRA head must receive exactly the inner optimizer's update.
         _train(model, opt, 1)

@@ -103,7 +103,9 @@ def test_trainer_with_tuning_off_equals_bare_adamw(tmp_path: Path) -> None:
         model = tiny_llama()
         inner = torch.optim.AdamW(model.parameters(), lr=LR)
         opt = (
-            AlphaTunedOptimizer(inner, model, init="keep", adapt=False, measure=True, measure_every=1)
+            AlphaTunedOptimizer(
+                inner, model, init="keep", adapt=False, measure=True, measure_every=1, measure_phases=1
+            )
             if tuned
             else inner
         )
@@ -211,7 +213,7 @@ def test_trainer_factory_path_builds_the_wrapper_inside_the_trainer(tmp_path: Pa
 def test_gradscaler_skipped_step_leaves_alpha_factors_and_state_untouched() -> None:
     model = tiny_llama()
     # A control step after every step: had the skipped step reached the wrapper, α would move.
-    opt = wrap(model, measure_every=1, control_every=1, control=EAGER_CONTROL)
+    opt = wrap(model, measure_every=1, measure_phases=1, control_every=1, control=EAGER_CONTROL)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
 
     def step(seed: int, poison: bool = False) -> None:
@@ -289,7 +291,7 @@ def test_accelerate_prepare_is_harmless_and_matches_the_plain_loop() -> None:
 # ------------------------------------------------------------------------------ resume
 def _resume_run(out: Path, resume: str | None) -> tuple[Trainer, nn.Module, AlphaTunedOptimizer]:
     model = tiny_llama()
-    opt = wrap(model, **EAGER)
+    opt = wrap(model, **EAGER, measure_phases=1)  # every layer measured at every step
     trainer = Trainer(
         model=model,
         args=trainer_args(
