@@ -141,7 +141,43 @@ def _run_fsdp(rank: int, adapter_dir: Path) -> dict[str, Any]:
     if rank == 0:
         model.save_pretrained(adapter_dir, state_dict=full)  # type: ignore[operator]
     tuner = opt.state_dict()["alpha_tuner"]
-    return {**_summary(opt, model), "lora": lora, "tuner_alpha": tuner["alpha"], "keys": tuner["keys"]}
+    summary = {**_summary(opt, model), "lora": lora, "tuner_alpha": tuner["alpha"], "keys": tuner["keys"]}
+    return {**summary, **_fsdp_resume(model, opt)}
+
+
+def _fsdp_resume(model: Any, opt: AlphaTunedOptimizer) -> dict[str, Any]:
+    """Checkpoint the sharded model and optimizer, go on, and go on again from the checkpoint."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    model_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt_sd = copy.deepcopy(opt.state_dict())
+    extra = range(STEPS, STEPS + 4)
+
+    def go_on(m: Any, o: AlphaTunedOptimizer) -> dict[str, torch.Tensor]:
+        for step in extra:
+            m(**_local_batch(step, dist.get_rank())).loss.backward()
+            o.step()
+            o.zero_grad()
+        return {k: v.full_tensor().clone() for k, v in m.state_dict().items() if "lora_" in k}
+
+    straight = go_on(model, opt)
+    fresh = tiny_llama(seed=1)  # other LoRA init: factors and alpha must come from the checkpoint
+    for layer in fresh.base_model.model.model.layers:  # type: ignore[union-attr]
+        fully_shard(layer)
+    fully_shard(fresh)
+    fresh_opt = AlphaTunedOptimizer(
+        torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=LR), fresh, **TUNER
+    )
+    fresh.load_state_dict(model_sd)
+    fresh_opt.load_state_dict(opt_sd)
+    resumed_alphas = fresh_opt.alphas()
+    resumed = go_on(fresh, fresh_opt)
+    return {
+        "resume_alpha_at_checkpoint": (resumed_alphas, opt_sd["alpha_tuner"]["alpha"]),
+        "resume": (straight, resumed, opt.alphas(), fresh_opt.alphas()),
+    }
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -277,6 +313,19 @@ def test_fsdp2_saved_adapter_reproduces_the_single_process_model(
     with torch.no_grad():
         expected = ref_model.eval()(**batch).logits
         torch.testing.assert_close(loaded(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_optimizer_state_dict_resumes_the_identical_trajectory(
+    ranks: tuple[dict[str, Any], ...],
+) -> None:
+    for r in (ranks[0]["fsdp"], ranks[1]["fsdp"]):
+        resumed_alphas, saved = r["resume_alpha_at_checkpoint"]
+        assert list(resumed_alphas.values()) == saved
+        straight, resumed, alphas, resumed_final = r["resume"]
+        assert straight.keys() == resumed.keys() and straight
+        for name in straight:
+            assert torch.equal(straight[name], resumed[name]), name
+        assert alphas == resumed_final
 
 
 # ------------------------------------------------------------------- single-process helpers
