@@ -1,0 +1,112 @@
+"""``alpha-tuner``: the command line (argparse only; the work lives in :mod:`alpha_tuner.experiments`).
+
+Sub-commands::
+
+    alpha-tuner demo      fine-tune MiniLM (or SmolLM2) with four LoRA methods; table and figure
+    alpha-tuner sweep     the α × LR × rank grid, the held-out bar runs, and the report
+    alpha-tuner inspect   LoRA layers, ranks, α and the recommended α of a saved adapter
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+_DEFAULT_SWEEP = Path("benchmarks/results/sweep_minilm.jsonl")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alpha-tuner", description="LoRA scaling factors (α): demo, sweep and inspection of adapters."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="vanilla LoRA vs rsLoRA vs LoRA+ vs AlphaTuned on one task")
+    demo.add_argument(
+        "--model", choices=("minilm", "smollm2", "tiny"), default="minilm", help="tiny: random test model"
+    )
+    demo.add_argument("--rank", type=int, default=16)
+    demo.add_argument("--lr", type=float, default=None, help="base LR of every method (default: per model)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per model)")
+    demo.add_argument("--batch-size", type=int, default=None)
+    demo.add_argument("--eval-size", type=int, default=None, help="held-out examples")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--methods", default="lora,rslora,loraplus,alphatuned", help="comma-separated")
+    demo.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for the PNG and JSON")
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    demo.add_argument("--no-progress", action="store_true")
+
+    sweep = sub.add_parser("sweep", help="grid over alpha x LR x rank (resumable JSON lines)")
+    sweep.add_argument("phase", choices=("grid", "bar", "report", "all"), nargs="?", default="all")
+    sweep.add_argument("--out", type=Path, default=_DEFAULT_SWEEP, help="JSON-lines results file")
+    sweep.add_argument("--model", choices=("minilm", "smollm2", "tiny"), default="minilm")
+    sweep.add_argument("--ranks", type=_ints, default=None, help="e.g. 4,16,64")
+    sweep.add_argument("--lrs", type=_floats, default=None, help="e.g. 2e-5,8e-5,3.2e-4")
+    sweep.add_argument("--coefficients", type=_floats, default=None, help="c values, alpha = c*sqrt(r)")
+    sweep.add_argument(
+        "--coefficient-lr-shift", type=float, default=None, help="c grid × (lrs[0]/lr)**shift (default 0.5)"
+    )
+    sweep.add_argument("--seeds", type=_ints, default=None, help="selection seeds of the grid")
+    sweep.add_argument("--heldout-seeds", type=_ints, default=None, help="seeds of the bar runs")
+    sweep.add_argument("--steps", type=int, default=None)
+    sweep.add_argument("--batch-size", type=int, default=None)
+    sweep.add_argument("--eval-size", type=int, default=None)
+    sweep.add_argument("--limit", type=int, default=None, help="at most this many new runs")
+    sweep.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)"
+    )
+    sweep.add_argument("--device", default="cpu", help="cpu, cuda, ... (not part of the resume key)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs still to do and stop")
+    sweep.add_argument("--no-progress", action="store_true")
+
+    insp = sub.add_parser("inspect", help="LoRA layers, ranks and alpha of a saved adapter")
+    insp.add_argument("path", help="adapter folder, or a model id already in the local cache")
+    insp.add_argument("--lr", type=float, default=None, help="LR for the recommended alpha")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the sub-command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "inspect":
+        from .inspect import main as inspect_main
+
+        return inspect_main(args.path, lr=args.lr, as_json=args.json)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    from .experiments.assets import AssetMissingError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "demo":
+            from .experiments.demo import main as demo_main
+
+            return demo_main(args)
+        from .experiments.sweep import main as sweep_main
+
+        return sweep_main(args)
+    except AssetMissingError as err:
+        print(f"alpha-tuner: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The figures of the demo and the sweep (matplotlib, imported lazily, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fit import Cell, PowerLawFit
+
+__all__ = ["plot_best_alpha", "plot_demo", "plot_heatmaps", "plot_rho"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_demo(result: Mapping[str, Any], path: Path, *, labels: Mapping[str, str]) -> None:
+    """Training loss, mean α and mean drift ratio ρ over the steps of every demo method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    styles = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)))  # methods with equal α stay visible
+    for i, rec in enumerate(result["records"]):
+        label = labels.get(rec["config"]["method"], rec["config"]["method"])
+        curve = np.array(rec["train_curve"], dtype=float).reshape(-1, 2)
+        (line,) = axes[0].plot(curve[:, 0], curve[:, 1], label=label, ls=styles[i % len(styles)])
+        if rec["eval_loss"] is not None and math.isfinite(rec["eval_loss"]):
+            axes[0].scatter([curve[-1, 0]], [rec["eval_loss"]], marker="*", s=120, color=line.get_color())
+        tele = np.array(rec["telemetry"], dtype=float).reshape(-1, 3)
+        if len(tele):
+            axes[1].plot(tele[:, 0], tele[:, 1], label=label, color=line.get_color(), ls=line.get_linestyle())
+            axes[2].plot(tele[:, 0], tele[:, 2], label=label, color=line.get_color(), ls=line.get_linestyle())
+    s = result["settings"]
+    axes[0].set(title="training loss, mean of 10 steps (★ held-out loss)", xlabel="step", ylabel="loss")
+    axes[1].set(title="mean α over LoRA layers", xlabel="step", ylabel="α", yscale="log")
+    axes[2].set(title="mean drift ratio ρ = ‖dB·dA‖/‖dB·A+B·dA‖", xlabel="step", ylabel="ρ", yscale="log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{s['model']}, r={s['rank']}, lr={s['lr']:g}, batch {s['batch_size']}, seed {s['seed']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmaps(cells: Mapping[Cell, Sequence[float]], path: Path) -> None:
+    """Mean held-out loss over (c = α/√r, LR), one panel per rank; best cell of each panel boxed."""
+    plt = _pyplot()
+    ranks = sorted({c[0] for c in cells})
+    fig, axes = plt.subplots(1, len(ranks), figsize=(4.6 * len(ranks), 4), squeeze=False)
+    for ax, rank in zip(axes[0], ranks, strict=True):
+        sub = {(lr, a / math.sqrt(rank)): float(np.mean(v)) for (r, lr, a), v in cells.items() if r == rank}
+        lrs = sorted({k[0] for k in sub})
+        cs = sorted({k[1] for k in sub})
+        grid = np.full((len(lrs), len(cs)), np.nan)
+        for (lr, c), loss in sub.items():
+            grid[lrs.index(lr), cs.index(c)] = loss if math.isfinite(loss) else np.nan
+        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r")
+        for i, j in np.ndindex(grid.shape):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7, color="w")
+        if np.isfinite(grid).any():
+            i, j = np.unravel_index(np.nanargmin(grid), grid.shape)
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+        ax.set_xticks(range(len(cs)), [f"{c:g}" for c in cs])
+        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set(title=f"r = {rank}", xlabel="c = α/√r", ylabel="learning rate")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle("held-out loss (mean over selection seeds; red: best cell)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rho(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """ρ against α (one line per rank and LR) and against the LR (one line per rank and c)."""
+    plt = _pyplot()
+    by_alpha: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
+    by_lr: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
+    for rec in records:
+        cfg, rho = rec["config"], rec.get("rho_mean")
+        if rho is None or not rho > 0 or rec.get("diverged"):
+            continue
+        by_alpha[(cfg["rank"], cfg["lr"])].append((cfg["alpha"], rho))
+        by_lr[(cfg["rank"], round(cfg["alpha"] / math.sqrt(cfg["rank"]), 6))].append((cfg["lr"], rho))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, groups, name in ((axes[0], by_alpha, "lr"), (axes[1], by_lr, "c")):
+        for (rank, value), points in sorted(groups.items()):
+            x, y = np.array(sorted(points)).T
+            ax.plot(x, y, marker="o", ms=3, lw=1, label=f"r={rank}, {name}={value:g}")
+        ax.set(xscale="log", yscale="log", ylabel="ρ (mean of the second half of training)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, ncol=2)
+    axes[0].set(title="ρ against α (fixed rank and LR)", xlabel="α")
+    axes[1].set(title="ρ against the learning rate (fixed rank and c)", xlabel="learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_best_alpha(fits: Mapping[float, PowerLawFit], path: Path) -> None:
+    """Best α per rank at each LR with its fitted power law c·r^p."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for lr, fit in sorted(fits.items()):
+        ranks = np.array(sorted(fit.alpha_star), dtype=float)
+        best = np.array([fit.alpha_star[int(r)] for r in ranks])
+        censored = np.array([fit.censored[int(r)] for r in ranks])
+        lo, hi = fit.p_interval
+        label = f"lr={lr:g}: α*≈{fit.c:.3g}·r^{fit.p:.2f} (p∈[{lo:.2f}, {hi:.2f}])"
+        (line,) = ax.plot(ranks, fit.c * ranks**fit.p, lw=1, label=label)
+        ax.scatter(ranks[~censored], best[~censored], color=line.get_color())
+        ax.scatter(ranks[censored], best[censored], color=line.get_color(), marker="^", label=None)
+    ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="best α (▲: at the grid's edge)")
+    ax.set_title("best α per rank")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

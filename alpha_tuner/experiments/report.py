@@ -1,0 +1,245 @@
+"""``alpha-tuner sweep report``: the fit, the paper's claims and the bar, from the sweep's records.
+
+Writes next to the JSON-lines file ``<stem>_report.md`` (tables), ``<stem>_report.json`` (the
+numbers) and the figures ``<stem>_heatmaps.png``, ``<stem>_rho.png``, ``<stem>_best_alpha.png``.
+Every number comes from the records; cells with missing seeds are left out and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fit import PowerLawFit, bootstrap_power_law, cell_table, matched_step_pairs, rank_tables, rho_slopes
+from .sweep import PEERS, SweepSpec, finite_json, read_records, tuner_tag
+
+__all__ = ["analyse", "write_report"]
+
+_PEER_BASELINES = ("lora", "rslora", "loraplus")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _lr_rule(fits: Mapping[float, PowerLawFit]) -> dict[str, float] | None:
+    """log c(η) = log C + q·log(η_ref/η) through the per-LR coefficients at p = 1/2."""
+    from alpha_tuner.principled import REFERENCE_LR
+
+    lrs = sorted(fits)
+    if len(lrs) < 2:
+        return None
+    x = np.log(REFERENCE_LR / np.array(lrs))
+    y = np.log([fits[lr].c_at_half for lr in lrs])
+    q, log_c = np.polyfit(x, y, 1)
+    return {"reference_lr": REFERENCE_LR, "c_ref": float(math.exp(log_c)), "lr_exponent": float(q)}
+
+
+def _bar(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+    """Held-out comparison: AlphaTuned (static, adaptive) against the peers and the oracle."""
+    tag = tuner_tag()
+    held = [r for r in records if r["config"]["seed"] in spec.heldout_seeds]
+    losses: dict[tuple[str, int, float], list[float]] = defaultdict(list)
+    oracle: dict[int, list[float]] = defaultdict(list)
+    for rec in held:
+        cfg = rec["config"]
+        loss = math.inf if rec.get("diverged") or rec.get("eval_loss") is None else rec["eval_loss"]
+        if cfg["tag"] == "oracle":
+            oracle[cfg["rank"]].append(loss)
+        elif cfg["method"] in PEERS and cfg["alpha"] is None and cfg["tag"] in ("", tag):
+            losses[(cfg["method"], cfg["rank"], cfg["lr"])].append(loss)
+    n_seeds = len(spec.heldout_seeds)
+    complete = {k: _mean(v) for k, v in losses.items() if len(v) == n_seeds}
+    out: dict[str, Any] = {"tuner": tag, "cells": [], "within_1pct": {}, "beats_peers": {}}
+    for variant in ("alphatuned-static", "alphatuned"):
+        wins = total = 0
+        for (method, rank, lr), loss in sorted(complete.items()):
+            peers = [complete.get((p, rank, lr)) for p in _PEER_BASELINES]
+            if method != variant or any(p is None for p in peers):
+                continue
+            beat = all(loss < p for p in peers if p is not None)
+            wins, total = wins + beat, total + 1
+            out["cells"].append(
+                {
+                    "variant": variant,
+                    "rank": rank,
+                    "lr": lr,
+                    "loss": loss,
+                    "beats_all": beat,
+                    **{p: complete[(p, rank, lr)] for p in _PEER_BASELINES},
+                }
+            )
+        out["beats_peers"][variant] = {"wins": wins, "cells": total}
+        small_lr = min(spec.lrs)
+        for rank, values in oracle.items():
+            own = complete.get((variant, rank, small_lr))
+            if len(values) == n_seeds and own is not None:
+                gap = own / _mean(values) - 1.0
+                out["within_1pct"].setdefault(variant, {})[rank] = {
+                    "lr": small_lr,
+                    "gap": gap,
+                    "oracle": _mean(values),
+                }
+    return out
+
+
+def _best_cells(cells: Mapping[tuple[int, float, float], Sequence[float]]) -> list[dict[str, Any]]:
+    """The grid's best α at every (rank, LR), with its loss and the runner-up's distance."""
+    groups: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
+    for (rank, lr, alpha), losses in cells.items():
+        groups[(rank, lr)].append((_mean(list(losses)), alpha))
+    out = []
+    for (rank, lr), row in sorted(groups.items()):
+        row.sort()
+        (loss, alpha), edge = row[0], {min(a for _, a in row), max(a for _, a in row)}
+        out.append({
+            "rank": rank, "lr": lr, "alpha": alpha, "c": alpha / math.sqrt(rank), "loss": loss,
+            "effective_step": alpha / rank * lr, "at_edge": alpha in edge, "n_alphas": len(row),
+        })  # fmt: skip
+    return out
+
+
+def analyse(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+    """All the numbers of the report (JSON-able) from the records of one sweep."""
+    grid = [r for r in records if r["config"]["method"] == "lora" and r["config"]["alpha"] is not None]
+    grid = [r for r in grid if not r["config"]["tag"] and r["config"]["seed"] in spec.seeds]
+    cells = cell_table(grid, spec.seeds)
+    fits: dict[float, PowerLawFit] = {}
+    for lr in sorted({c[1] for c in cells}):
+        tables = rank_tables(cells, lr)
+        if len(tables) >= 2:
+            fits[lr] = bootstrap_power_law(tables)
+    pairs = matched_step_pairs(cells)
+    slopes = rho_slopes(grid)
+    seeds_per_cell = sorted({len(v) for v in cells.values()})
+    return {
+        "n_records": len(records),
+        "n_grid_records": len(grid),
+        "seeds_per_cell": seeds_per_cell,
+        "fits": {
+            f"{lr:g}": {
+                **fit.__dict__,
+                "alpha_star": {str(k): v for k, v in fit.alpha_star.items()},
+                "censored": {str(k): v for k, v in fit.censored.items()},
+            }
+            for lr, fit in fits.items()
+        },
+        "lr_rule": _lr_rule(fits),
+        "claim1_pairs": pairs,
+        "claim1_raise_alpha_wins": sum(p["loss_raise_alpha"] < p["loss_raise_lr"] for p in pairs),
+        "claim2_rho_slope_alpha": slopes["alpha"],
+        "claim2_rho_slope_lr": slopes["lr"],
+        "best_cells": _best_cells(cells),
+        "bar": _bar(records, spec),
+        "_cells": cells,
+        "_fits": fits,
+    }
+
+
+def _markdown(result: Mapping[str, Any]) -> str:
+    def interval(lo: float, hi: float) -> str:
+        return "(no interval: one seed)" if math.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]"
+
+    lines = [
+        f"records: {result['n_records']} ({result['n_grid_records']} grid runs; "
+        f"seeds per cell: {result['seeds_per_cell']})",
+        "",
+        "### Best α per rank: α* = c·r^p",
+        "",
+        "| LR | α* per rank (▲ at the grid's edge) | p (90% interval) | c | c at p = ½ |",
+        "|---|---|---|---|---|",
+    ]
+    for lr, fit in result["fits"].items():
+        stars = ", ".join(
+            f"r={r}: {a:.3g}{' ▲' if fit['censored'][r] else ''}" for r, a in fit["alpha_star"].items()
+        )
+        lo, hi = fit["p_interval"]
+        lines.append(
+            f"| {lr} | {stars} | {fit['p']:.2f} {interval(lo, hi)} | {fit['c']:.3g} "
+            f"| {fit['c_at_half']:.3g} |"
+        )
+    lines += [
+        "",
+        "### Best grid cell per rank and LR (▲ at the grid's edge)",
+        "",
+        "| r | LR | best α | c = α/√r | s·η | loss | cells |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in result["best_cells"]:
+        edge = " ▲" if b["at_edge"] else ""
+        lines.append(f"| {b['rank']} | {b['lr']:g} | {b['alpha']:.4g}{edge} | {b['c']:.4g} | "
+                     f"{b['effective_step']:.2g} | {b['loss']:.4f} | {b['n_alphas']} |")  # fmt: skip
+    rule = result["lr_rule"]
+    if rule:
+        lines += [
+            "",
+            f"LR rule through the per-LR c at p = ½: c(η) = {rule['c_ref']:.3g}·"
+            f"({rule['reference_lr']:g}/η)^{rule['lr_exponent']:.2f}",
+        ]
+    pairs = result["claim1_pairs"]
+    lines += [
+        "",
+        "### Claim 1: at matched α·η, raising α beats raising the LR",
+        "",
+        f"raise-α wins in {result['claim1_raise_alpha_wins']} of {len(pairs)} matched pairs",
+        "",
+        "| r | from α | from LR | ×k | loss, α×k | loss, LR×k |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in sorted(pairs, key=lambda p: (p["rank"], p["lr"], p["alpha"])):
+        lines.append(
+            f"| {p['rank']} | {p['alpha']:.3g} | {p['lr']:g} | {p['k']:g} | "
+            f"{p['loss_raise_alpha']:.4f} | {p['loss_raise_lr']:.4f} |"
+        )
+    for name in ("alpha", "lr"):
+        s = result[f"claim2_rho_slope_{name}"]
+        if s:
+            lines.append(
+                f"\nClaim 2: slope of log ρ against log {name}: median {np.median(s):.2f} "
+                f"(range {min(s):.2f} … {max(s):.2f}, {len(s)} groups)"
+            )
+    bar = result["bar"]
+    lines += ["", f"### The bar (held-out seeds; AlphaTuned rule {bar['tuner']})", ""]
+    for variant, score in bar["beats_peers"].items():
+        lines.append(
+            f"- {variant}: beats vanilla LoRA, rsLoRA and LoRA+ in {score['wins']} of {score['cells']} "
+            "(rank, LR) cells"
+        )
+    for variant, gaps in bar["within_1pct"].items():
+        for rank, g in sorted(gaps.items()):
+            lines.append(
+                f"- {variant}, r={rank}, lr={g['lr']:g}: {100 * g['gap']:+.2f}% against the oracle "
+                f"cell ({g['oracle']:.4f})"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, spec: SweepSpec) -> dict[str, Any]:
+    """Analyse ``path`` and write the report files and figures beside it; returns the numbers."""
+    from .plots import plot_best_alpha, plot_heatmaps, plot_rho
+
+    records = read_records(path)
+    result = analyse(records, spec)
+    cells, fits = result.pop("_cells"), result.pop("_fits")
+    stem = path.with_suffix("")
+    if cells:
+        plot_heatmaps(cells, Path(f"{stem}_heatmaps.png"))
+        plot_rho(
+            [r for r in records if r["config"]["method"] == "lora" and r["config"]["alpha"] is not None],
+            Path(f"{stem}_rho.png"),
+        )
+    if fits:
+        plot_best_alpha(fits, Path(f"{stem}_best_alpha.png"))
+    Path(f"{stem}_report.json").write_text(
+        json.dumps(finite_json(result), indent=1, default=str) + "\n", encoding="utf-8"
+    )
+    text = _markdown(result)
+    Path(f"{stem}_report.md").write_text(text, encoding="utf-8")
+    print(text)
+    return result

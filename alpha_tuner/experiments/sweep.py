@@ -1,0 +1,268 @@
+"""``alpha-tuner sweep``: the α × learning rate × rank grid and the runs of the bar.
+
+Two phases write to one JSON-lines file, one record per finished run (see
+:func:`alpha_tuner.experiments.train.run`), keyed by :meth:`RunConfig.key`; a rerun skips
+every key already in the file, so an interrupted sweep resumes where it stopped.
+
+* ``grid``: vanilla LoRA with α = c·√r for every coefficient c, learning rate and rank, on the
+  *selection* seeds. The fit of the best α per rank (:mod:`.fit`) uses only these.
+* ``bar``: on *held-out* seeds, for every (rank, learning rate): vanilla LoRA (α = 2r), rsLoRA
+  (α = 16), LoRA+ (ratio 16), AlphaTuned static and adaptive with the library's current
+  defaults, and per rank the grid's best cell (chosen on the selection seeds) as the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .train import RunConfig
+
+__all__ = [
+    "SweepSpec",
+    "bar_configs",
+    "finite_json",
+    "grid_coefficients",
+    "grid_configs",
+    "read_records",
+    "run_configs",
+    "tuner_tag",
+]
+
+PEERS = ("lora", "rslora", "loraplus", "alphatuned-static", "alphatuned")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The axes of the sweep and the settings shared by all its runs.
+
+    The grid of c = α/√r at learning rate η is ``coefficients × (lrs[0]/η) ** coefficient_lr_shift``:
+    under Adam the size of a step in function space goes with s·η, so the best c falls as η
+    grows and a grid that moves with η brackets each optimum with fewer runs (with learning
+    rates 4× apart and a shift of ½, each LR's grid is the previous one halved).
+    """
+
+    model: str = "minilm"
+    ranks: tuple[int, ...] = (4, 16, 64)
+    lrs: tuple[float, ...] = (2e-5, 8e-5, 3.2e-4)
+    coefficients: tuple[float, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
+    coefficient_lr_shift: float = 0.5
+    seeds: tuple[int, ...] = (0, 1)
+    heldout_seeds: tuple[int, ...] = (100, 101)
+    steps: int = 150
+    batch_size: int = 8
+    eval_size: int = 512
+
+    def base(self, **fields: Any) -> RunConfig:
+        """A run of this sweep with the given fields set."""
+        common = RunConfig(
+            model=self.model, method="lora", rank=1, lr=1.0, seed=0, steps=self.steps,
+            batch_size=self.batch_size, eval_size=self.eval_size,
+        )  # fmt: skip
+        return replace(common, **fields)
+
+
+def grid_alpha(c: float, rank: int) -> float:
+    """α = c·√r in PEFT's default ``α/r`` convention (multiplier s = c/√r)."""
+    return c * math.sqrt(rank)
+
+
+def grid_coefficients(spec: SweepSpec, lr: float) -> list[float]:
+    """The values of c = α/√r that the grid tries at learning rate ``lr``."""
+    factor = (spec.lrs[0] / lr) ** spec.coefficient_lr_shift
+    return [float(f"{c * factor:.6g}") for c in spec.coefficients]
+
+
+def grid_configs(spec: SweepSpec) -> list[RunConfig]:
+    """The grid runs, seed-major so that a partial sweep covers every cell once first."""
+    return [
+        spec.base(rank=r, lr=lr, seed=seed, alpha=grid_alpha(c, r))
+        for seed in spec.seeds
+        for r in spec.ranks
+        for lr in spec.lrs
+        for c in grid_coefficients(spec, lr)
+    ]
+
+
+def tuner_tag() -> str:
+    """The principled rule the AlphaTuned runs use now (part of their resume key)."""
+    from alpha_tuner.principled import C_REF, LR_EXPONENT, REFERENCE_LR
+
+    return f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g}"
+
+
+def bar_configs(spec: SweepSpec, oracle: dict[int, tuple[float, float]]) -> list[RunConfig]:
+    """The held-out runs: every peer at every (rank, LR), and the oracle cell of each rank.
+
+    Args:
+        spec: The sweep.
+        oracle: Rank → (α, LR) of the grid's best cell on the selection seeds.
+    """
+    out = []
+    for seed in spec.heldout_seeds:
+        for r in spec.ranks:
+            if r in oracle:
+                alpha, lr = oracle[r]
+                out.append(spec.base(rank=r, lr=lr, seed=seed, alpha=alpha, tag="oracle"))
+            for lr in spec.lrs:
+                for method in PEERS:
+                    tag = tuner_tag() if method.startswith("alphatuned") else ""
+                    out.append(spec.base(method=method, rank=r, lr=lr, seed=seed, tag=tag))
+    return out
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a torn last line (a killed writer) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    return value
+
+
+def _end_with_newline(path: Path) -> None:
+    """Terminate a torn last line (a killed writer), so the next record starts a line of its own."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) != b"\n":
+            fh.write(b"\n")
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "device": device,
+    }
+
+
+def run_configs(
+    configs: Iterable[RunConfig],
+    path: Path,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> Iterator[dict[str, Any]]:
+    """Run every configuration whose key is not yet in ``path``, appending one line per run.
+
+    Yields each new record once written (and flushed to disk). Base models are loaded once
+    per model name.
+
+    Args:
+        configs: The runs, in order.
+        path: The JSON-lines file (created with its folder if missing).
+        limit: Stop after this many new runs (``None``: all).
+        progress: Show a progress bar (tqdm) over the runs still to do.
+        device: Where to train (``"cpu"``, ``"cuda"``); not part of the resume key.
+    """
+    from .models import load_base
+    from .train import make_task, run
+
+    done = {r.get("key") for r in read_records(path)}
+    todo = [c for c in configs if c.key() not in done]
+    if limit is not None:
+        todo = todo[:limit]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _end_with_newline(path)
+    bases: dict[tuple[str, int], Any] = {}
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"sweep → {path.name}", unit="run")
+    for config in todo:
+        cache_key = (config.model, config.eval_size)
+        if cache_key not in bases:
+            base = load_base(config.model)
+            bases[cache_key] = (base, make_task(base, config.eval_size))
+        base, task = bases[cache_key]
+        record = run(config, base, task, device=device)
+        record["environment"] = _environment(device)
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(finite_json(record), sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['eval_loss']:.4f}", r=config.rank, lr=f"{config.lr:g}")
+            bar.update()
+        yield record
+    if bar is not None:
+        bar.close()
+
+
+def spec_from_args(args: Any) -> SweepSpec:
+    """A :class:`SweepSpec` with the command line's overrides (``None`` keeps the default)."""
+    names = [
+        *("model", "ranks", "lrs", "coefficients", "coefficient_lr_shift"),
+        *("seeds", "heldout_seeds", "steps", "batch_size", "eval_size"),
+    ]
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return replace(SweepSpec(), **overrides)
+
+
+def main(args: Any) -> int:
+    """Run the phases of ``alpha-tuner sweep`` named by ``args.phase``."""
+    from .fit import grid_oracle
+
+    spec = spec_from_args(args)
+    path: Path = args.out
+    phases = ("grid", "bar", "report") if args.phase == "all" else (args.phase,)
+    for phase in phases:
+        if phase == "report":
+            from .report import write_report
+
+            write_report(path, spec)
+            continue
+        if phase == "grid":
+            configs = grid_configs(spec)
+        else:
+            grid = [
+                r for r in read_records(path) if r["config"]["method"] == "lora" and not r["config"]["tag"]
+            ]
+            oracle = grid_oracle(grid, spec.seeds)
+            missing = [r for r in spec.ranks if r not in oracle]
+            if missing:
+                print(f"sweep: no complete grid for ranks {missing} yet; their oracle cell is left out.")
+            configs = bar_configs(spec, oracle)
+        if args.dry_run:
+            done = {r.get("key") for r in read_records(path)}
+            todo = [c.key() for c in configs if c.key() not in done]
+            print(f"{phase}: {len(todo)} of {len(configs)} runs to do")
+            print("\n".join(todo[: args.limit or len(todo)]))
+            continue
+        for _ in run_configs(
+            configs, path, limit=args.limit, progress=not args.no_progress, device=args.device
+        ):
+            pass
+    return 0

