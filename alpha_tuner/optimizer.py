@@ -19,6 +19,7 @@ from .control import ControlConfig, ControlState, init_control, observe, update_
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
 from .measure import DriftMeter
+from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha
 from .rescale import rescale_target_, update_adapter_config, write_alpha
 
@@ -26,7 +27,6 @@ __all__ = ["AlphaTunedOptimizer"]
 
 #: Relative change of α below which a control step leaves a layer alone (float32 round-off).
 _ALPHA_RTOL = 1e-6
-_STATE_VERSION = 1
 _CLOSURE_OPTIMIZERS = ("LBFGS",)
 
 
@@ -387,15 +387,14 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         and strings, so ``torch.load(..., weights_only=True)`` accepts it.
         """
         sd = dict(self.optimizer.state_dict())
-        sd["alpha_tuner"] = {
-            "version": _STATE_VERSION,
-            "steps": self._steps,
-            "phase": self._phase,
-            "keys": [t.key for t in self.targets],
-            "alpha": [t.alpha for t in self.targets],
-            "control": {k: v.detach().clone() for k, v in self._control._asdict().items()},
-            "rho": self._rho.detach().clone(),
-        }
+        sd["alpha_tuner"] = pack_tuner_state(
+            steps=self._steps,
+            phase=self._phase,
+            keys=[t.key for t in self.targets],
+            alphas=[t.alpha for t in self.targets],
+            control=self._control,
+            rho=self._rho,
+        )
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -413,44 +412,27 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self._share_inner()  # load_state_dict replaces the inner containers
         if tuner is None:
             return
-        if not isinstance(tuner, Mapping) or tuner.get("version", 0) > _STATE_VERSION:
-            raise ValueError(
-                "Unrecognised 'alpha_tuner' state (saved by a newer alpha_tuner?); upgrade alpha_tuner or "
-                "drop the 'alpha_tuner' entry to resume with fresh tuner state."
-            )
-        saved = {k: i for i, k in enumerate(tuner["keys"])}
-        missing = [t.key for t in self.targets if t.key not in saved]
-        if missing:
+        restored = unpack_tuner_state(
+            tuner, keys=[t.key for t in self.targets], control=self._control, rho=self._rho
+        )
+        if restored.missing:
             warnings.warn(
-                f"{len(missing)} LoRA layer(s) have no saved tuner state (e.g. {missing[0]}); they keep "
-                "their current alpha.",
+                f"{len(restored.missing)} LoRA layer(s) have no saved tuner state "
+                f"(e.g. {restored.missing[0]}); they keep their current alpha.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        here = [i for i, t in enumerate(self.targets) if t.key in saved]
-        there = [saved[self.targets[i].key] for i in here]
-        for i, j in zip(here, there, strict=True):
-            write_alpha(self.targets[i], float(tuner["alpha"][j]))
+        for i, alpha in restored.alphas.items():
+            write_alpha(self.targets[i], alpha)
         update_adapter_config(self.model, self.targets)
-        fields = {}
-        src_idx = torch.tensor(there, dtype=torch.long, device=self.device)
-        dst_idx = torch.tensor(here, dtype=torch.long, device=self.device)
-        for name, current in self._control._asdict().items():
-            value = tuner.get("control", {}).get(name)
-            if value is None:  # a field added after this checkpoint was written: keep default
-                fields[name] = current
-                continue
-            value = torch.as_tensor(value).to(device=self.device, dtype=current.dtype)
-            fields[name] = current.clone().index_copy_(0, dst_idx, value.index_select(0, src_idx))
-        self._control = ControlState(**fields)
-        rho = tuner.get("rho")
-        if rho is not None:
-            rho = torch.as_tensor(rho).to(device=self.device, dtype=torch.float32)
-            self._rho = self._rho.clone().index_copy_(0, dst_idx, rho.index_select(0, src_idx))
+        self._control = restored.control
+        if restored.rho is not None:
+            self._rho = restored.rho
             self._measured_once = True
-        self._steps = int(tuner.get("steps", self._steps))
-        # Checkpoints before measurement phases have none: start the rotation at phase 0.
-        self._phase = int(tuner.get("phase", 0)) % self.measure_phases
+        if restored.steps is not None:
+            self._steps = restored.steps
+        # Checkpoints before measurement phases have none: the rotation starts at phase 0.
+        self._phase = restored.phase % self.measure_phases
 
     # --------------------------------------------------------------------------- misc
     def __getattr__(self, name: str) -> Any:

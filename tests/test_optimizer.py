@@ -286,3 +286,32 @@ def test_non_lora_parameters_are_updated_exactly_as_by_the_inner_optimizer() -> 
     assert bare and bare.keys() == wrapped.keys()
     for name in bare:
         assert torch.equal(bare[name], wrapped[name]), name
+
+
+def test_load_state_dict_rekeys_by_module_and_refuses_newer_versions() -> None:
+    model = tiny_llama(target_modules=["q_proj", "v_proj"])
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, adapt=False)
+    names = list(opt.alphas())
+    opt.rescale_({n: 3.0 + i for i, n in enumerate(names)})
+    sd = opt.state_dict()
+    tuner = sd["alpha_tuner"]
+    # reverse the saved rows and drop the first layer: rows are matched by key, not position
+    keep = list(range(1, len(tuner["keys"])))[::-1]
+    sd["alpha_tuner"] = {
+        **tuner,
+        "keys": [tuner["keys"][i] for i in keep],
+        "alpha": [tuner["alpha"][i] for i in keep],
+        "control": {k: v[keep] for k, v in tuner["control"].items()},
+        "rho": tuner["rho"][keep],
+    }
+    other = tiny_llama(target_modules=["q_proj", "v_proj"])
+    fresh = AlphaTunedOptimizer(torch.optim.AdamW(other.parameters(), lr=1e-3), other, adapt=False)
+    first = fresh.alphas()[names[0]]
+    with pytest.warns(RuntimeWarning, match="1 LoRA layer"):
+        fresh.load_state_dict(sd)
+    assert fresh.alphas()[names[0]] == first
+    assert [fresh.alphas()[n] for n in names[1:]] == [3.0 + i for i in range(1, len(names))]
+    saved_log = tuner["control"]["log_alpha"]
+    torch.testing.assert_close(fresh._control.log_alpha[1:], saved_log[1:])
+    with pytest.raises(ValueError, match="newer alpha_tuner"):
+        fresh.load_state_dict({**opt.state_dict(), "alpha_tuner": {**tuner, "version": 99}})

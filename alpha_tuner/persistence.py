@@ -1,0 +1,113 @@
+"""The tuner's entry in an optimizer state dict: packing, version check, and re-keying.
+
+The entry is keyed by ``"module::adapter"`` (never by tensor identity) and holds only tensors,
+numbers, strings and lists, so ``torch.load(..., weights_only=True)`` (the Trainer's resume)
+accepts it. On load, rows are matched by key, so a checkpoint restores the layers it knows and
+leaves the others as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .control import ControlState
+
+__all__ = ["STATE_VERSION", "RestoredState", "pack_tuner_state", "unpack_tuner_state"]
+
+#: Version of the ``"alpha_tuner"`` entry; a newer one is refused with a clear error.
+STATE_VERSION = 1
+
+
+class RestoredState(NamedTuple):
+    """What a saved entry gives back, aligned with the current layers.
+
+    Attributes:
+        alphas: ``{layer index: saved α}`` for the layers the checkpoint knows.
+        missing: Keys of current layers the checkpoint does not know.
+        control: The controller state with the saved rows written in.
+        rho: The last-ρ vector with the saved rows written in (``None`` if not saved).
+        steps: The saved step counter (``None`` if not saved).
+        phase: The saved measurement phase (0 for checkpoints from before phases).
+    """
+
+    alphas: dict[int, float]
+    missing: list[str]
+    control: ControlState
+    rho: Tensor | None
+    steps: int | None
+    phase: int
+
+
+def pack_tuner_state(
+    *,
+    steps: int,
+    phase: int,
+    keys: Sequence[str],
+    alphas: Sequence[float],
+    control: ControlState,
+    rho: Tensor,
+) -> dict[str, Any]:
+    """Build the ``"alpha_tuner"`` entry (copies of the tensors, plain Python otherwise)."""
+    return {
+        "version": STATE_VERSION,
+        "steps": steps,
+        "phase": phase,
+        "keys": list(keys),
+        "alpha": list(alphas),
+        "control": {k: v.detach().clone() for k, v in control._asdict().items()},
+        "rho": rho.detach().clone(),
+    }
+
+
+def _merge_rows(current: Tensor, saved: object, dst: Tensor, src: Tensor) -> Tensor:
+    value = torch.as_tensor(saved).to(device=current.device, dtype=current.dtype)
+    return current.clone().index_copy_(0, dst, value.index_select(0, src))
+
+
+def unpack_tuner_state(
+    tuner: object, *, keys: Sequence[str], control: ControlState, rho: Tensor
+) -> RestoredState:
+    """Check a saved entry and align its rows with the current layers ``keys``.
+
+    Args:
+        tuner: The saved ``"alpha_tuner"`` entry.
+        keys: The current layers' keys, in the optimizer's order.
+        control: The current controller state; fields the entry lacks (written by an older
+            version) keep their current values.
+        rho: The current last-ρ vector.
+
+    Raises:
+        ValueError: If the entry is not a mapping or comes from a newer version.
+    """
+    if not isinstance(tuner, Mapping) or tuner.get("version", 0) > STATE_VERSION:
+        raise ValueError(
+            "Unrecognised 'alpha_tuner' state (saved by a newer alpha_tuner?); upgrade alpha_tuner or "
+            "drop the 'alpha_tuner' entry to resume with fresh tuner state."
+        )
+    saved = {k: i for i, k in enumerate(tuner["keys"])}
+    here = [i for i, k in enumerate(keys) if k in saved]
+    there = [saved[keys[i]] for i in here]
+    device = control.log_alpha.device
+    dst = torch.tensor(here, dtype=torch.long, device=device)
+    src = torch.tensor(there, dtype=torch.long, device=device)
+    saved_control = tuner.get("control", {})
+    fields = {
+        name: current
+        if saved_control.get(name) is None
+        else _merge_rows(current, saved_control[name], dst, src)
+        for name, current in control._asdict().items()
+    }
+    saved_rho = tuner.get("rho")
+    steps = tuner.get("steps")
+    return RestoredState(
+        alphas={i: float(tuner["alpha"][j]) for i, j in zip(here, there, strict=True)},
+        missing=[k for k in keys if k not in saved],
+        control=ControlState(**fields),
+        rho=None if saved_rho is None else _merge_rows(rho, saved_rho, dst, src),
+        steps=None if steps is None else int(steps),
+        phase=int(tuner.get("phase", 0)),
+    )
