@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +20,6 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 def test_quick_mode_reports_every_quantity(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out)],
         capture_output=True,
@@ -31,9 +29,8 @@ def test_quick_mode_reports_every_quantity(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
-    elapsed = time.perf_counter() - start
+    # No timing assertion: speed is the benchmark's job, not a unit test's (CI machines vary).
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 20, f"--quick took {elapsed:.1f} s"
     text = proc.stdout
 
     assert re.search(r"^machine: .+, \d+ cores, 1 torch threads", text, re.M)
