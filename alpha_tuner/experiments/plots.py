@@ -69,7 +69,7 @@ def plot_heatmaps(cells: Mapping[Cell, Sequence[float]], path: Path) -> None:
         if np.isfinite(grid).any():
             i, j = np.unravel_index(np.nanargmin(grid), grid.shape)
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
-        ax.set_xticks(range(len(cs)), [f"{c:g}" for c in cs])
+        ax.set_xticks(range(len(cs)), [f"{c:g}" for c in cs], rotation=45)
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set(title=f"r = {rank}", xlabel="c = α/√r", ylabel="learning rate")
         fig.colorbar(image, ax=ax, shrink=0.8)
@@ -114,11 +114,14 @@ def plot_best_alpha(fits: Mapping[float, PowerLawFit], path: Path) -> None:
         best = np.array([fit.alpha_star[int(r)] for r in ranks])
         censored = np.array([fit.censored[int(r)] for r in ranks])
         lo, hi = fit.p_interval
-        label = f"lr={lr:g}: α*≈{fit.c:.3g}·r^{fit.p:.2f} (p∈[{lo:.2f}, {hi:.2f}])"
+        spread = "one seed, no interval" if math.isnan(lo) else f"p∈[{lo:.2f}, {hi:.2f}]"
+        label = f"lr={lr:g}: α*≈{fit.c:.3g}·r^{fit.p:.2f} ({spread})"
         (line,) = ax.plot(ranks, fit.c * ranks**fit.p, lw=1, label=label)
         ax.scatter(ranks[~censored], best[~censored], color=line.get_color())
         ax.scatter(ranks[censored], best[censored], color=line.get_color(), marker="^", label=None)
     ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="best α (▲: at the grid's edge)")
+    ax.set_xticks(ranks, [f"{r:g}" for r in ranks])
+    ax.minorticks_off()
     ax.set_title("best α per rank")
     ax.legend(fontsize=7)
     fig.tight_layout()
