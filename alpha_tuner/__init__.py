@@ -39,14 +39,11 @@ __all__ = [
     "principled_coefficient",
 ]
 
-# The integrations import transformers; load them only when asked for.
-_LAZY = {"AlphaTunerCallback": ".integrations", "collect_metrics": ".integrations"}
+# The integrations import transformers; their package loads them lazily, so delegate to it.
+_FROM_INTEGRATIONS = frozenset({"AlphaTunerCallback", "collect_metrics"})
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _FROM_INTEGRATIONS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    return getattr(importlib.import_module(".integrations", __name__), name)
