@@ -28,6 +28,28 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        k, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/2), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    from .experiments.sweep import select_configs
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    try:
+        select_configs([], methods=methods)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return methods
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alpha-tuner", description="LoRA scaling factors (α): demo, sweep and inspection of adapters."
@@ -66,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--batch-size", type=int, default=None)
     sweep.add_argument("--eval-size", type=int, default=None)
     sweep.add_argument("--limit", type=int, default=None, help="at most this many new runs")
+    sweep.add_argument(
+        "--methods", type=_methods, default=None,
+        help="bar: only these methods (e.g. lora,rslora,loraplus)",
+    )  # fmt: skip
+    sweep.add_argument(
+        "--shard", type=_shard, default=None,
+        help="K/N: run every N-th pending run from the K-th (parallel workers on one file)",
+    )  # fmt: skip
     sweep.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)"
     )

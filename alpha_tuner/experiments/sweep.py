@@ -33,6 +33,7 @@ __all__ = [
     "grid_configs",
     "read_records",
     "run_configs",
+    "select_configs",
     "tuner_tag",
 ]
 
@@ -153,6 +154,23 @@ def _end_with_newline(path: Path) -> None:
             fh.write(b"\n")
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` in one ``O_APPEND`` write, then fsync.
+
+    One write call per record keeps the lines of several workers (``--shard``) whole when they
+    append to the same file.
+    """
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _environment(device: str) -> dict[str, Any]:
     import torch
 
@@ -209,16 +227,29 @@ def run_configs(
         record = run(config, base, task, device=device)
         record["environment"] = _environment(device)
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(finite_json(record), sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(path, json.dumps(finite_json(record), sort_keys=True))
         if bar is not None:
             bar.set_postfix(loss=f"{record['eval_loss']:.4f}", r=config.rank, lr=f"{config.lr:g}")
             bar.update()
         yield record
     if bar is not None:
         bar.close()
+
+
+def select_configs(configs: Iterable[RunConfig], *, methods: Iterable[str] | None = None) -> list[RunConfig]:
+    """The runs of ``configs`` whose method is in ``methods`` (all of them for ``None``).
+
+    The oracle cells of the bar (plain LoRA tagged ``"oracle"``) count as method ``"oracle"``.
+    """
+    if methods is None:
+        return list(configs)
+    wanted = set(methods)
+    unknown = wanted - {*PEERS, "oracle"}
+    if unknown:
+        raise ValueError(
+            f"unknown sweep method(s) {sorted(unknown)}; choose from {[*PEERS, 'oracle']}"
+        )
+    return [c for c in configs if (c.tag if c.tag == "oracle" else c.method) in wanted]
 
 
 def spec_from_args(args: Any) -> SweepSpec:
@@ -250,19 +281,24 @@ def main(args: Any) -> int:
             grid = [
                 r for r in read_records(path) if r["config"]["method"] == "lora" and not r["config"]["tag"]
             ]
-            oracle = grid_oracle(grid, spec.seeds)
+            oracle = grid_oracle(grid, spec.seeds, n_cells=len(spec.lrs) * len(spec.coefficients))
             missing = [r for r in spec.ranks if r not in oracle]
             if missing:
                 print(f"sweep: no complete grid for ranks {missing} yet; their oracle cell is left out.")
             configs = bar_configs(spec, oracle)
+        configs = select_configs(configs, methods=getattr(args, "methods", None))
+        done = {r.get("key") for r in read_records(path)}
+        pending = [c for c in configs if c.key() not in done]
+        shard = getattr(args, "shard", None)
+        if shard is not None:
+            pending = pending[shard[0] :: shard[1]]
         if args.dry_run:
-            done = {r.get("key") for r in read_records(path)}
-            todo = [c.key() for c in configs if c.key() not in done]
+            todo = [c.key() for c in pending]
             print(f"{phase}: {len(todo)} of {len(configs)} runs to do")
             print("\n".join(todo[: args.limit or len(todo)]))
             continue
         for _ in run_configs(
-            configs, path, limit=args.limit, progress=not args.no_progress, device=args.device
+            pending, path, limit=args.limit, progress=not args.no_progress, device=args.device
         ):
             pass
     return 0
