@@ -14,6 +14,7 @@ from alpha_tuner import AlphaTunedOptimizer, principled_alpha
 from alpha_tuner.cli import main
 from alpha_tuner.experiments import assets
 from alpha_tuner.experiments.models import attach_lora, load_base
+from alpha_tuner.experiments.sweep import read_records
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,25 @@ def test_sweep_dry_run_then_report(tmp_path, capsys) -> None:
     assert report["n_grid_records"] == 6
     assert set(report["fits"]["0.001"]["alpha_star"]) == {"2", "4"}
     assert (tmp_path / "s_heatmaps.png").exists() and (tmp_path / "s_best_alpha.png").exists()
+
+
+def test_sweep_shards_split_the_pending_runs(tmp_path, capsys) -> None:
+    out = tmp_path / "s.jsonl"
+    args = ["sweep", "grid", "--model", "tiny", "--out", str(out), "--ranks", "2,4", "--lrs", "1e-3",
+            "--coefficients", "1,4,16", "--seeds", "0", "--steps", "2", "--eval-size", "16",
+            "--no-progress"]  # fmt: skip
+    keys = []
+    for k in range(2):
+        assert main([*args, "--shard", f"{k}/2", "--dry-run"]) == 0
+        keys.append(capsys.readouterr().out.splitlines()[1:])
+    assert len(keys[0]) == len(keys[1]) == 3 and not set(keys[0]) & set(keys[1])
+    assert main([*args, "--shard", "1/2"]) == 0
+    assert sorted(r["key"] for r in read_records(out)) == sorted(keys[1])
+    assert main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == keys[0]
+    with pytest.raises(SystemExit):
+        main([*args, "--shard", "2/2"])
+    assert "0 <= K < N" in capsys.readouterr().err
 
 
 def test_console_script_is_declared() -> None:

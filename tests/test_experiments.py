@@ -32,7 +32,18 @@ from alpha_tuner.experiments.fit import (
     rho_slopes,
 )
 from alpha_tuner.experiments.models import load_base
-from alpha_tuner.experiments.sweep import SweepSpec, bar_configs, grid_configs, read_records, run_configs
+from alpha_tuner.experiments.report import analyse
+from alpha_tuner.experiments.sweep import (
+    PEERS,
+    SweepSpec,
+    append_line,
+    bar_configs,
+    grid_configs,
+    read_records,
+    run_configs,
+    select_configs,
+    tuner_tag,
+)
 from alpha_tuner.experiments.train import RunConfig, make_task, run
 from alpha_tuner.principled import principled_alpha
 
@@ -242,6 +253,74 @@ def test_bar_configs_cover_every_peer_on_held_out_seeds() -> None:
     assert len(configs) == 2 + 2 * 2 * 2 * 5
     assert len({c.key() for c in configs}) == len(configs)
     assert all("c=" in c.key() for c in configs if c.method.startswith("alphatuned"))
+
+
+def test_select_configs_filters_methods_and_names_unknown_ones() -> None:
+    spec = SweepSpec(ranks=(4,), lrs=(2e-5,), seeds=(0,), heldout_seeds=(100,))
+    configs = bar_configs(spec, {4: (32.0, 2e-5)})
+    peers = select_configs(configs, methods=("lora", "loraplus"))
+    assert [c.method for c in peers] == ["lora", "loraplus"]
+    assert all(c.tag != "oracle" for c in peers)  # the oracle is plain LoRA, but not "lora"
+    assert [c.tag for c in select_configs(configs, methods=("oracle",))] == ["oracle"]
+    assert select_configs(configs) == configs
+    with pytest.raises(ValueError, match=r"unknown sweep method.*'adam'.*choose from"):
+        select_configs(configs, methods=("lora", "adam"))
+
+
+def test_append_line_keeps_records_whole_across_writers(tmp_path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"key": "a"}\n')
+    long = json.dumps({"key": "b", "curve": list(range(5000))})  # well above one buffer
+    append_line(path, long)
+    append_line(path, json.dumps({"key": "c"}))
+    assert [r["key"] for r in read_records(path)] == ["a", "b", "c"]
+
+
+def _record(method: str, rank: int, lr: float, seed: int, loss: float, *, tag: str = "",
+            alpha: float | None = None) -> dict:  # fmt: skip
+    if method.startswith("alphatuned"):
+        tag = tuner_tag()
+    return {"config": {"method": method, "rank": rank, "lr": lr, "seed": seed, "tag": tag, "alpha": alpha},
+            "eval_loss": loss, "diverged": False}  # fmt: skip
+
+
+def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
+    spec = SweepSpec(ranks=(4, 16), lrs=(1e-4, 1e-3), seeds=(0,), heldout_seeds=(100, 101))
+    losses = {"lora": 0.70, "rslora": 0.65, "loraplus": 0.60, "alphatuned-static": 0.55, "alphatuned": 0.62}
+    records = []
+    for seed in spec.heldout_seeds:
+        for rank in spec.ranks:
+            oracle_loss = 0.50 + 0.01 * (seed - 100)
+            records.append(_record("lora", rank, 1e-3, seed, oracle_loss, tag="oracle", alpha=8.0))
+            for lr in spec.lrs:
+                for method in PEERS:
+                    loss = losses[method]
+                    if (method, rank, lr) == ("alphatuned-static", 16, 1e-3):
+                        loss = 0.61  # loses to LoRA+ in this one cell
+                    records.append(_record(method, rank, lr, seed, loss))
+    records.append(_record("alphatuned", 4, 1e-4, 102, 0.0))  # not a held-out seed: ignored
+    stale = _record("alphatuned", 4, 1e-4, 100, 0.0)
+    stale["config"]["tag"] = "c=1@1,q=0"  # another rule's run: ignored
+    records.append(stale)
+    bar = analyse(records, spec)["bar"]
+    assert bar["beats_peers"] == {
+        "alphatuned-static": {"wins": 3, "cells": 4},
+        "alphatuned": {"wins": 0, "cells": 4},
+    }
+    gap = bar["within_1pct"]["alphatuned-static"][4]
+    assert gap["lr"] == 1e-4 and gap["oracle_lr"] == 1e-3
+    assert gap["oracle"] == pytest.approx(0.505) and gap["gap"] == pytest.approx(0.55 / 0.505 - 1)
+    assert bar["gap_to_oracle"]["alphatuned"][16][1e-3] == pytest.approx(0.62 / 0.505 - 1)
+    assert len(bar["table"]) == 4 and bar["table"][0]["loraplus"] == pytest.approx(0.60)
+
+
+def test_bar_leaves_out_cells_missing_a_held_out_seed() -> None:
+    spec = SweepSpec(ranks=(4,), lrs=(1e-4,), seeds=(0,), heldout_seeds=(100, 101))
+    records = [_record(m, 4, 1e-4, 100, 0.5) for m in PEERS]  # seed 101 not run yet
+    records += [_record(m, 4, 1e-4, 101, 0.5) for m in ("lora", "rslora", "loraplus")]
+    bar = analyse(records, spec)["bar"]
+    assert bar["beats_peers"]["alphatuned"] == {"wins": 0, "cells": 0}
+    assert bar["table"][0]["alphatuned"] is None and bar["table"][0]["lora"] == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------- real assets

@@ -246,9 +246,7 @@ def select_configs(configs: Iterable[RunConfig], *, methods: Iterable[str] | Non
     wanted = set(methods)
     unknown = wanted - {*PEERS, "oracle"}
     if unknown:
-        raise ValueError(
-            f"unknown sweep method(s) {sorted(unknown)}; choose from {[*PEERS, 'oracle']}"
-        )
+        raise ValueError(f"unknown sweep method(s) {sorted(unknown)}; choose from {[*PEERS, 'oracle']}")
     return [c for c in configs if (c.tag if c.tag == "oracle" else c.method) in wanted]
 
 
