@@ -20,8 +20,9 @@ from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
-from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha
+from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alphas
 from .rescale import rescale_target_, update_adapter_config, write_alpha
+from .telemetry import summarize
 
 __all__ = ["AlphaTunedOptimizer"]
 
@@ -34,15 +35,6 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return value
-
-
-def _base_lr(group: Mapping[str, Any]) -> float | None:
-    lr = group.get("initial_lr", group.get("lr"))
-    if isinstance(lr, torch.Tensor):
-        lr = float(lr)  # construction time, not the hot path
-    if lr is None or not math.isfinite(lr) or lr <= 0:
-        return None
-    return float(lr)
 
 
 class AlphaTunedOptimizer(torch.optim.Optimizer):
@@ -161,7 +153,8 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self._ready = True
 
         if init == "principled":
-            alphas = self._principled(c=c, reference_lr=reference_lr, lr_exponent=lr_exponent)
+            coefficient = {"c": c, "reference_lr": reference_lr, "lr_exponent": lr_exponent}
+            alphas = principled_alphas(self.targets, optimizer.param_groups, **coefficient)
             for target, alpha in zip(self.targets, alphas, strict=True):
                 rescale_target_(target, alpha, optimizer)
         update_adapter_config(model, self.targets)
@@ -203,24 +196,6 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
                 f"({shown}). Build the optimizer from model.parameters() (or include every lora_A/lora_B "
                 "parameter), or freeze those adapters before wrapping."
             )
-
-    def _principled(self, **coefficient: float) -> list[float]:
-        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        alphas = []
-        fallback = False
-        for t in self.targets:
-            lr = _base_lr(group_of[id(t.weight_a)])
-            if lr is None:
-                lr, fallback = coefficient["reference_lr"], True
-            alphas.append(principled_alpha(t.rank, lr, use_rslora=t.use_rslora, **coefficient))
-        if fallback:
-            warnings.warn(
-                "A LoRA parameter group has no positive learning rate (e.g. Adafactor with lr=None); "
-                "its principled alpha uses the reference learning rate instead.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return alphas
 
     # ------------------------------------------------------------------------- hot path
     @torch.no_grad()
@@ -357,27 +332,14 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
             ``skipped``, ``backoffs`` (summed over layers) and, after the first measurement,
             ``rho_mean/min/max`` over the layers whose most recent ρ is finite.
         """
-        alphas = [t.alpha for t in self.targets]
-        stats: dict[str, float] = {
-            "alpha_mean": math.fsum(alphas) / len(alphas),
-            "alpha_min": min(alphas),
-            "alpha_max": max(alphas),
-            "steps": float(self._steps),
-        }
-        c = self._control
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        parts = [torch.stack([c.n_measured.sum(), c.n_skipped.sum(), c.n_backoffs.sum()]).to(dtype)]
-        if self._measured_once:
-            parts.append(self._rho.to(dtype))
-        values = torch.cat(parts).tolist()  # the one transfer
-        stats.update(measurements=values[0], skipped=values[1], backoffs=values[2])
-        rho = values[3:]
-        finite = [r for r in rho if math.isfinite(r)]
-        if finite:
-            stats.update(rho_mean=math.fsum(finite) / len(finite), rho_min=min(finite), rho_max=max(finite))
-        if per_layer and rho:
-            stats.update({f"rho[{name}]": r for name, r in zip(self._names, rho, strict=True)})
-        return stats
+        return summarize(
+            alphas=[t.alpha for t in self.targets],
+            steps=self._steps,
+            control=self._control,
+            rho=self._rho if self._measured_once else None,
+            names=self._names,
+            per_layer=per_layer,
+        )
 
     # ---------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:

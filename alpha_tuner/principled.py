@@ -23,12 +23,18 @@ measurement that replaces them; BENCHMARKS.md records the run.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
 
 __all__ = [
     "C_REF",
     "LR_EXPONENT",
     "REFERENCE_LR",
     "principled_alpha",
+    "principled_alphas",
     "principled_coefficient",
     "principled_multiplier",
 ]
@@ -103,3 +109,54 @@ def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **coeffi
     """
     s = principled_multiplier(rank, lr, **coefficient_kwargs)
     return s * (math.sqrt(rank) if use_rslora else float(rank))
+
+
+class _Layer(Protocol):
+    @property
+    def rank(self) -> int: ...
+    @property
+    def use_rslora(self) -> bool: ...
+    @property
+    def weight_a(self) -> torch.Tensor: ...
+
+
+def _base_lr(group: Mapping[str, Any]) -> float | None:
+    """The group's base LR (``initial_lr`` once a scheduler ran), or None if not positive."""
+    lr = group.get("initial_lr", group.get("lr"))
+    if isinstance(lr, torch.Tensor):
+        lr = float(lr)  # construction time, not the hot path
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        return None
+    return float(lr)
+
+
+def principled_alphas(
+    layers: Sequence[_Layer], param_groups: Iterable[Mapping[str, Any]], **coefficient: float
+) -> list[float]:
+    """The principled α of each LoRA layer at the base LR of its A factor's parameter group.
+
+    A group without a positive LR (Adafactor with ``lr=None``) uses ``reference_lr``, with one
+    ``RuntimeWarning``.
+
+    Args:
+        layers: The LoRA targets (rank, rsLoRA flag and A factor of each).
+        param_groups: The optimizer's parameter groups, holding every A factor.
+        **coefficient: ``c``, ``reference_lr`` and ``lr_exponent`` of
+            :func:`principled_coefficient`.
+    """
+    group_of = {id(p): g for g in param_groups for p in g["params"]}
+    reference_lr = coefficient.get("reference_lr", REFERENCE_LR)
+    alphas, fallback = [], False
+    for layer in layers:
+        lr = _base_lr(group_of[id(layer.weight_a)])
+        if lr is None:
+            lr, fallback = reference_lr, True
+        alphas.append(principled_alpha(layer.rank, lr, use_rslora=layer.use_rslora, **coefficient))
+    if fallback:
+        warnings.warn(
+            "A LoRA parameter group has no positive learning rate (e.g. Adafactor with lr=None); "
+            "its principled alpha uses the reference learning rate instead.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return alphas

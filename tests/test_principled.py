@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,6 +15,7 @@ from alpha_tuner.principled import (
     LR_EXPONENT,
     REFERENCE_LR,
     principled_alpha,
+    principled_alphas,
     principled_coefficient,
     principled_multiplier,
 )
@@ -57,3 +60,28 @@ def test_reference_point() -> None:
 def test_invalid_inputs(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         principled_alpha(**kwargs)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Layer:
+    rank: int
+    use_rslora: bool
+    weight_a: torch.Tensor
+
+
+def test_principled_alphas_use_each_group_base_lr() -> None:
+    layers = [_Layer(16, False, torch.zeros(16, 4)), _Layer(4, True, torch.zeros(4, 4))]
+    groups = [
+        {"params": [layers[0].weight_a], "lr": 1.0, "initial_lr": 2e-5},  # a scheduler's base LR
+        {"params": [layers[1].weight_a], "lr": torch.tensor(8e-5)},  # a tensor LR
+    ]
+    alphas = principled_alphas(layers, groups)
+    assert alphas == [pytest.approx(principled_alpha(16, 2e-5)),
+                      pytest.approx(principled_alpha(4, 8e-5, use_rslora=True))]  # fmt: skip
+
+
+def test_principled_alphas_fall_back_to_the_reference_lr_with_a_warning() -> None:
+    layer = _Layer(8, False, torch.zeros(8, 4))
+    with pytest.warns(RuntimeWarning, match="no positive learning rate"):
+        alphas = principled_alphas([layer], [{"params": [layer.weight_a], "lr": None}], c=10.0)
+    assert alphas == [pytest.approx(principled_alpha(8, REFERENCE_LR, c=10.0))]

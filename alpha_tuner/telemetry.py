@@ -1,0 +1,64 @@
+"""Read-outs of the tuner's state for logging: the one place where device values reach the host.
+
+The tuner keeps its telemetry (per-layer ρ, measurement and back-off counters) as tensors on the
+training device; :func:`summarize` gathers them in a single device-to-host transfer at a time the
+caller chooses (a logging callback every N steps), never inside ``step()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .control import ControlState
+
+__all__ = ["summarize"]
+
+
+def summarize(
+    *,
+    alphas: Sequence[float],
+    steps: int,
+    control: ControlState,
+    rho: Tensor | None,
+    names: Sequence[str],
+    per_layer: bool = False,
+) -> dict[str, float]:
+    """A flat summary of the tuner's state, read in one device-to-host transfer.
+
+    Args:
+        alphas: Each layer's α (host floats, PEFT's own convention).
+        steps: Optimizer steps taken.
+        control: The controller's state (counters are per-layer tensors on the device).
+        rho: Each layer's most recent ρ (NaN where not measured yet), or ``None`` before the
+            first measurement.
+        names: Display names of the layers, in the order of ``alphas`` and ``rho``.
+        per_layer: Also return ``rho[<name>]`` for every layer.
+
+    Returns:
+        ``alpha_mean/min/max``, ``steps``, ``measurements``, ``skipped``, ``backoffs`` (summed
+        over layers) and, when some ρ is finite, ``rho_mean/min/max`` over those layers.
+    """
+    stats: dict[str, float] = {
+        "alpha_mean": math.fsum(alphas) / len(alphas),
+        "alpha_min": min(alphas),
+        "alpha_max": max(alphas),
+        "steps": float(steps),
+    }
+    counters = torch.stack([control.n_measured.sum(), control.n_skipped.sum(), control.n_backoffs.sum()])
+    dtype = torch.float32 if counters.device.type == "mps" else torch.float64  # MPS has no float64
+    parts = [counters.to(dtype)]
+    if rho is not None:
+        parts.append(rho.to(dtype))
+    values = torch.cat(parts).tolist()  # the one transfer
+    stats.update(measurements=values[0], skipped=values[1], backoffs=values[2])
+    layer_rho = values[3:]
+    finite = [r for r in layer_rho if math.isfinite(r)]
+    if finite:
+        stats.update(rho_mean=math.fsum(finite) / len(finite), rho_min=min(finite), rho_max=max(finite))
+    if per_layer and layer_rho:
+        stats.update({f"rho[{name}]": r for name, r in zip(names, layer_rho, strict=True)})
+    return stats
