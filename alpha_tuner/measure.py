@@ -162,7 +162,8 @@ class DriftMeter:
             has no such cost, and there the freed memory serves the forward pass.
         phases: Number of disjoint subsets of whole chunks, balanced by bytes, that a
             measurement covers one at a time (see :meth:`snapshot`). Chunks are capped at
-            1/``phases`` of all factor bytes so that small models split too.
+            1/``phases`` of all factor bytes so that small models split too; with fewer chunks
+            than that (fewer layers than phases), :attr:`num_phases` is the number of chunks.
 
     Raises:
         ValueError: If ``chunk_bytes`` or ``phases`` is not a positive integer.
@@ -210,6 +211,9 @@ class DriftMeter:
                 part = idx[start : start + per_chunk]
                 a_views, b_views = [views[i][0] for i in part], [views[i][1] for i in part]
                 pairs.append((_Chunk(a_views, b_views, key, 0, len(part) * sizes[idx[0]], sharded), part))
+        # Fewer chunks than phases (a small model): one chunk per phase, none left empty, so
+        # every layer is still measured once per cycle of num_phases measurements.
+        phases = self.num_phases = max(1, min(phases, len(pairs)))
         phase_of = _deal([c.nbytes for c, _ in pairs], phases)
         self._chunks = [c for c, _ in pairs]
         self._phase_chunks: list[list[_Chunk]] = [[] for _ in range(phases)]

@@ -71,7 +71,9 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
             that successive measurements cover in rotation: each measurement snapshots and
             measures 1/``measure_phases`` of the factor bytes, so its extra memory and time
             shrink by that factor, and each layer is measured every
-            ``measure_every·measure_phases`` steps. ``1`` measures all layers every time.
+            ``measure_every·measure_phases`` steps. ``1`` measures all layers every time. A
+            model with fewer chunks of layers than this (a few small layers) uses one phase
+            per chunk.
         control_every: Steps between control decisions; a multiple of
             ``measure_every·measure_phases``, so that every decision sees a fresh ρ of every
             layer.
@@ -99,8 +101,8 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         adapt: bool = True,
         measure: bool | None = None,
         measure_every: int = 10,
-        measure_phases: int = 2,
-        control_every: int = 60,
+        measure_phases: int = 4,
+        control_every: int = 40,
         c: float = C_REF,
         reference_lr: float = REFERENCE_LR,
         lr_exponent: float = LR_EXPONENT,
@@ -206,7 +208,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self._control = observe(self._control, m.rho, self.control_config, mask=m.measured)
         self._rho = torch.where(m.measured, m.rho, self._rho)
         self._measured_once = True
-        self._phase = (self._phase + 1) % self.measure_phases
+        self._phase = (self._phase + 1) % self._meter.num_phases
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Take the inner optimizer's step, measuring and controlling α on their cadences.
@@ -394,7 +396,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         if restored.steps is not None:
             self._steps = restored.steps
         # Checkpoints before measurement phases have none: the rotation starts at phase 0.
-        self._phase = restored.phase % self.measure_phases
+        self._phase = restored.phase % (self._meter.num_phases if self._meter else self.measure_phases)
 
     # --------------------------------------------------------------------------- misc
     def __getattr__(self, name: str) -> Any:

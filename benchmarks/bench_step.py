@@ -17,10 +17,10 @@ Reported:
 
 * the median wall-time ratio of the wrapped ``step()`` to the bare ``step()`` of the same
   inner AdamW configuration, bare and wrapped steps interleaved one by one: at the default
-  cadence (measure every 10 steps, in 2 phases, control every 60) as the median over full
-  60-step cycles of the ratio of summed times, and measuring every step (one phase per step)
-  as the median of per-step ratios; both also with ``measure_phases=1`` (all layers at each
-  measurement) for comparison;
+  cadence (the optimizer's defaults ``measure_every``, ``measure_phases``, ``control_every``,
+  read from its signature) as the median over full control cycles of the ratio of summed
+  times, and measuring every step (one phase per step) as the median of per-step ratios; both
+  also with ``measure_phases=1`` (all layers at each measurement) for comparison;
 * the Gram route (``drift.drift_norms``) against the dense d×k route
   (``drift.dense_drift_norms``) on the same layers, and one full measurement by
   ``DriftMeter`` against the unchunked ``drift.drift_norms_grouped``;
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
@@ -60,11 +61,21 @@ INNER: dict[str, dict[str, Any]] = {
     "for-loop": {"foreach": False},
 }
 TARGETS = {"default cadence": 1.05, "every step": 1.5, "extra memory": 1.0}
+
+
+def _default(name: str) -> int:
+    """The optimizer's own default for ``name``, so the benchmark follows the library."""
+    return int(inspect.signature(AlphaTunedOptimizer.__init__).parameters[name].default)
+
+
+DEFAULT_EVERY, DEFAULT_PHASES, DEFAULT_CONTROL = (
+    _default(n) for n in ("measure_every", "measure_phases", "control_every")
+)
 #: Timed cadences: (measure_every, measure_phases, control_every, target).
 CADENCES: dict[str, tuple[int, int, int, str]] = {
-    "default cadence": (10, 2, 60, "default cadence"),
-    "every step": (1, 2, 10**9, "every step"),
-    "default cadence, 1 phase": (10, 1, 60, "default cadence"),
+    "default cadence": (DEFAULT_EVERY, DEFAULT_PHASES, DEFAULT_CONTROL, "default cadence"),
+    "every step": (1, DEFAULT_PHASES, 10**9, "every step"),
+    "default cadence, 1 phase": (DEFAULT_EVERY, 1, DEFAULT_EVERY * 6, "default cadence"),
     "every step, 1 phase": (1, 1, 10**9, "every step"),
 }
 
@@ -161,7 +172,7 @@ def time_ratio(
     control_every: int,
     steps: int,
     block: int,
-    measure_phases: int = 2,
+    measure_phases: int = DEFAULT_PHASES,
 ) -> dict[str, float]:
     """Interleave bare and wrapped steps; median over blocks of ``block`` steps of the time ratio."""
     bare, wrapped = _pair(
@@ -306,7 +317,7 @@ def memory(shapes: Shapes, device: torch.device, inner: str) -> dict[str, Any]:
 
     ``held``: what the meter keeps between measurements (its workspace, and on CPU the
     snapshot's storage). ``own``: what the wrapper itself needs, the peak of ``snapshot()`` +
-    ``measure()`` of the largest phase (default 2 phases) plus ``held``. ``extra``: the peak of
+    ``measure()`` of the largest phase (default phases) plus ``held``. ``extra``: the peak of
     a wrapped measurement step minus that of a bare step, plus ``held``.
     """
     bare, wrapped = _pair(shapes, device, inner, measure_every=1, control_every=10**9)
@@ -466,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(INNER),
         help="inner AdamW variants (default: foreach and fused; fused with --quick)",
     )
-    parser.add_argument("--cycles", type=int, default=3, help="full 60-step cycles at the default cadence")
+    parser.add_argument(
+        "--cycles", type=int, default=3, help="control cycles timed at the default cadence"
+    )
     parser.add_argument("--every-steps", type=int, default=20, help="steps timed when measuring every step")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"

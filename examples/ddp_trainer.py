@@ -103,9 +103,10 @@ def main() -> None:
         "optimizer_cls": torch.optim.AdamW,
         "lr": args.lr,
         # Short cadences and tolerance=1 (any rise of ρ above its long-run level backs α off)
-        # so that α visibly moves in a short demo; the defaults are 10, 60 and 2. control_every
-        # is a multiple of measure_every × measure_phases (2 × 2 by default).
+        # so that α visibly moves in a short demo; the defaults are 10, 40 and 2. control_every
+        # is a multiple of measure_every × measure_phases (2 × 2 here; 10 × 4 by default).
         "measure_every": 2,
+        "measure_phases": 2,
         "control_every": 12,
         "control": ControlConfig(tolerance=1.0),
     }

@@ -41,6 +41,7 @@ STEPS = 6
 LR = 1e-3
 TUNER: dict[str, Any] = {
     "measure_every": 1,
+    "measure_phases": 2,
     "control_every": 2,
     "control": ControlConfig(rho_max=1e-9, min_factor=1e-3),
 }

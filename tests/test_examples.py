@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 #: Each example with the flags of its smoke run (a few steps; ρ measured within them).
 EXAMPLES = {
-    "trainer_recipe": ["--steps", "4", "--measure-every", "2", "--control-every", "4"],
+    "trainer_recipe": ["--steps", "4", "--measure-every", "1", "--control-every", "4"],
     "plain_loop": ["--steps", "4"],
     "accelerate_loop": ["--steps", "4"],
 }

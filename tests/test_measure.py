@@ -199,6 +199,20 @@ def test_phases_measure_disjoint_balanced_subsets_exactly(phases: int, keep: boo
         DriftMeter(targets, torch.device("cpu"), phases=0)
 
 
+def test_fewer_chunks_than_phases_leave_no_phase_empty() -> None:
+    """Two layers cannot fill eight phases: the meter uses one phase per chunk, each non-empty."""
+    model = tiny_llama(seed=2, target_modules=["q_proj"], layers_to_transform=[0])
+    targets = find_lora_targets(model)
+    assert len(targets) == 1
+    meter = DriftMeter(targets, torch.device("cpu"), phases=8)
+    assert meter.num_phases == meter.num_chunks == 1
+    assert meter.phase_layers(0).all()
+    wide = tiny_llama(seed=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[0])
+    meter = DriftMeter(find_lora_targets(wide), torch.device("cpu"), phases=8)
+    assert meter.num_phases == meter.num_chunks == 2
+    assert all(meter.phase_layers(p).sum() == 1 for p in range(2))
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_chunk_bytes(bad: Any) -> None:
     with pytest.raises(ValueError, match="chunk_bytes"):

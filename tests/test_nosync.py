@@ -175,26 +175,27 @@ def test_guard_catches_a_sync_in_the_wrapper(guard: SyncGuard, monkeypatch: pyte
 @pytest.mark.parametrize("inner", list(INNER))
 def test_measurement_and_plain_steps_do_not_sync(guard: SyncGuard, inner: str) -> None:
     model, opt = _wrapped(guard, inner, measure_every=1, control_every=1000)
-    for i in range(4):  # every step measures; none controls
+    for i in range(8):  # every step measures; none controls
         _random_grads(model, i)
         with guard.armed_for():
             opt.step()
         opt.zero_grad()
-    # Two phases: each step measures half of the layers, each layer every other step.
+    # Four phases: each step measures a quarter of the layers, each layer every fourth step.
     assert opt.diagnostics()["measurements"] == 2 * len(opt.targets)
 
 
 @pytest.mark.parametrize("inner", list(INNER))
 @pytest.mark.parametrize("backing_off", [False, True], ids=["alpha-kept", "alpha-moved"])
 def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: str, backing_off: bool) -> None:
-    """Default cadence: 60 steps of which 6 measure; only the 60th syncs, with one ``tolist``.
+    """Default cadence: 40 steps of which 4 measure; only the 40th syncs, with one ``tolist``.
 
     The control step builds no tensor from host values (no host-to-device copy), even when α moves.
     """
     # rho_max tiny: every control step backs α off, so the rescale path runs under the guard too.
     control = ControlConfig(rho_max=1e-12) if backing_off else None
     model, opt = _wrapped(guard, inner, control=control)
-    assert (opt.measure_every, opt.measure_phases, opt.control_every) == (10, 2, 60)
+    assert (opt.measure_every, opt.measure_phases, opt.control_every) == (10, 4, 40)
+    assert opt._meter is not None and opt._meter.num_phases == 4
     alphas0 = opt.alphas()
     for i in range(2 * opt.control_every):
         _random_grads(model, i)
@@ -204,15 +205,15 @@ def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: st
         assert calls == (Counter(tolist=1) if control_step else Counter()), f"step {i}"
         if control_step or inner != "fused":  # fused AdamW makes its step counters at step 1
             assert guard.host_to_device == Counter(), f"step {i}"
-    # 12 measurements, alternating between the two phases: 6 of every layer.
-    assert opt.diagnostics()["measurements"] == 6 * len(opt.targets)
+    # 8 measurements, rotating through the four phases: 2 of every layer.
+    assert opt.diagnostics()["measurements"] == 2 * len(opt.targets)
     assert (opt.alphas() != alphas0) == backing_off
 
 
 @pytest.mark.parametrize("inner", list(INNER))
 def test_frequent_control_steps_sync_once_each(guard: SyncGuard, inner: str) -> None:
     model, opt = _wrapped(
-        guard, inner, control=ControlConfig(rho_max=1e-12), measure_every=2, control_every=4
+        guard, inner, control=ControlConfig(rho_max=1e-12), measure_every=2, measure_phases=2, control_every=4
     )
     for i in range(12):
         _random_grads(model, i)

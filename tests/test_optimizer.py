@@ -94,6 +94,7 @@ def _adapting(model: nn.Module) -> AlphaTunedOptimizer:
         torch.optim.AdamW(model.parameters(), lr=1e-2),
         model,
         measure_every=1,
+        measure_phases=2,
         control_every=2,
         control=ControlConfig(rho_max=1e-9, min_factor=1e-3),
     )
@@ -180,10 +181,10 @@ def _errors() -> list[tuple[Any, type[Exception], str]]:
             "measure_phases must be an integer >= 1",
         ),
         (
-            # The old default control_every=50 with the default 10 × 2 phases: both named, fix given.
+            # control_every=50 with the default 10 steps × 4 phases: both named, the fix given.
             lambda m: AlphaTunedOptimizer(torch.optim.AdamW(m.parameters()), m, control_every=50),
             ValueError,
-            r"measure_every × measure_phases \(10 × 2 = 20\).*control_every=60",
+            r"measure_every × measure_phases \(10 × 4 = 40\).*control_every=80",
         ),
         (lambda m: AlphaTunedOptimizer(torch.optim.AdamW(m.parameters()), m, init="big"), ValueError, "init"),
         (lambda m: AlphaTunedOptimizer(torch.optim.AdamW(m.parameters()), m, c=-1.0), ValueError, "c must"),

@@ -22,7 +22,7 @@ LR = 1e-3
 #: A controller that backs off at every control step (ρ is always above a 1e-9 ceiling) from the
 #: first measurement on, so that α changes within a few steps.
 EAGER_CONTROL = ControlConfig(rho_max=1e-9, min_factor=1e-3, warmup=1)
-EAGER = {"measure_every": 1, "control_every": 2, "control": EAGER_CONTROL}
+EAGER = {"measure_every": 1, "measure_phases": 2, "control_every": 2, "control": EAGER_CONTROL}
 
 
 def rows(n: int = 16, t: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -291,7 +291,7 @@ def test_accelerate_prepare_is_harmless_and_matches_the_plain_loop() -> None:
 # ------------------------------------------------------------------------------ resume
 def _resume_run(out: Path, resume: str | None) -> tuple[Trainer, nn.Module, AlphaTunedOptimizer]:
     model = tiny_llama()
-    opt = wrap(model, **EAGER, measure_phases=1)  # every layer measured at every step
+    opt = wrap(model, **{**EAGER, "measure_phases": 1})  # every layer measured at every step
     trainer = Trainer(
         model=model,
         args=trainer_args(
