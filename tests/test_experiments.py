@@ -276,7 +276,7 @@ def test_append_line_keeps_records_whole_across_writers(tmp_path) -> None:
     assert [r["key"] for r in read_records(path)] == ["a", "b", "c"]
 
 
-def _record(method: str, rank: int, lr: float, seed: int, loss: float, *, tag: str = "",
+def _bar_record(method: str, rank: int, lr: float, seed: int, loss: float, *, tag: str = "",
             alpha: float | None = None) -> dict:  # fmt: skip
     if method.startswith("alphatuned"):
         tag = tuner_tag()
@@ -291,15 +291,15 @@ def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
     for seed in spec.heldout_seeds:
         for rank in spec.ranks:
             oracle_loss = 0.50 + 0.01 * (seed - 100)
-            records.append(_record("lora", rank, 1e-3, seed, oracle_loss, tag="oracle", alpha=8.0))
+            records.append(_bar_record("lora", rank, 1e-3, seed, oracle_loss, tag="oracle", alpha=8.0))
             for lr in spec.lrs:
                 for method in PEERS:
                     loss = losses[method]
                     if (method, rank, lr) == ("alphatuned-static", 16, 1e-3):
                         loss = 0.61  # loses to LoRA+ in this one cell
-                    records.append(_record(method, rank, lr, seed, loss))
-    records.append(_record("alphatuned", 4, 1e-4, 102, 0.0))  # not a held-out seed: ignored
-    stale = _record("alphatuned", 4, 1e-4, 100, 0.0)
+                    records.append(_bar_record(method, rank, lr, seed, loss))
+    records.append(_bar_record("alphatuned", 4, 1e-4, 102, 0.0))  # not a held-out seed: ignored
+    stale = _bar_record("alphatuned", 4, 1e-4, 100, 0.0)
     stale["config"]["tag"] = "c=1@1,q=0"  # another rule's run: ignored
     records.append(stale)
     bar = analyse(records, spec)["bar"]
@@ -316,8 +316,8 @@ def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
 
 def test_bar_leaves_out_cells_missing_a_held_out_seed() -> None:
     spec = SweepSpec(ranks=(4,), lrs=(1e-4,), seeds=(0,), heldout_seeds=(100, 101))
-    records = [_record(m, 4, 1e-4, 100, 0.5) for m in PEERS]  # seed 101 not run yet
-    records += [_record(m, 4, 1e-4, 101, 0.5) for m in ("lora", "rslora", "loraplus")]
+    records = [_bar_record(m, 4, 1e-4, 100, 0.5) for m in PEERS]  # seed 101 not run yet
+    records += [_bar_record(m, 4, 1e-4, 101, 0.5) for m in ("lora", "rslora", "loraplus")]
     bar = analyse(records, spec)["bar"]
     assert bar["beats_peers"]["alphatuned"] == {"wins": 0, "cells": 0}
     assert bar["table"][0]["alphatuned"] is None and bar["table"][0]["lora"] == pytest.approx(0.5)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from alpha_tuner import AlphaTunedOptimizer, ControlConfig, create_alpha_tuned_optimizer
+from alpha_tuner import C_REF, AlphaTunedOptimizer, ControlConfig, create_alpha_tuned_optimizer
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> list[float]:
@@ -130,7 +130,7 @@ def test_tuned_alpha_reaches_the_adapter_config() -> None:
     opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model, adapt=False)
     pattern = model.peft_config["default"].alpha_pattern
     assert sorted(pattern.values()) == sorted(opt.alphas().values())
-    assert all(v == pytest.approx(32.0 * 2.0) for v in opt.alphas().values())  # c=32 at 2e-5, r=4
+    assert all(v == pytest.approx(C_REF * 2.0) for v in opt.alphas().values())  # c = C_REF at 2e-5, √4 = 2
 
 
 def test_factory_and_trainer_factory_protocol() -> None:

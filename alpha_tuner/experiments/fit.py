@@ -229,8 +229,15 @@ def matched_step_pairs(cells: Mapping[Cell, Sequence[float]]) -> list[dict[str, 
     return out
 
 
-def rho_slopes(records: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
+def rho_slopes(
+    records: Iterable[Mapping[str, Any]], *, min_accuracy: float | None = None
+) -> dict[str, list[float]]:
     """Claim 2: slopes of log ρ against log α (fixed rank, LR) and against log LR (fixed rank, c).
+
+    Args:
+        records: Grid records (``config``, ``rho_mean``, ``eval_accuracy``, ``diverged``).
+        min_accuracy: Keep only runs whose held-out accuracy reaches this (runs that learned,
+            rather than collapsed to the majority class); ``None`` keeps all.
 
     Returns:
         ``{"alpha": [...], "lr": [...]}``: one least-squares slope per group with ≥ 2 points.
@@ -240,6 +247,8 @@ def rho_slopes(records: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
     for rec in records:
         rho, cfg = rec.get("rho_mean"), rec["config"]
         if rho is None or not rho > 0 or rec.get("diverged"):
+            continue
+        if min_accuracy is not None and not (rec.get("eval_accuracy") or 0.0) >= min_accuracy:
             continue
         c = round(cfg["alpha"] / math.sqrt(cfg["rank"]), 6)
         by_alpha[(cfg["rank"], cfg["lr"])].append((math.log(cfg["alpha"]), math.log(rho)))
