@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sweep.add_argument(
         "--shard", type=_shard, default=None,
-        help="K/N: run every N-th pending run from the K-th (parallel workers on one file)",
+        help="K/N: every N-th pending run from the K-th; start N workers together on one file",
     )  # fmt: skip
     sweep.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)"
