@@ -29,14 +29,17 @@ __all__ = [
     "fit_power_law",
     "grid_oracle",
     "matched_step_pairs",
+    "record_loss",
     "refine_argmin",
+    "rho_groups",
     "rho_slopes",
 ]
 
 Cell = tuple[int, float, float]  # (rank, lr, alpha)
 
 
-def _loss(record: Mapping[str, Any]) -> float:
+def record_loss(record: Mapping[str, Any]) -> float:
+    """A run's held-out loss; ``inf`` for a diverged run or one without a loss."""
     value = record.get("eval_loss")
     return math.inf if record.get("diverged") or value is None else float(value)
 
@@ -50,7 +53,7 @@ def cell_table(
         cfg = rec["config"]
         if seeds is not None and cfg["seed"] not in seeds:
             continue
-        table[(cfg["rank"], cfg["lr"], round(cfg["alpha"], 9))][cfg["seed"]] = _loss(rec)
+        table[(cfg["rank"], cfg["lr"], round(cfg["alpha"], 9))][cfg["seed"]] = record_loss(rec)
     return {cell: [by_seed[s] for s in sorted(by_seed)] for cell, by_seed in table.items()}
 
 
@@ -229,21 +232,25 @@ def matched_step_pairs(cells: Mapping[Cell, Sequence[float]]) -> list[dict[str, 
     return out
 
 
-def rho_slopes(
+RhoGroups = dict[tuple[int, float], list[tuple[float, float]]]
+
+
+def rho_groups(
     records: Iterable[Mapping[str, Any]], *, min_accuracy: float | None = None
-) -> dict[str, list[float]]:
-    """Claim 2: slopes of log ρ against log α (fixed rank, LR) and against log LR (fixed rank, c).
+) -> tuple[RhoGroups, RhoGroups]:
+    """The measured ρ of the runs, grouped for claim 2.
 
     Args:
         records: Grid records (``config``, ``rho_mean``, ``eval_accuracy``, ``diverged``).
+            Runs that diverged or have no positive ρ are left out.
         min_accuracy: Keep only runs whose held-out accuracy reaches this (runs that learned,
             rather than collapsed to the majority class); ``None`` keeps all.
 
     Returns:
-        ``{"alpha": [...], "lr": [...]}``: one least-squares slope per group with ≥ 2 points.
+        ``(by_alpha, by_lr)``: (rank, LR) → [(α, ρ)], and (rank, c = α/√r) → [(LR, ρ)].
     """
-    by_alpha: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
-    by_lr: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
+    by_alpha: RhoGroups = defaultdict(list)
+    by_lr: RhoGroups = defaultdict(list)
     for rec in records:
         rho, cfg = rec.get("rho_mean"), rec["config"]
         if rho is None or not rho > 0 or rec.get("diverged"):
@@ -251,13 +258,29 @@ def rho_slopes(
         if min_accuracy is not None and not (rec.get("eval_accuracy") or 0.0) >= min_accuracy:
             continue
         c = round(cfg["alpha"] / math.sqrt(cfg["rank"]), 6)
-        by_alpha[(cfg["rank"], cfg["lr"])].append((math.log(cfg["alpha"]), math.log(rho)))
-        by_lr[(cfg["rank"], c)].append((math.log(cfg["lr"]), math.log(rho)))
+        by_alpha[(cfg["rank"], cfg["lr"])].append((cfg["alpha"], rho))
+        by_lr[(cfg["rank"], c)].append((cfg["lr"], rho))
+    return by_alpha, by_lr
 
-    def slopes(groups: Mapping[Any, list[tuple[float, float]]]) -> list[float]:
+
+def rho_slopes(
+    records: Iterable[Mapping[str, Any]], *, min_accuracy: float | None = None
+) -> dict[str, list[float]]:
+    """Claim 2: slopes of log ρ against log α (fixed rank, LR) and against log LR (fixed rank, c).
+
+    Args:
+        records: As for :func:`rho_groups`.
+        min_accuracy: As for :func:`rho_groups`.
+
+    Returns:
+        ``{"alpha": [...], "lr": [...]}``: one least-squares slope per group with ≥ 2 points.
+    """
+    by_alpha, by_lr = rho_groups(records, min_accuracy=min_accuracy)
+
+    def slopes(groups: RhoGroups) -> list[float]:
         out = []
         for points in groups.values():
-            x, y = np.array(points).T
+            x, y = np.log(np.array(points)).T
             if len(np.unique(x)) >= 2:
                 out.append(float(np.polyfit(x, y, 1)[0]))
         return out

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .fit import Cell, PowerLawFit
+from .fit import Cell, PowerLawFit, rho_groups
 
 __all__ = ["plot_best_alpha", "plot_demo", "plot_heatmaps", "plot_rho"]
 
@@ -82,14 +81,7 @@ def plot_heatmaps(cells: Mapping[Cell, Sequence[float]], path: Path) -> None:
 def plot_rho(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     """ρ against α (one line per rank and LR) and against the LR (one line per rank and c)."""
     plt = _pyplot()
-    by_alpha: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
-    by_lr: dict[tuple[int, float], list[tuple[float, float]]] = defaultdict(list)
-    for rec in records:
-        cfg, rho = rec["config"], rec.get("rho_mean")
-        if rho is None or not rho > 0 or rec.get("diverged"):
-            continue
-        by_alpha[(cfg["rank"], cfg["lr"])].append((cfg["alpha"], rho))
-        by_lr[(cfg["rank"], round(cfg["alpha"] / math.sqrt(cfg["rank"]), 6))].append((cfg["lr"], rho))
+    by_alpha, by_lr = rho_groups(records)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, groups, name in ((axes[0], by_alpha, "lr"), (axes[1], by_lr, "c")):
         for (rank, value), points in sorted(groups.items()):

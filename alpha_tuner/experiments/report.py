@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from .fit import PowerLawFit, bootstrap_power_law, cell_table, matched_step_pairs, rank_tables, rho_slopes
+from .fit import (
+    PowerLawFit,
+    bootstrap_power_law,
+    cell_table,
+    matched_step_pairs,
+    rank_tables,
+    record_loss,
+    rho_slopes,
+)
 from .sweep import PEERS, SweepSpec, finite_json, read_records, tuner_tag
 
 __all__ = ["analyse", "write_report"]
@@ -58,7 +66,7 @@ def _held_out_losses(
         cfg = rec["config"]
         if cfg["seed"] not in spec.heldout_seeds:
             continue
-        loss = math.inf if rec.get("diverged") or rec.get("eval_loss") is None else rec["eval_loss"]
+        loss = record_loss(rec)
         if cfg["tag"] == "oracle":
             oracle[cfg["rank"]].append((loss, cfg["lr"]))
         elif cfg["method"] in PEERS and cfg["alpha"] is None and cfg["tag"] in ("", tag):
