@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .control import ControlConfig
 from .discovery import LoraTarget, find_lora_targets
 from .factory import create_alpha_tuned_optimizer
+from .heads import HEAD_LR, find_head_parameters
 from .optimizer import AlphaTunedOptimizer
 from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha, principled_coefficient
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "C_REF",
+    "HEAD_LR",
     "LR_EXPONENT",
     "REFERENCE_LR",
     "AlphaTunedOptimizer",
@@ -34,6 +36,7 @@ __all__ = [
     "__version__",
     "collect_metrics",
     "create_alpha_tuned_optimizer",
+    "find_head_parameters",
     "find_lora_targets",
     "principled_alpha",
     "principled_coefficient",

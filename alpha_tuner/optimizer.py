@@ -18,6 +18,7 @@ from torch import nn
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
+from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alphas
@@ -49,6 +50,9 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
     (:mod:`alpha_tuner.control`) moves α, and each change rescales B, B's bias and B's
     optimizer state so that the model's function does not change. Steps that are not control
     steps never synchronise with the host; a control step performs one batched transfer.
+    The modules PEFT trains in full (``modules_to_save``, e.g. a fresh classifier) get a
+    learning rate of at least ``head_lr`` (:mod:`alpha_tuner.heads`): α does not reach them,
+    and at the small learning rates of LoRA-α a fresh head hardly trains.
 
     Contract with the training loop: call :meth:`step` once per optimizer step (the Trainer,
     Accelerate and ``GradScaler`` do); the wrapper shares the inner optimizer's
@@ -81,6 +85,10 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         reference_lr: The learning rate at which the coefficient equals ``c``.
         lr_exponent: ``c(η) = c·(reference_lr/η)**lr_exponent``.
         control: Parameters of the control law.
+        head_lr: The least learning rate of the parameters of PEFT's ``modules_to_save``
+            (groups at a higher rate keep it; a group mixing them with other parameters is
+            split, once, at construction). ``None`` leaves their learning rate alone. Wrap
+            the optimizer before creating its LR scheduler.
 
     Raises:
         TypeError: If ``optimizer`` is not a torch optimizer, needs a closure (LBFGS), or
@@ -107,6 +115,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         reference_lr: float = REFERENCE_LR,
         lr_exponent: float = LR_EXPONENT,
         control: ControlConfig | None = None,
+        head_lr: float | None = HEAD_LR,
     ) -> None:
         if isinstance(optimizer, AlphaTunedOptimizer):
             raise TypeError("optimizer is already an AlphaTunedOptimizer; wrap the inner optimizer once.")
@@ -147,6 +156,10 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self.targets: list[LoraTarget] = find_lora_targets(model)
         self._names = display_names(self.targets)
         self._check_in_optimizer()
+        self.head_lr = head_lr
+        heads = [] if head_lr is None else [p for _, p in find_head_parameters(model)]
+        #: How many parameters of ``modules_to_save`` had their learning rate raised to ``head_lr``.
+        self.head_params_lifted = 0 if head_lr is None else lift_head_lr_(optimizer, heads, head_lr)
 
         # Optimizer.__init__ creates the hook dictionaries and profiling wrapper; the param
         # groups and state are then the inner optimizer's own objects.
@@ -410,5 +423,5 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         return (
             f"AlphaTunedOptimizer({type(self.optimizer).__name__}, layers={len(self.targets)}, "
             f"adapt={self.adapt}, measure_every={self.measure_every}, measure_phases={self.measure_phases}, "
-            f"control_every={self.control_every})"
+            f"control_every={self.control_every}, head_lr={self.head_lr})"
         )

@@ -98,6 +98,32 @@ def tiny_gpt2(*, seed: int = 0, **kw: object) -> nn.Module:
     return get_peft_model(base, config)
 
 
+def tiny_bert_cls(*, seed: int = 0, modules_to_save: list[str] | None = None) -> nn.Module:
+    """A 2-layer BERT sequence classifier with LoRA; PEFT's SEQ_CLS trains the fresh classifier in full."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # type: ignore[call-arg]  # fmt: skip
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
+        modules_to_save=modules_to_save,
+    )  # fmt: skip
+    return get_peft_model(BertForSequenceClassification(cfg), config)
+
+
+def cls_batch(seed: int = 0, n: int = 4, t: int = 10) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 64, (n, t), generator=gen),
+        "labels": torch.randint(0, 2, (n,), generator=gen),
+    }
+
+
 def lm_batch(seed: int = 0, n: int = 4, t: int = 12, vocab: int = 64) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, t), generator=g)

@@ -411,3 +411,27 @@ def test_trl_sft_trainer(tmp_path: Path, path: str) -> None:
     assert tuned.diagnostics()["steps"] == 2
     assert all(a < principled_alpha(4, LR) for a in tuned.alphas().values())
     assert [e["step"] for e in callback.history] == [1.0, 2.0]
+
+
+def test_trainer_schedules_the_lifted_head_lr(tmp_path: Path) -> None:
+    """A sequence classifier: the Trainer's scheduler is built after the wrapper split the head off."""
+    from conftest import tiny_bert_cls
+
+    from alpha_tuner import HEAD_LR, find_head_parameters
+
+    model = tiny_bert_cls()
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (8, 10), generator=g)
+    data = [{"input_ids": ids[i], "labels": torch.tensor(i % 2)} for i in range(8)]
+    head_before = {n: p.detach().clone() for n, p in find_head_parameters(model)}
+    trainer = Trainer(
+        model=model,
+        args=trainer_args(tmp_path, lr_scheduler_type="constant_with_warmup", warmup_steps=2),
+        train_dataset=data,
+        optimizers=(opt, None),
+    )
+    trainer.train()
+    assert trainer.lr_scheduler.base_lrs == [2e-5, HEAD_LR]  # type: ignore[union-attr]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, HEAD_LR])  # after the warm-up
+    assert any(not torch.equal(p, head_before[n]) for n, p in find_head_parameters(model))

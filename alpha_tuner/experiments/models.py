@@ -1,13 +1,14 @@
 """Base models and the LoRA set-up of every method the experiments compare.
 
 Methods (all train the LoRA factors plus the same classification head, with AdamW at one base
-learning rate and weight decay 0):
+learning rate and weight decay 0; AlphaTuned raises the head's rate to ``HEAD_LR`` when the base
+rate is lower):
 
 * ``lora``: vanilla LoRA, α = 2r unless an explicit α is given (the sweep's grid cells);
 * ``rslora``: PEFT ``use_rslora=True`` with α = 16 (its common default: s = 16/√r);
 * ``loraplus``: α = 2r and PEFT's ``create_loraplus_optimizer`` with B's learning rate ×16;
 * ``alphatuned``: :class:`~alpha_tuner.AlphaTunedOptimizer` with its defaults (principled α,
-  online adaptation);
+  online adaptation, the head's learning rate lifted to at least ``HEAD_LR``);
 * ``alphatuned-static``: the same with ``adapt=False`` (principled α only).
 """
 
@@ -160,7 +161,7 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer of ``method`` and, when measuring, the AlphaTuned wrapper that reads ρ.
 
-    Peers are wrapped with ``init="keep", adapt=False``, which leaves their training unchanged
+    Peers are wrapped with ``init="keep", adapt=False, head_lr=None``, which leaves their training unchanged
     and only measures the drift ratio, so every method reports ρ the same way.
 
     Returns:
@@ -191,6 +192,6 @@ def build_optimizer(
     if not measure:
         return inner, None
     meter = AlphaTunedOptimizer(
-        inner, model, init="keep", adapt=False, measure=True, measure_every=measure_every
+        inner, model, init="keep", adapt=False, measure=True, measure_every=measure_every, head_lr=None
     )
     return meter, meter

@@ -93,10 +93,15 @@ def grid_configs(spec: SweepSpec) -> list[RunConfig]:
 
 
 def tuner_tag() -> str:
-    """The principled rule the AlphaTuned runs use now (part of their resume key)."""
+    """The defaults the AlphaTuned runs use now (part of their resume key).
+
+    The principled rule and the head's least learning rate; runs made under other defaults
+    keep their own tag, so they are neither resumed as nor reported with these.
+    """
+    from alpha_tuner.heads import HEAD_LR
     from alpha_tuner.principled import C_REF, LR_EXPONENT, REFERENCE_LR
 
-    return f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g}"
+    return f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g},head={HEAD_LR:g}"
 
 
 def bar_configs(spec: SweepSpec, oracle: dict[int, tuple[float, float]]) -> list[RunConfig]:
