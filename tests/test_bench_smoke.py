@@ -64,3 +64,23 @@ def test_quick_mode_reports_every_quantity(tmp_path: Path) -> None:
     assert memory["own"] >= memory["snapshot"]
     gram = results["gram"]
     assert gram["layers"] == 14 and gram["groups"] == 3 and gram["gram_max_rel_err"] < 1e-4
+
+
+def test_head_ablation_runs_both_variants_resumes_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "ablation.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        *(sys.executable, str(ROOT / "benchmarks" / "head_ablation.py"), "--model", "tiny"),
+        *("--ranks", "4", "--seeds", "0", "--steps", "4", "--out", str(out)),
+        *("--sweep", str(tmp_path / "no_grid.jsonl")),
+    ]  # fmt: skip
+    for _ in range(2):  # the second call finds both runs done and only reports
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["config"]["tag"] for r in records) == ["ablation:head=0.00032", "ablation:head=base"]
+    assert records[0]["eval_loss"] != records[1]["eval_loss"]
+    row = re.search(rf"^\| 4 \| ({NUMBER}) \| ({NUMBER}) \| – \|", proc.stdout, re.M)
+    assert row is not None, proc.stdout
+    losses = {r["config"]["tag"]: r["eval_loss"] for r in records}
+    assert float(row.group(1)) == round(losses["ablation:head=0.00032"], 4)

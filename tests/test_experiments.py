@@ -221,6 +221,23 @@ def test_same_seed_same_result_and_measuring_does_not_change_training(tiny) -> N
     assert evaluate(model, task)[0] == pytest.approx(a["eval_loss"], rel=1e-6)
 
 
+def test_alphatuned_runs_lift_the_head_and_tuner_options_reach_the_wrapper(tiny) -> None:
+    from alpha_tuner.experiments.models import attach_lora, build_optimizer
+    from alpha_tuner.heads import HEAD_LR
+
+    base, task = tiny
+    lrs = {}
+    for method, options in (("alphatuned", None), ("alphatuned-static", {"head_lr": None}), ("lora", None)):
+        model = attach_lora(base, method, 4, alpha=None, seed=0)
+        opt, _ = build_optimizer(model, method, 2e-5, tuner_options=options)
+        lrs[method] = [g["lr"] for g in opt.param_groups]
+    assert lrs == {"alphatuned": [2e-5, HEAD_LR], "alphatuned-static": [2e-5], "lora": [2e-5]}
+    # the ablation's two variants train differently from the same seed
+    config = RunConfig("tiny", "alphatuned-static", 4, 2e-5, 0, 10, batch_size=8, eval_size=32)
+    lifted, kept = run(config, base, task), run(config, base, task, tuner_options={"head_lr": None})
+    assert lifted["eval_loss"] != kept["eval_loss"]
+
+
 # --------------------------------------------------------------------------------- sweep
 
 

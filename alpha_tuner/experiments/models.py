@@ -157,12 +157,27 @@ def attach_lora(base: BaseModel, method: str, rank: int, *, alpha: float | None,
 
 
 def build_optimizer(
-    model: nn.Module, method: str, lr: float, *, measure_every: int = 10, measure: bool = True
+    model: nn.Module,
+    method: str,
+    lr: float,
+    *,
+    measure_every: int = 10,
+    measure: bool = True,
+    tuner_options: dict[str, Any] | None = None,
 ) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer of ``method`` and, when measuring, the AlphaTuned wrapper that reads ρ.
 
     Peers are wrapped with ``init="keep", adapt=False, head_lr=None``, which leaves their training unchanged
     and only measures the drift ratio, so every method reports ρ the same way.
+
+    Args:
+        model: The PEFT model.
+        method: One of :data:`METHODS`.
+        lr: The base learning rate.
+        measure_every: Steps between drift measurements.
+        measure: Measure ρ of the peers too.
+        tuner_options: Extra options of the AlphaTuned wrapper (e.g. ``{"head_lr": None}``
+            for an ablation); ignored by the peers.
 
     Returns:
         ``(optimizer, tuner)``: the optimizer to step and the wrapper (``None`` when not measuring
@@ -186,7 +201,12 @@ def build_optimizer(
     if method.startswith("alphatuned"):
         # measure=True only adds telemetry to the static variant; it does not change its training.
         tuned = AlphaTunedOptimizer(
-            inner, model, adapt=method == "alphatuned", measure=True, measure_every=measure_every
+            inner,
+            model,
+            adapt=method == "alphatuned",
+            measure=True,
+            measure_every=measure_every,
+            **(tuner_options or {}),
         )
         return tuned, tuned
     if not measure:

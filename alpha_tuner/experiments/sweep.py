@@ -56,7 +56,7 @@ class SweepSpec:
     coefficients: tuple[float, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
     coefficient_lr_shift: float = 0.5
     seeds: tuple[int, ...] = (0, 1)
-    heldout_seeds: tuple[int, ...] = (100, 101)
+    heldout_seeds: tuple[int, ...] = (100, 101, 102, 103)
     steps: int = 150
     batch_size: int = 8
     eval_size: int = 512

@@ -132,18 +132,23 @@ def run(
     measure_every: int = 10,
     on_step: Callable[[int, float], None] | None = None,
     device: str = "cpu",
+    tuner_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one configuration and return its record.
 
     The record holds the config, final held-out loss and accuracy, wall time, whether
     training diverged (a non-finite loss stops the run), the training-loss curve (mean per
     ``measure_every`` steps), the held-out curve (every ``eval_every`` steps when > 0) and the
-    α/ρ trajectory (layer means per measurement).
+    α/ρ trajectory (layer means per measurement). ``tuner_options`` go to the AlphaTuned
+    wrapper (see :func:`.models.build_optimizer`); a record made with them should carry a
+    ``tag`` that names them.
     """
     torch.manual_seed(config.seed)
     model = attach_lora(base, config.method, config.rank, alpha=config.alpha, seed=config.seed).to(device)
     model.train()
-    optimizer, tuner = build_optimizer(model, config.method, config.lr, measure_every=measure_every)
+    optimizer, tuner = build_optimizer(
+        model, config.method, config.lr, measure_every=measure_every, tuner_options=tuner_options
+    )
     alpha_start = _mean(tuner.alphas().values()) if tuner is not None else float("nan")
     curve: list[list[float]] = []
     evals: list[list[float]] = []

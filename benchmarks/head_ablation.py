@@ -1,0 +1,118 @@
+"""Ablation of the head's learning rate: AlphaTuned (static) with and without ``head_lr``.
+
+At the small learning rate of LoRA-α (2e-5) the principled α trains the adapters, but the
+fresh classifier head (PEFT's ``modules_to_save``) trains at the base LR unless the wrapper
+lifts it. This script runs AlphaTuned static on MiniLM at each rank with ``head_lr=HEAD_LR``
+(the library's default) and ``head_lr=None`` (the recipe's LR for the head), on the sweep's
+*selection* seeds, and prints the mean held-out loss next to the grid's best cell of the rank
+(the oracle, from the sweep results of the same seeds). Records are appended to a resumable
+JSON-lines file.
+
+Usage::
+
+    python benchmarks/head_ablation.py                      # r = 4, 16, 64; seeds 0, 1; lr 2e-5
+    python benchmarks/head_ablation.py --shard 0/2 &        # two workers on one file
+    python benchmarks/head_ablation.py --shard 1/2
+    python benchmarks/head_ablation.py --report             # only the table, from the file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from alpha_tuner.experiments.fit import cell_table, grid_oracle, record_loss
+from alpha_tuner.experiments.models import load_base
+from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, read_records
+from alpha_tuner.experiments.train import RunConfig, make_task, run
+from alpha_tuner.heads import HEAD_LR
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = {f"head={HEAD_LR:g}": {"head_lr": HEAD_LR}, "head=base": {"head_lr": None}}
+
+
+def configs(spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float) -> list[tuple[RunConfig, str]]:
+    """Every (run, variant) of the ablation, seed-major."""
+    return [
+        (spec.base(method="alphatuned-static", rank=r, lr=lr, seed=s, tag=f"ablation:{v}"), v)
+        for s in seeds
+        for r in ranks
+        for v in VARIANTS
+    ]
+
+
+def report(
+    path: Path, sweep_path: Path, spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float
+) -> str:
+    """A markdown table: mean held-out loss per rank and variant, and the oracle cell."""
+    records = read_records(path)
+    grid = [r for r in read_records(sweep_path) if r["config"]["method"] == "lora" and not r["config"]["tag"]]
+    oracle = grid_oracle(grid, spec.seeds, n_cells=len(spec.lrs) * len(spec.coefficients))
+    losses: dict[tuple[int, str], list[float]] = {}
+    for rec in records:
+        cfg = rec["config"]
+        if cfg["lr"] == lr and cfg["seed"] in seeds and cfg["tag"].startswith("ablation:"):
+            losses.setdefault((cfg["rank"], cfg["tag"].split(":", 1)[1]), []).append(record_loss(rec))
+    cells = cell_table(grid, spec.seeds)
+    oracle_loss = {r: statistics.fmean(cells[(r, lr_, alpha)]) for r, (alpha, lr_) in oracle.items()}
+    head = list(VARIANTS)
+    lines = [
+        f"AlphaTuned static at lr {lr:g}, mean held-out loss over seeds {seeds}",
+        "",
+        f"| r | {' | '.join(head)} | oracle (α, LR) | gap {head[0]} | gap {head[1]} |",
+        "|---|" + "---|" * (len(head) + 3),
+    ]
+    for r in ranks:
+        means = [
+            statistics.fmean(losses[(r, v)]) if len(losses.get((r, v), [])) == len(seeds) else None
+            for v in head
+        ]
+        o = oracle_loss.get(r)
+        cell = f"{o:.4f} ({oracle[r][0]:g}, {oracle[r][1]:g})" if o is not None else "–"
+        gaps = [f"{m / o - 1:+.1%}" if m is not None and o is not None else "–" for m in means]
+        shown = [f"{m:.4f}" if m is not None else "–" for m in means]
+        lines.append(f"| {r} | {' | '.join(shown)} | {cell} | {' | '.join(gaps)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", default="4,16,64")
+    parser.add_argument("--seeds", default="0,1", help="selection seeds (not the bar's held-out ones)")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "head_ablation.jsonl")
+    parser.add_argument(
+        "--sweep", type=Path, default=RESULTS / "sweep_minilm.jsonl", help="grid results (oracle)"
+    )
+    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th pending run from the K-th")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="minilm", help="minilm, or tiny for a smoke test")
+    parser.add_argument("--steps", type=int, default=SweepSpec.steps)
+    parser.add_argument("--report", action="store_true", help="only print the table")
+    args = parser.parse_args(argv)
+    ranks = [int(x) for x in args.ranks.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    spec = SweepSpec(model=args.model, steps=args.steps)
+    if not args.report:
+        torch.set_num_threads(args.threads)
+        k, n = (int(x) for x in args.shard.split("/"))
+        done = {r.get("key") for r in read_records(args.out)}
+        pending = [(c, v) for c, v in configs(spec, ranks, seeds, args.lr) if c.key() not in done][k::n]
+        if pending:
+            base = load_base(spec.model)
+            task = make_task(base, spec.eval_size)
+            for config, variant in pending:
+                record = run(config, base, task, tuner_options=VARIANTS[variant])
+                append_line(args.out, json.dumps(finite_json(record), sort_keys=True))
+                print(f"{config.key()}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
+    print(report(args.out, args.sweep, spec, ranks, seeds, args.lr))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
