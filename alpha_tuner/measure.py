@@ -68,9 +68,9 @@ class Measurement:
     Attributes:
         signal: ``‖dB·A + B·dA‖_F`` per layer, float32 (NaN where not measured).
         drift: ``‖dB·dA‖_F`` per layer, float32 (NaN where not measured).
-        rho: ``drift / signal``, float32; NaN where the layer was not measured in this phase
-            or a norm is not finite (a NaN/inf or overflowing step), which the controller
-            skips and counts.
+        rho: ``drift / signal``, float32; NaN where the layer was not measured in this phase,
+            its factors did not change, or a norm is not finite (a NaN/inf or overflowing
+            step), which the controller skips and counts.
         measured: Bool, True for the layers of the phase this measurement covered.
     """
 
@@ -384,8 +384,11 @@ class DriftMeter:
                 drift.index_copy_(0, self._rows[phase][key], norms.drift.to(self.device, torch.float32))
         rho = drift_ratio(DriftNorms(signal=signal, drift=drift))
         # A non-finite norm (NaN/inf gradients, an overflowing step) is not a measurement:
-        # inf/inf or finite/inf would otherwise read as a valid ρ (NaN or 0). NaN makes the
-        # controller skip the layer and count it; layers of other phases are NaN as well.
+        # inf/inf or finite/inf would otherwise read as a valid ρ (NaN or 0). Nor is a step that
+        # left the factors unchanged (learning rate 0 in a warm-up, a frozen group), whose ρ would
+        # read as 0. NaN makes the controller skip the layer and count it; layers of other
+        # phases are NaN as well.
         measured = self._measured[phase]
-        rho = torch.where(measured & torch.isfinite(signal) & torch.isfinite(drift), rho, math.nan)
+        moved = (signal > 0) | (drift > 0)
+        rho = torch.where(measured & torch.isfinite(signal) & torch.isfinite(drift) & moved, rho, math.nan)
         return Measurement(signal=signal, drift=drift, rho=rho, measured=measured)

@@ -349,3 +349,26 @@ def test_non_finite_gradient_step_is_skipped_and_alpha_stays_finite(bad: str) ->
     state = opt._control
     for field in (state.log_alpha, state.rho_fast, state.rho_slow):
         assert bool(torch.isfinite(field).all())
+
+
+def test_a_step_at_learning_rate_zero_is_skipped_not_read_as_rho_zero() -> None:
+    """A warm-up that starts at LR 0 leaves the factors unchanged: no ρ, counted as skipped."""
+    model = tiny_llama(seed=2)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = AlphaTunedOptimizer(
+        inner, model, measure_every=1, measure_phases=1, control_every=1, adapt=False, measure=True
+    )
+    n = len(opt.targets)
+    for lr in (0.0, 1e-3):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _loss(model, 0).backward()
+        opt.step()
+        opt.zero_grad()
+        rho = list(opt.drift_ratios().values())
+        if lr == 0.0:
+            assert all(math.isnan(r) for r in rho)
+            assert opt.diagnostics()["skipped"] == n and opt.diagnostics()["measurements"] == 0
+        else:
+            assert all(math.isfinite(r) and r > 0 for r in rho)
+            assert opt.diagnostics()["measurements"] == n
