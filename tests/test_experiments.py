@@ -321,8 +321,8 @@ def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
     records.append(stale)
     bar = analyse(records, spec)["bar"]
     assert bar["beats_peers"] == {
-        "alphatuned-static": {"wins": 3, "cells": 4},
-        "alphatuned": {"wins": 0, "cells": 4},
+        "alphatuned-static": {"wins": 3, "cells": 4, "seed_wins": 6, "seed_cells": 8},
+        "alphatuned": {"wins": 0, "cells": 4, "seed_wins": 0, "seed_cells": 8},
     }
     gap = bar["within_1pct"]["alphatuned-static"][4]
     assert gap["lr"] == 1e-4 and gap["oracle_lr"] == 1e-3
@@ -336,7 +336,7 @@ def test_bar_leaves_out_cells_missing_a_held_out_seed() -> None:
     records = [_bar_record(m, 4, 1e-4, 100, 0.5) for m in PEERS]  # seed 101 not run yet
     records += [_bar_record(m, 4, 1e-4, 101, 0.5) for m in ("lora", "rslora", "loraplus")]
     bar = analyse(records, spec)["bar"]
-    assert bar["beats_peers"]["alphatuned"] == {"wins": 0, "cells": 0}
+    assert bar["beats_peers"]["alphatuned"] == {"wins": 0, "cells": 0, "seed_wins": 0, "seed_cells": 0}
     assert bar["table"][0]["alphatuned"] is None and bar["table"][0]["lora"] == pytest.approx(0.5)
 
 

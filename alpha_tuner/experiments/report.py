@@ -52,27 +52,37 @@ def _lr_rule(fits: Mapping[float, PowerLawFit]) -> dict[str, float] | None:
     return {"reference_lr": REFERENCE_LR, "c_ref": float(math.exp(log_c)), "lr_exponent": float(q)}
 
 
+def _held_out_runs(
+    records: Sequence[Mapping[str, Any]], spec: SweepSpec, tag: str
+) -> dict[tuple[str, int, float], dict[int, float]]:
+    """Held-out loss per (method, rank, LR) and seed, for the cells run on every held-out seed.
+
+    A diverged run counts as an infinite loss. AlphaTuned records count only with the rule
+    ``tag`` of the library now.
+    """
+    runs: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
+    for rec in records:
+        cfg = rec["config"]
+        held_out = cfg["seed"] in spec.heldout_seeds and cfg["alpha"] is None  # not the oracle
+        if held_out and cfg["method"] in PEERS and cfg["tag"] in ("", tag):
+            runs[(cfg["method"], cfg["rank"], cfg["lr"])][cfg["seed"]] = record_loss(rec)
+    return {k: v for k, v in runs.items() if len(v) == len(spec.heldout_seeds)}
+
+
 def _held_out_losses(
     records: Sequence[Mapping[str, Any]], spec: SweepSpec, tag: str
 ) -> tuple[dict[tuple[str, int, float], float], dict[int, tuple[float, float]]]:
     """Mean held-out loss per (method, rank, LR), and per rank the oracle's (loss, LR).
 
-    Only cells with a record for every held-out seed count; a diverged run counts as an
-    infinite loss. AlphaTuned records count only with the rule ``tag`` of the library now.
+    Only cells with a record for every held-out seed count (see :func:`_held_out_runs`).
     """
-    losses: dict[tuple[str, int, float], list[float]] = defaultdict(list)
     oracle: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for rec in records:
         cfg = rec["config"]
-        if cfg["seed"] not in spec.heldout_seeds:
-            continue
-        loss = record_loss(rec)
-        if cfg["tag"] == "oracle":
-            oracle[cfg["rank"]].append((loss, cfg["lr"]))
-        elif cfg["method"] in PEERS and cfg["alpha"] is None and cfg["tag"] in ("", tag):
-            losses[(cfg["method"], cfg["rank"], cfg["lr"])].append(loss)
+        if cfg["seed"] in spec.heldout_seeds and cfg["tag"] == "oracle":
+            oracle[cfg["rank"]].append((record_loss(rec), cfg["lr"]))
     n_seeds = len(spec.heldout_seeds)
-    complete = {k: _mean(v) for k, v in losses.items() if len(v) == n_seeds}
+    complete = {k: _mean(list(v.values())) for k, v in _held_out_runs(records, spec, tag).items()}
     oracles = {
         rank: (_mean([loss for loss, _ in runs]), runs[0][1])
         for rank, runs in oracle.items()
@@ -85,13 +95,16 @@ def _bar(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any
     """Held-out comparison: AlphaTuned (static, adaptive) against the peers and the oracle.
 
     Returns a JSON-able dict: ``table`` (every method's mean loss per (rank, LR)), ``cells``
-    (per variant and cell, whether it beats all three peers), ``beats_peers`` (wins / cells per
-    variant), ``within_1pct`` (per variant and rank: the gap at the smallest LR to the oracle,
+    (per variant and cell, whether its mean beats all three peers' means, and on how many
+    held-out seeds it beats all three peers of the same seed), ``beats_peers`` (wins / cells
+    per variant, and the paired count ``seed_wins`` / ``seed_cells`` over cells × seeds),
+    ``within_1pct`` (per variant and rank: the gap at the smallest LR to the oracle,
     the grid's best cell of that rank, run on the held-out seeds) and ``gap_to_oracle`` (the
     same gap at every LR).
     """
     tag = tuner_tag()
     complete, oracles = _held_out_losses(records, spec, tag)
+    per_seed = _held_out_runs(records, spec, tag)
     out: dict[str, Any] = {
         "tuner": tag, "table": [], "cells": [], "within_1pct": {}, "gap_to_oracle": {}, "beats_peers": {},
     }  # fmt: skip
@@ -102,7 +115,7 @@ def _bar(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any
         out["table"].append(row)
     small_lr = min(spec.lrs)
     for variant in ("alphatuned-static", "alphatuned"):
-        wins = total = 0
+        wins = total = seed_wins = seed_cells = 0
         for (method, rank, lr), loss in sorted(complete.items()):
             if method != variant:
                 continue
@@ -118,11 +131,17 @@ def _bar(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any
                 continue
             beat = all(loss < p for p in peers if p is not None)
             wins, total = wins + beat, total + 1
+            mine = per_seed[(variant, rank, lr)]
+            paired = sum(all(mine[s] < per_seed[(p, rank, lr)][s] for p in _PEER_BASELINES) for s in mine)
+            seed_wins, seed_cells = seed_wins + paired, seed_cells + len(mine)
             out["cells"].append(
                 {"variant": variant, "rank": rank, "lr": lr, "loss": loss, "beats_all": beat,
+                 "seed_wins": paired, "seeds": len(mine),
                  **{p: complete[(p, rank, lr)] for p in _PEER_BASELINES}}
             )  # fmt: skip
-        out["beats_peers"][variant] = {"wins": wins, "cells": total}
+        out["beats_peers"][variant] = {
+            "wins": wins, "cells": total, "seed_wins": seed_wins, "seed_cells": seed_cells,
+        }  # fmt: skip
     return out
 
 
@@ -272,7 +291,8 @@ def _bar_markdown(bar: Mapping[str, Any]) -> list[str]:
     for variant, score in bar["beats_peers"].items():
         lines.append(
             f"- {variant}: beats vanilla LoRA, rsLoRA and LoRA+ in {score['wins']} of {score['cells']} "
-            "(rank, LR) cells"
+            f"(rank, LR) cells (mean loss); seed by seed, in {score['seed_wins']} of "
+            f"{score['seed_cells']} (cell, held-out seed) pairs"
         )
     for variant, gaps in bar["within_1pct"].items():
         for rank, g in sorted(gaps.items()):
