@@ -124,10 +124,13 @@ def test_trainer_with_tuning_off_equals_bare_adamw(tmp_path: Path) -> None:
     assert max(r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r) > 0.05
     opt = find_alpha_tuned_optimizer(trainer.optimizer)
     assert opt is not None
-    # One wrapper step per optimizer step, not per micro-batch; one measurement of 12 layers each.
+    # One wrapper step per optimizer step, not per micro-batch; one measurement of 12 layers each,
+    # except the first step, whose warm-up learning rate of 0 leaves the factors unchanged: its
+    # 12 layers are skipped rather than read as rho = 0.
     diag = opt.diagnostics()
     assert diag["steps"] == trainer.state.global_step == 4
-    assert diag["measurements"] == 12 * 4
+    assert diag["measurements"] == 12 * 3
+    assert diag["skipped"] == 12
     # The scheduler wrote its learning rate into the shared param groups.
     assert opt.param_groups is opt.optimizer.param_groups
     assert opt.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
