@@ -6,11 +6,16 @@ Only the format is checked, never the timings (the machine running the tests may
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from alpha_tuner.principled import principled_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_step.py"
@@ -84,3 +89,54 @@ def test_head_ablation_runs_both_variants_resumes_and_reports(tmp_path: Path) ->
     assert row is not None, proc.stdout
     losses = {r["config"]["tag"]: r["eval_loss"] for r in records}
     assert float(row.group(1)) == round(losses["ablation:head=0.00032"], 4)
+
+
+def _grid_lines(ranks: list[int], law: dict[float, tuple[float, float]]) -> str:
+    """Grid records whose loss is a parabola in log α around α* = K·r^p (per LR), two seeds."""
+    from alpha_tuner.experiments.sweep import SweepSpec
+    from alpha_tuner.experiments.train import RunConfig
+
+    spec = SweepSpec()
+    lines = []
+    for rank in ranks:
+        for lr in spec.lrs:
+            k, p = law[lr]
+            best = k * rank**p
+            for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
+                for seed in spec.seeds:
+                    cfg = RunConfig("minilm", "lora", rank, lr, seed, spec.steps, alpha=best * factor)
+                    loss = 0.5 + 0.01 * seed + (math.log(factor) + 0.1) ** 2  # minimum at α*·e^-0.1
+                    lines.append(json.dumps({"key": cfg.key(), "config": cfg.to_dict(), "eval_loss": loss}))
+    return "\n".join(lines) + "\n"
+
+
+def test_held_out_rank_compares_the_measured_best_alpha_with_the_fit(tmp_path: Path) -> None:
+    law = {2e-5: (800.0, 0.1), 8e-5: (100.0, 0.3), 3.2e-4: (6.0, 0.5)}
+    (tmp_path / "cal.jsonl").write_text(_grid_lines([4, 16, 64], law))
+    (tmp_path / "held.jsonl").write_text(_grid_lines([256], law))
+    out = tmp_path / "held_out_rank.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        *(sys.executable, str(ROOT / "benchmarks" / "held_out_rank.py")),
+        *("--calibration", str(tmp_path / "cal.jsonl"), "--held-out", str(tmp_path / "held.jsonl")),
+        *("--out", str(out)),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if re.match(r"^\| [0-9]", line)]
+    assert len(rows) == 3
+    for (lr, (k, p)), row in zip(law.items(), rows, strict=True):
+        measured, fit3, half, rule, p3, p4 = (cell.strip() for cell in row[1:])
+        expected = k * 256**p * math.exp(-0.1)
+        assert float(measured) == pytest.approx(expected, rel=1e-3)
+        assert float(fit3) == pytest.approx(expected, rel=1e-3)  # the law holds exactly
+        # At p = 1/2: the geometric mean of α*/√r over r = 4, 16, 64 (mean log r = log 16), times 16.
+        assert float(half) == pytest.approx(k * math.exp(-0.1) * 16 ** (p - 0.5) * 16, rel=1e-3)
+        assert float(p3) == pytest.approx(p, abs=0.01)
+        assert float(p4.split()[0]) == pytest.approx(p, abs=0.01)
+        assert float(rule) == pytest.approx(principled_alpha(256, lr), rel=1e-3)
+    # Without the held-out grid the script says what to run.
+    (tmp_path / "empty.jsonl").write_text("")
+    cmd[cmd.index(str(tmp_path / "held.jsonl"))] = str(tmp_path / "empty.jsonl")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode != 0 and "run the grid first" in proc.stderr
