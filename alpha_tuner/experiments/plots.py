@@ -86,12 +86,20 @@ def plot_rho(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     for ax, groups, name in ((axes[0], by_alpha, "lr"), (axes[1], by_lr, "c")):
         for (rank, value), points in sorted(groups.items()):
             x, y = np.array(sorted(points)).T
-            ax.plot(x, y, marker="o", ms=3, lw=1, label=f"r={rank}, {name}={value:g}")
-        ax.set(xscale="log", yscale="log", ylabel="ρ (mean of the second half of training)")
+            # One point per seed; the line joins the geometric means of the seeds at each x.
+            xs = np.unique(x)
+            means = [float(np.exp(np.mean(np.log(y[x == v])))) for v in xs]
+            (line,) = ax.plot(xs, means, lw=1, label=f"r={rank}, {name}={value:g}")
+            ax.scatter(x, y, s=6, color=line.get_color())
+        ax.set(xscale="log", yscale="log", ylabel="ρ (second half of training; line: seed mean)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, ncol=2)
     axes[0].set(title="ρ against α (fixed rank and LR)", xlabel="α")
     axes[1].set(title="ρ against the learning rate (fixed rank and c)", xlabel="learning rate")
+    lrs = sorted({lr for (_, _), points in by_lr.items() for lr, _ in points})
+    if lrs:
+        axes[1].set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        axes[1].minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
