@@ -101,6 +101,7 @@ def test_sweep_dry_run_then_report(tmp_path, capsys) -> None:
     assert report["n_grid_records"] == 6
     assert set(report["fits"]["0.001"]["alpha_star"]) == {"2", "4"}
     assert (tmp_path / "s_heatmaps.png").exists() and (tmp_path / "s_best_alpha.png").exists()
+    assert (tmp_path / "s_rho.png").exists()
 
 
 def test_sweep_shards_split_the_pending_runs(tmp_path, capsys) -> None:
