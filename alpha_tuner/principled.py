@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "C_REF",
     "LR_EXPONENT",
+    "MAX_CALIBRATED_RANK",
     "REFERENCE_LR",
     "principled_alpha",
     "principled_alphas",
@@ -51,6 +52,9 @@ C_REF: float = 280.0
 REFERENCE_LR: float = 2e-5
 #: How c grows as the learning rate shrinks: ``c ∝ η ** -LR_EXPONENT`` (measured).
 LR_EXPONENT: float = 1.34
+#: The largest rank the rule was calibrated on. At r = 256 and lr 2e-5 the rule's α (4480) was
+#: 4.8× the best α of the grid (931), so larger ranks get a warning (BENCHMARKS.md).
+MAX_CALIBRATED_RANK: int = 64
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -142,7 +146,8 @@ def principled_alphas(
     """The principled α of each LoRA layer at the base LR of its A factor's parameter group.
 
     A group without a positive LR (Adafactor with ``lr=None``) uses ``reference_lr``, with one
-    ``RuntimeWarning``.
+    ``RuntimeWarning``. Ranks above :data:`MAX_CALIBRATED_RANK` get one ``UserWarning`` unless
+    ``c`` is given: there the rule's α grows like √r while the measured best α did not.
 
     Args:
         layers: The LoRA targets (rank, rsLoRA flag and A factor of each).
@@ -158,6 +163,16 @@ def principled_alphas(
         if lr is None:
             lr, fallback = reference_lr, True
         alphas.append(principled_alpha(layer.rank, lr, use_rslora=layer.use_rslora, **coefficient))
+    beyond = sorted({layer.rank for layer in layers if layer.rank > MAX_CALIBRATED_RANK})
+    if beyond and "c" not in coefficient:
+        warnings.warn(
+            f"LoRA rank(s) {beyond} exceed the largest rank the principled rule was measured on "
+            f"({MAX_CALIBRATED_RANK}); its alpha = c*sqrt(r) may be too large there (at lr 2e-5 the "
+            "measured best alpha stayed near 1000 from r = 4 to r = 256; BENCHMARKS.md). "
+            "Pass c= to set it (alpha = c*sqrt(r)), e.g. c=62 for alpha of about 1000 at r = 256.",
+            UserWarning,
+            stacklevel=3,
+        )
     if fallback:
         warnings.warn(
             "A LoRA parameter group has no positive learning rate (e.g. Adafactor with lr=None); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from alpha_tuner.principled import (
     C_REF,
     LR_EXPONENT,
+    MAX_CALIBRATED_RANK,
     REFERENCE_LR,
     principled_alpha,
     principled_alphas,
@@ -85,3 +87,16 @@ def test_principled_alphas_fall_back_to_the_reference_lr_with_a_warning() -> Non
     with pytest.warns(RuntimeWarning, match="no positive learning rate"):
         alphas = principled_alphas([layer], [{"params": [layer.weight_a], "lr": None}], c=10.0)
     assert alphas == [pytest.approx(principled_alpha(8, REFERENCE_LR, c=10.0))]
+
+
+def test_ranks_above_the_calibrated_range_warn_unless_c_is_given() -> None:
+    big = _Layer(MAX_CALIBRATED_RANK * 2, False, torch.zeros(MAX_CALIBRATED_RANK * 2, 4))
+    small = _Layer(MAX_CALIBRATED_RANK, False, torch.zeros(MAX_CALIBRATED_RANK, 4))
+    groups = [{"params": [big.weight_a, small.weight_a], "lr": 2e-5}]
+    with pytest.warns(UserWarning, match=rf"rank\(s\) \[{MAX_CALIBRATED_RANK * 2}\] exceed .* Pass c="):
+        alphas = principled_alphas([big, small], groups)
+    assert alphas[0] == pytest.approx(principled_alpha(MAX_CALIBRATED_RANK * 2, 2e-5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        principled_alphas([small], groups)  # within the measured ranks: silent
+        principled_alphas([big], groups, c=62.0)  # the user chose c: silent
