@@ -147,7 +147,8 @@ def principled_alphas(
 
     A group without a positive LR (Adafactor with ``lr=None``) uses ``reference_lr``, with one
     ``RuntimeWarning``. Ranks above :data:`MAX_CALIBRATED_RANK` get one ``UserWarning`` unless
-    ``c`` is given: there the rule's α grows like √r while the measured best α did not.
+    a ``c`` other than :data:`C_REF` is given: there the rule's α grows like √r while the
+    measured best α did not.
 
     Args:
         layers: The LoRA targets (rank, rsLoRA flag and A factor of each).
@@ -164,7 +165,7 @@ def principled_alphas(
             lr, fallback = reference_lr, True
         alphas.append(principled_alpha(layer.rank, lr, use_rslora=layer.use_rslora, **coefficient))
     beyond = sorted({layer.rank for layer in layers if layer.rank > MAX_CALIBRATED_RANK})
-    if beyond and "c" not in coefficient:
+    if beyond and coefficient.get("c", C_REF) == C_REF:
         warnings.warn(
             f"LoRA rank(s) {beyond} exceed the largest rank the principled rule was measured on "
             f"({MAX_CALIBRATED_RANK}); its alpha = c*sqrt(r) may be too large there (at lr 2e-5 the "

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
+from alpha_tuner import AlphaTunedOptimizer
 from alpha_tuner.principled import (
     C_REF,
     LR_EXPONENT,
@@ -100,3 +102,13 @@ def test_ranks_above_the_calibrated_range_warn_unless_c_is_given() -> None:
         warnings.simplefilter("error")
         principled_alphas([small], groups)  # within the measured ranks: silent
         principled_alphas([big], groups, c=62.0)  # the user chose c: silent
+
+
+def test_the_wrapper_warns_for_a_rank_above_the_calibrated_range() -> None:
+    model = tiny_llama(r=MAX_CALIBRATED_RANK * 2)
+    with pytest.warns(UserWarning, match="exceed the largest rank"):
+        AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)
+    model = tiny_llama(r=MAX_CALIBRATED_RANK * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model, c=62.0)
