@@ -22,30 +22,18 @@ import argparse
 import math
 from pathlib import Path
 
-from alpha_tuner.experiments.fit import bootstrap_power_law, cell_table, rank_tables
+from alpha_tuner.experiments.fit import bootstrap_power_law, cell_table, grid_records, rank_tables
 from alpha_tuner.experiments.sweep import SweepSpec, read_records
 from alpha_tuner.principled import principled_alpha
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def _grid(path: Path, spec: SweepSpec) -> list[dict]:
-    records = read_records(path)
-    return [
-        r
-        for r in records
-        if r["config"]["method"] == "lora"
-        and r["config"]["alpha"] is not None
-        and not r["config"]["tag"]
-        and r["config"]["seed"] in spec.seeds
-    ]
-
-
 def report(calibration: Path, held_out: Path, rank: int) -> str:
     """Markdown: measured best α at ``rank`` against the predictions of the calibration ranks."""
     spec = SweepSpec()
-    cells = cell_table(_grid(calibration, spec), spec.seeds)
-    held = cell_table(_grid(held_out, spec), spec.seeds)
+    cells = cell_table(grid_records(read_records(calibration), spec.seeds), spec.seeds)
+    held = cell_table(grid_records(read_records(held_out), spec.seeds), spec.seeds)
     if not any(c[0] == rank for c in held):
         raise SystemExit(
             f"no complete grid cell at r = {rank} in {held_out}; run the grid first (see --help)."

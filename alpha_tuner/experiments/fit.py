@@ -28,6 +28,7 @@ __all__ = [
     "cell_table",
     "fit_power_law",
     "grid_oracle",
+    "grid_records",
     "matched_step_pairs",
     "record_loss",
     "refine_argmin",
@@ -42,6 +43,18 @@ def record_loss(record: Mapping[str, Any]) -> float:
     """A run's held-out loss; ``inf`` for a diverged run or one without a loss."""
     value = record.get("eval_loss")
     return math.inf if record.get("diverged") or value is None else float(value)
+
+
+def grid_records(records: Iterable[Mapping[str, Any]], seeds: Sequence[int]) -> list[Mapping[str, Any]]:
+    """The grid runs among ``records``: untagged plain LoRA with an explicit α, on ``seeds``."""
+    return [
+        r
+        for r in records
+        if r["config"]["method"] == "lora"
+        and r["config"]["alpha"] is not None
+        and not r["config"]["tag"]
+        and r["config"]["seed"] in seeds
+    ]
 
 
 def cell_table(

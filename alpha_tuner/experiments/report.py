@@ -20,6 +20,7 @@ from .fit import (
     PowerLawFit,
     bootstrap_power_law,
     cell_table,
+    grid_records,
     matched_step_pairs,
     rank_tables,
     record_loss,
@@ -163,8 +164,7 @@ def _best_cells(cells: Mapping[tuple[int, float, float], Sequence[float]]) -> li
 
 def analyse(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any]:
     """All the numbers of the report (JSON-able) from the records of one sweep."""
-    grid = [r for r in records if r["config"]["method"] == "lora" and r["config"]["alpha"] is not None]
-    grid = [r for r in grid if not r["config"]["tag"] and r["config"]["seed"] in spec.seeds]
+    grid = grid_records(records, spec.seeds)
     cells = cell_table(grid, spec.seeds)
     fits: dict[float, PowerLawFit] = {}
     for lr in sorted({c[1] for c in cells}):
