@@ -5,7 +5,8 @@ Reads an adapter folder (``adapter_config.json`` with ``adapter_model.safetensor
 Hugging Face cache, without loading the base model. For every LoRA layer it reports the rank
 (from the saved A factor's shape), α (from ``alpha_pattern`` as PEFT matches it, else
 ``lora_alpha``), the effective multiplier ``s = α/r`` (``α/√r`` with rsLoRA), its coefficient
-``c = s·√r``, and the principled α of :func:`alpha_tuner.principled_alpha` at a given LR.
+``c = s·√r`` (the paper's convention), and the principled α of
+:func:`alpha_tuner.principled_alpha` at a given LR.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .principled import REFERENCE_LR, principled_alpha, principled_coefficient
+from .principled import REFERENCE_LR, principled_alpha, principled_coefficient, principled_rank_exponent
 
 __all__ = ["inspect_adapters", "main"]
 
@@ -116,6 +117,7 @@ def inspect_adapters(path: str, *, lr: float | None = None) -> dict[str, Any]:
         "path": str(root),
         "lr": lr,
         "recommended_coefficient": principled_coefficient(lr),
+        "recommended_rank_exponent": principled_rank_exponent(lr),
         "adapters": adapters,
     }
 
@@ -141,7 +143,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             )
     lines += [
         "",
-        f"recommended: α = c·√r (α = c under rsLoRA) with c = {report['recommended_coefficient']:.4g} "
+        f"recommended: α = c·r^p (α = c·r^(p-1/2) under rsLoRA) with c = "
+        f"{report['recommended_coefficient']:.4g}, p = {report['recommended_rank_exponent']:.3f} "
         f"at lr = {report['lr']:g} (alpha_tuner.principled_alpha)",
     ]
     return "\n".join(lines)

@@ -21,7 +21,14 @@ from .distributed import broadcast_state, unwrap_model
 from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
-from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alphas
+from .principled import (
+    C_REF,
+    LR_EXPONENT,
+    RANK_EXPONENT,
+    RANK_EXPONENT_SLOPE,
+    REFERENCE_LR,
+    principled_alphas,
+)
 from .rescale import rescale_target_, update_adapter_config, write_alpha
 from .telemetry import summarize
 
@@ -42,8 +49,9 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
     """Wrap a ``torch.optim.Optimizer`` so that every LoRA layer trains at a tuned α.
 
     Update rule: the inner optimizer's step, unchanged. Around it, at construction each
-    trainable LoRA layer's multiplier is set to the LoRA-α regime ``s = c(η)/√r``
-    (:mod:`alpha_tuner.principled`) with ``η`` the base learning rate of the layer's A factor;
+    trainable LoRA layer's α is set to the measured LoRA-α rule ``α = c(η)·r^p(η)``
+    (:mod:`alpha_tuner.principled`; ``p ≡ ½`` is the paper's ``α = c·√r``) with ``η`` the base
+    learning rate of the layer's A factor;
     every ``measure_every`` steps the drift ratio ``ρ = ‖dB·dA‖/‖dB·A + B·dA‖`` of one of
     ``measure_phases`` subsets of the layers is measured on the device (each layer every
     ``measure_every·measure_phases`` steps); every ``control_every`` steps the control law
@@ -64,7 +72,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         optimizer: A constructed optimizer holding the LoRA parameters (others are fine and
             untouched).
         model: The PEFT model whose LoRA layers are tuned.
-        init: ``"principled"`` sets α = c(η)·√r at construction; ``"keep"`` keeps the
+        init: ``"principled"`` sets α = c(η)·r^p(η) at construction; ``"keep"`` keeps the
             model's current α (adaptation then starts from it).
         adapt: Adapt α online from the drift ratio. ``False`` keeps α fixed after ``init``.
         measure: Measure the drift ratio even when not adapting (for telemetry).
@@ -81,9 +89,12 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         control_every: Steps between control decisions; a multiple of
             ``measure_every·measure_phases``, so that every decision sees a fresh ρ of every
             layer.
-        c: The coefficient c at ``reference_lr`` of the principled rule.
+        c: The coefficient c at ``reference_lr`` of the principled rule (α at r = 1).
         reference_lr: The learning rate at which the coefficient equals ``c``.
         lr_exponent: ``c(η) = c·(reference_lr/η)**lr_exponent``.
+        rank_exponent: The rank exponent p at ``reference_lr`` (``0.5`` with
+            ``rank_exponent_slope=0`` gives the paper's α = c·√r).
+        rank_exponent_slope: ``p(η) = rank_exponent + rank_exponent_slope·ln(η/reference_lr)``.
         control: Parameters of the control law.
         head_lr: The least learning rate of the parameters of PEFT's ``modules_to_save``
             (groups at a higher rate keep it; a group mixing them with other parameters is
@@ -114,6 +125,8 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         c: float = C_REF,
         reference_lr: float = REFERENCE_LR,
         lr_exponent: float = LR_EXPONENT,
+        rank_exponent: float = RANK_EXPONENT,
+        rank_exponent_slope: float = RANK_EXPONENT_SLOPE,
         control: ControlConfig | None = None,
         head_lr: float | None = HEAD_LR,
     ) -> None:
@@ -168,8 +181,11 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self._ready = True
 
         if init == "principled":
-            coefficient = {"c": c, "reference_lr": reference_lr, "lr_exponent": lr_exponent}
-            alphas = principled_alphas(self.targets, optimizer.param_groups, **coefficient)
+            rule = {
+                "c": c, "reference_lr": reference_lr, "lr_exponent": lr_exponent,
+                "rank_exponent": rank_exponent, "rank_exponent_slope": rank_exponent_slope,
+            }  # fmt: skip
+            alphas = principled_alphas(self.targets, optimizer.param_groups, **rule)
             for target, alpha in zip(self.targets, alphas, strict=True):
                 rescale_target_(target, alpha, optimizer)
         update_adapter_config(model, self.targets)

@@ -39,11 +39,14 @@ __all__ = [
     "C_REF",
     "LR_EXPONENT",
     "MAX_CALIBRATED_RANK",
+    "RANK_EXPONENT",
+    "RANK_EXPONENT_SLOPE",
     "REFERENCE_LR",
     "principled_alpha",
     "principled_alphas",
     "principled_coefficient",
     "principled_multiplier",
+    "principled_rank_exponent",
 ]
 
 #: Coefficient c at the reference learning rate (measured, see the module docstring).
@@ -52,6 +55,10 @@ C_REF: float = 280.0
 REFERENCE_LR: float = 2e-5
 #: How c grows as the learning rate shrinks: ``c ∝ η ** -LR_EXPONENT`` (measured).
 LR_EXPONENT: float = 1.34
+#: The rank exponent p of α ∝ r^p at the reference learning rate (measured).
+RANK_EXPONENT: float = 0.5
+#: How p moves with the learning rate: p(η) = RANK_EXPONENT + RANK_EXPONENT_SLOPE·ln(η/η_ref).
+RANK_EXPONENT_SLOPE: float = 0.0
 #: The largest rank the rule was calibrated on. At r = 256 and lr 2e-5 the rule's α (4480) was
 #: 4.8× the best α of the grid (931), so larger ranks get a warning (BENCHMARKS.md).
 MAX_CALIBRATED_RANK: int = 64
@@ -88,36 +95,86 @@ def principled_coefficient(
     return c * (reference_lr / lr) ** lr_exponent
 
 
-def principled_multiplier(rank: int, lr: float, **coefficient_kwargs: float) -> float:
-    """Return the LoRA-α multiplier s* = c(η) / √r applied to ``B·A``.
+def principled_rank_exponent(
+    lr: float,
+    *,
+    rank_exponent: float = RANK_EXPONENT,
+    rank_exponent_slope: float = RANK_EXPONENT_SLOPE,
+    reference_lr: float = REFERENCE_LR,
+) -> float:
+    """Return p(η) = rank_exponent + rank_exponent_slope · ln(lr / reference_lr).
+
+    Args:
+        lr: The base learning rate.
+        rank_exponent: p at ``reference_lr`` (½ with a zero slope is the paper's √r law).
+        rank_exponent_slope: How p moves with the log of the learning rate.
+        reference_lr: The learning rate at which p equals ``rank_exponent``.
+
+    Raises:
+        ValueError: If ``lr`` or ``reference_lr`` is not finite and positive, or an exponent
+            is not finite.
+    """
+    _check_positive("lr", lr)
+    _check_positive("reference_lr", reference_lr)
+    for name, value in (("rank_exponent", rank_exponent), ("rank_exponent_slope", rank_exponent_slope)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    return rank_exponent + rank_exponent_slope * math.log(lr / reference_lr)
+
+
+def principled_multiplier(
+    rank: int,
+    lr: float,
+    *,
+    c: float = C_REF,
+    reference_lr: float = REFERENCE_LR,
+    lr_exponent: float = LR_EXPONENT,
+    rank_exponent: float = RANK_EXPONENT,
+    rank_exponent_slope: float = RANK_EXPONENT_SLOPE,
+) -> float:
+    """Return the multiplier s* = c(η) · r^p(η) / r applied to ``B·A``.
 
     Args:
         rank: The LoRA rank r (≥ 1).
         lr: The base learning rate.
-        **coefficient_kwargs: ``c``, ``reference_lr``, ``lr_exponent`` for
-            :func:`principled_coefficient`.
+        c: The coefficient at ``reference_lr`` (:func:`principled_coefficient`).
+        reference_lr: The learning rate of ``c`` and ``rank_exponent``.
+        lr_exponent: How the coefficient follows the learning rate.
+        rank_exponent: The rank exponent p at ``reference_lr`` (:func:`principled_rank_exponent`).
+        rank_exponent_slope: How p follows the log of the learning rate.
 
     Raises:
-        ValueError: If ``rank`` is not a positive integer or a coefficient input is invalid.
+        ValueError: If ``rank`` is not a positive integer or another input is invalid.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
-    return principled_coefficient(lr, **coefficient_kwargs) / math.sqrt(rank)
+    coefficient = principled_coefficient(lr, c=c, reference_lr=reference_lr, lr_exponent=lr_exponent)
+    p = principled_rank_exponent(
+        lr, rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope, reference_lr=reference_lr
+    )
+    return coefficient * rank ** (p - 1.0)
 
 
-def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **coefficient_kwargs: float) -> float:
+def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **rule: float) -> float:
     """Return the principled α in PEFT's convention for this layer.
 
-    ``c(η)·√r`` for the default ``α / r`` scaling; ``c(η)`` for rsLoRA's ``α / √r``. Both give
-    the same multiplier :func:`principled_multiplier`.
+    ``c(η)·r^p(η)`` for the default ``α / r`` scaling; ``c(η)·r^(p(η) − ½)`` for rsLoRA's
+    ``α / √r``. Both give the same multiplier :func:`principled_multiplier`.
+
+    Args:
+        rank: The LoRA rank r (≥ 1).
+        lr: The base learning rate.
+        use_rslora: Whether the layer scales by ``α / √r``.
+        **rule: ``c``, ``reference_lr``, ``lr_exponent``, ``rank_exponent`` and
+            ``rank_exponent_slope`` of :func:`principled_multiplier`.
 
     Example:
-        >>> round(principled_alpha(16, 2e-5), 6)
+        >>> round(principled_alpha(16, 2e-5, c=280.0, rank_exponent=0.5), 6)
         1120.0
-        >>> round(principled_alpha(16, 2e-5, use_rslora=True), 6)
+        >>> round(principled_alpha(16, 2e-5, use_rslora=True, c=280.0, rank_exponent=0.5), 6)
         280.0
     """
-    s = principled_multiplier(rank, lr, **coefficient_kwargs)
+    s = principled_multiplier(rank, lr, **rule)
     return s * (math.sqrt(rank) if use_rslora else float(rank))
 
 

@@ -110,33 +110,33 @@ def _grid_lines(ranks: list[int], law: dict[float, tuple[float, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_held_out_rank_compares_the_measured_best_alpha_with_the_fit(tmp_path: Path) -> None:
-    law = {2e-5: (800.0, 0.1), 8e-5: (100.0, 0.3), 3.2e-4: (6.0, 0.5)}
-    (tmp_path / "cal.jsonl").write_text(_grid_lines([4, 16, 64], law))
-    (tmp_path / "held.jsonl").write_text(_grid_lines([256], law))
+def test_held_out_rank_compares_the_measured_best_alpha_with_the_other_ranks_fits(tmp_path: Path) -> None:
+    # c falls 8x and p rises by 0.2 per 4x in LR: the joint rule's form holds exactly
+    law = {2e-5: (800.0, 0.1), 8e-5: (100.0, 0.3), 3.2e-4: (12.5, 0.5)}
+    (tmp_path / "grid.jsonl").write_text(_grid_lines([4, 16, 64, 256], law))
     out = tmp_path / "held_out_rank.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [
         *(sys.executable, str(ROOT / "benchmarks" / "held_out_rank.py")),
-        *("--calibration", str(tmp_path / "cal.jsonl"), "--held-out", str(tmp_path / "held.jsonl")),
-        *("--out", str(out)),
+        *("--results", str(tmp_path / "grid.jsonl"), "--out", str(out)),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if re.match(r"^\| [0-9]", line)]
     assert len(rows) == 3
     for (lr, (k, p)), row in zip(law.items(), rows, strict=True):
-        measured, fit3, half, rule, p3, p4 = (cell.strip() for cell in row[1:])
+        measured, fit3, half, joint, rule, p3, p4 = (cell.strip() for cell in row[1:])
         expected = k * 256**p * math.exp(-0.1)
         assert float(measured) == pytest.approx(expected, rel=1e-3)
         assert float(fit3) == pytest.approx(expected, rel=1e-3)  # the law holds exactly
+        assert float(joint) == pytest.approx(expected, rel=1e-3)
         # At p = 1/2: the geometric mean of α*/√r over r = 4, 16, 64 (mean log r = log 16), times 16.
         assert float(half) == pytest.approx(k * math.exp(-0.1) * 16 ** (p - 0.5) * 16, rel=1e-3)
         assert float(p3) == pytest.approx(p, abs=0.01)
         assert float(p4.split()[0]) == pytest.approx(p, abs=0.01)
         assert float(rule) == pytest.approx(principled_alpha(256, lr), rel=1e-3)
-    # Without the held-out grid the script says what to run.
-    (tmp_path / "empty.jsonl").write_text("")
-    cmd[cmd.index(str(tmp_path / "held.jsonl"))] = str(tmp_path / "empty.jsonl")
+    # Without a grid at the held-out rank the script says what to run.
+    cmd[cmd.index("--results") + 1] = str(tmp_path / "empty.jsonl")
+    (tmp_path / "empty.jsonl").write_text(_grid_lines([4, 16], law))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode != 0 and "run the grid first" in proc.stderr

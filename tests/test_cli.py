@@ -15,6 +15,7 @@ from alpha_tuner.cli import main
 from alpha_tuner.experiments import assets
 from alpha_tuner.experiments.models import attach_lora, load_base
 from alpha_tuner.experiments.sweep import read_records
+from alpha_tuner.principled import principled_rank_exponent
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def test_inspect_json_lists_every_layer_with_its_alpha(saved_adapter, capsys) ->
         assert x["coefficient"] == pytest.approx(alpha / 2)
         assert x["recommended_alpha"] == pytest.approx(principled_alpha(4, 1e-4))
     assert sorted(x["alpha"] for x in layers.values())[0] == pytest.approx(3.0)
+    assert report["recommended_rank_exponent"] == pytest.approx(principled_rank_exponent(1e-4))
 
 
 def test_inspect_text_is_a_table(saved_adapter, capsys) -> None:
@@ -59,7 +61,7 @@ def test_inspect_text_is_a_table(saved_adapter, capsys) -> None:
         line for line in out.splitlines() if line.startswith("bert.encoder.layer.0.attention.self.query")
     )
     assert row.split()[1:3] == ["4", "3"]  # rank, alpha
-    assert "recommended: α = c·√r" in out
+    assert "recommended: α = c·r^p" in out
 
 
 def test_inspect_reports_what_is_missing(tmp_path, capsys) -> None:

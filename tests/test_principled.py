@@ -1,4 +1,4 @@
-"""The principled α rule: exact √r law and documented learning-rate dependence."""
+"""The principled α rule: exact rank power law and documented learning-rate dependence."""
 
 from __future__ import annotations
 
@@ -22,20 +22,41 @@ from alpha_tuner.principled import (
     principled_alphas,
     principled_coefficient,
     principled_multiplier,
+    principled_rank_exponent,
 )
 
 ranks = st.integers(min_value=1, max_value=4096)
 lrs = st.floats(min_value=1e-7, max_value=1e-1)
 
 
+exponents = st.floats(min_value=-1.0, max_value=1.0)
+
+
 @given(r=ranks, lr=lrs)
-def test_alpha_follows_sqrt_rank_exactly(r: int, lr: float) -> None:
+def test_alpha_follows_the_rank_power_law_exactly(r: int, lr: float) -> None:
+    c, p = principled_coefficient(lr), principled_rank_exponent(lr)
+    assert principled_alpha(r, lr) == pytest.approx(c * r**p, rel=1e-12)
+    assert principled_alpha(4 * r, lr) == pytest.approx(4**p * principled_alpha(r, lr), rel=1e-12)
+    # rsLoRA convention: same multiplier, alpha = c * r**(p - 1/2)
+    assert principled_alpha(r, lr, use_rslora=True) == pytest.approx(c * r ** (p - 0.5), rel=1e-12)
+    assert principled_multiplier(r, lr) == pytest.approx(c * r ** (p - 1), rel=1e-12)
+
+
+@given(r=ranks, lr=lrs)
+def test_rank_exponent_one_half_is_the_papers_sqrt_rank_law(r: int, lr: float) -> None:
+    rule = {"rank_exponent": 0.5, "rank_exponent_slope": 0.0}
     c = principled_coefficient(lr)
-    assert principled_alpha(r, lr) == pytest.approx(c * math.sqrt(r), rel=1e-12)
-    assert principled_alpha(4 * r, lr) == pytest.approx(2 * principled_alpha(r, lr), rel=1e-12)
-    # rsLoRA convention: same multiplier, alpha = c
-    assert principled_alpha(r, lr, use_rslora=True) == pytest.approx(c, rel=1e-12)
-    assert principled_multiplier(r, lr) == pytest.approx(c / math.sqrt(r), rel=1e-12)
+    assert principled_alpha(r, lr, **rule) == pytest.approx(c * math.sqrt(r), rel=1e-12)
+    assert principled_alpha(r, lr, use_rslora=True, **rule) == pytest.approx(c, rel=1e-12)
+
+
+@given(lr=lrs, k=st.floats(min_value=0.01, max_value=100), p0=exponents, p1=exponents)
+def test_rank_exponent_moves_with_the_log_of_the_lr(lr: float, k: float, p0: float, p1: float) -> None:
+    p = principled_rank_exponent(lr, rank_exponent=p0, rank_exponent_slope=p1)
+    assert principled_rank_exponent(lr * k, rank_exponent=p0, rank_exponent_slope=p1) == pytest.approx(
+        p + p1 * math.log(k), abs=1e-9
+    )
+    assert principled_rank_exponent(REFERENCE_LR, rank_exponent=p0, rank_exponent_slope=p1) == p0
 
 
 @given(lr=lrs, k=st.floats(min_value=0.01, max_value=100))
@@ -47,7 +68,8 @@ def test_coefficient_scales_with_lr_as_documented(lr: float, k: float) -> None:
 def test_reference_point() -> None:
     assert principled_coefficient(REFERENCE_LR) == C_REF
     assert principled_coefficient(1e-3, lr_exponent=0.0) == C_REF
-    assert principled_alpha(16, REFERENCE_LR, c=10.0) == pytest.approx(40.0)
+    assert principled_alpha(16, REFERENCE_LR, c=10.0, rank_exponent=0.5) == pytest.approx(40.0)
+    assert principled_alpha(16, REFERENCE_LR, c=10.0, rank_exponent=0.0, rank_exponent_slope=1.0) == 10.0
 
 
 @pytest.mark.parametrize(
@@ -59,6 +81,8 @@ def test_reference_point() -> None:
         ({"rank": 4, "lr": float("nan")}, "lr"),
         ({"rank": 4, "lr": 1e-4, "c": -1.0}, "c must"),
         ({"rank": 4, "lr": 1e-4, "lr_exponent": -0.5}, "lr_exponent"),
+        ({"rank": 4, "lr": 1e-4, "rank_exponent": float("inf")}, "rank_exponent must"),
+        ({"rank": 4, "lr": 1e-4, "rank_exponent_slope": float("nan")}, "rank_exponent_slope must"),
     ],
 )
 def test_invalid_inputs(kwargs: dict[str, float], match: str) -> None:

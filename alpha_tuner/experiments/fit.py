@@ -31,6 +31,7 @@ __all__ = [
     "grid_records",
     "matched_step_pairs",
     "record_loss",
+    "redraw_means",
     "refine_argmin",
     "rho_groups",
     "rho_slopes",
@@ -124,6 +125,26 @@ def fit_power_law(ranks: Sequence[float], alpha_star: Sequence[float]) -> tuple[
     return float(math.exp(log_c)), float(p)
 
 
+def redraw_means(losses: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One parametric-bootstrap draw of the per-α mean loss of one rank's grid.
+
+    Each finite cell's mean over seeds is redrawn from a normal with the seed-to-seed spread
+    pooled over the grid's finite cells (divided by √seeds); non-finite cells (diverged runs)
+    keep their mean. With one seed there is no spread and the means come back unchanged.
+
+    Args:
+        losses: Shape (n_seeds, n_alphas).
+        rng: The generator of the draw.
+    """
+    means = losses.mean(axis=0)
+    finite = np.isfinite(losses).all(axis=0)
+    n = losses.shape[0]
+    if n < 2 or not finite.any():
+        return means
+    sd = float(np.sqrt(np.mean(losses[:, finite].var(axis=0, ddof=1))))
+    return np.where(finite, means + rng.normal(0.0, sd / math.sqrt(n), means.shape), means)
+
+
 @dataclass(frozen=True)
 class PowerLawFit:
     """α* = c·r^p at one learning rate, with bootstrap intervals.
@@ -179,19 +200,7 @@ def bootstrap_power_law(
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n_boot):
-        drawn = {}
-        for r in ranks:
-            losses = grids[r][1]
-            finite = np.isfinite(losses).all(axis=0)
-            n = losses.shape[0]
-            sd = (
-                float(np.sqrt(np.mean(losses[:, finite].var(axis=0, ddof=1))))
-                if n > 1 and finite.any()
-                else 0.0
-            )
-            drawn[r] = np.where(
-                finite, means[r] + rng.normal(0.0, sd / math.sqrt(n), means[r].shape), means[r]
-            )
+        drawn = {r: redraw_means(grids[r][1], rng) for r in ranks}
         samples.append(fit_power_law(ranks, best(drawn)[0]))
     cs, ps = np.array(samples).T
     tail = 100 * (1 - level) / 2

@@ -26,6 +26,7 @@ from .fit import (
     record_loss,
     rho_slopes,
 )
+from .rule import bootstrap_rule
 from .sweep import PEERS, SweepSpec, finite_json, read_records, tuner_tag
 
 __all__ = ["analyse", "write_report"]
@@ -51,6 +52,31 @@ def _lr_rule(fits: Mapping[float, PowerLawFit]) -> dict[str, float] | None:
     y = np.log([fits[lr].c_at_half for lr in lrs])
     q, log_c = np.polyfit(x, y, 1)
     return {"reference_lr": REFERENCE_LR, "c_ref": float(math.exp(log_c)), "lr_exponent": float(q)}
+
+
+def _rule_fits(cells: Mapping[tuple[int, float, float], Sequence[float]]) -> dict[str, Any]:
+    """The joint rule fits (:mod:`.rule`): the exponent moving with the LR, and one constant exponent."""
+    from alpha_tuner.principled import REFERENCE_LR
+
+    tables = {lr: t for lr in sorted({c[1] for c in cells}) if len(t := rank_tables(cells, lr)) >= 2}
+    out: dict[str, Any] = {}
+    for name, lr_dependent in (("lr_dependent_exponent", True), ("constant_exponent", False)):
+        try:
+            fit = bootstrap_rule(tables, reference_lr=REFERENCE_LR, lr_dependent_exponent=lr_dependent)
+        except ValueError:  # too few (rank, LR) points for this form
+            continue
+        out[name] = {
+            "params": fit.params, "intervals": fit.intervals, "level": fit.level,
+            "reference_lr": fit.reference_lr, "max_factor": fit.max_factor, "loo_rms_log": fit.loo_rms_log,
+            "points": [
+                {"rank": r, "lr": lr, "alpha_star": a, "rule_alpha": a / q, "ratio": q, "censored": e,
+                 "loo_ratio": loo}
+                for (r, lr, a), q, e, loo in zip(
+                    fit.points, fit.ratios, fit.censored, fit.loo_ratios, strict=True
+                )
+            ],
+        }  # fmt: skip
+    return out
 
 
 def _held_out_runs(
@@ -188,6 +214,7 @@ def analyse(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, 
             for lr, fit in fits.items()
         },
         "lr_rule": _lr_rule(fits),
+        "rule": _rule_fits(cells),
         "claim1_pairs": pairs,
         "claim1_raise_alpha_wins": sum(p["loss_raise_alpha"] < p["loss_raise_lr"] for p in pairs),
         "claim2_rho_slope_alpha": slopes["alpha"],
@@ -242,6 +269,7 @@ def _markdown(result: Mapping[str, Any]) -> str:
             f"LR rule through the per-LR c at p = ½: c(η) = {rule['c_ref']:.3g}·"
             f"({rule['reference_lr']:g}/η)^{rule['lr_exponent']:.2f}",
         ]
+    lines += _rule_markdown(result["rule"])
     pairs = result["claim1_pairs"]
     lines += [
         "",
@@ -268,6 +296,50 @@ def _markdown(result: Mapping[str, Any]) -> str:
                 )
     lines += _bar_markdown(result["bar"])
     return "\n".join(lines) + "\n"
+
+
+def _rule_markdown(rules: Mapping[str, Any]) -> list[str]:
+    from alpha_tuner.principled import C_REF, LR_EXPONENT, RANK_EXPONENT, RANK_EXPONENT_SLOPE
+
+    def interval(pair: Sequence[float], digits: int) -> str:
+        lo, hi = pair
+        return "" if math.isnan(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    lines: list[str] = []
+    for name, fit in rules.items():
+        pr, iv = fit["params"], fit["intervals"]
+        level = f"{100 * fit['level']:.0f} %"
+        lines += [
+            "",
+            f"### The α rule over every (rank, LR): {name.replace('_', ' ')}",
+            "",
+            f"α*(r, η) = c·(η_ref/η)^q · r^(p₀ + p₁·ln(η/η_ref)), η_ref = {fit['reference_lr']:g}; "
+            f"least squares in log α through the best α of each (rank, LR), {level} bootstrap intervals:",
+            "",
+            f"- c = {pr['c']:.4g}{interval(iv['c'], 0)}",
+            f"- q = {pr['lr_exponent']:.3f}{interval(iv['lr_exponent'], 3)}",
+            f"- p₀ = {pr['rank_exponent']:.3f}{interval(iv['rank_exponent'], 3)}",
+            f"- p₁ = {pr['rank_exponent_slope']:.3f}{interval(iv['rank_exponent_slope'], 3)}",
+            f"- largest factor between a measured α* and the rule: {fit['max_factor']:.2f}",
+            f"- leaving each (rank, LR) out of the fit in turn, the rule fitted to the others misses its "
+            f"α* by a factor {math.exp(fit['loo_rms_log']):.2f} (root mean square of the log ratio)",
+            "",
+            "| r | LR | measured α* | rule α | measured / rule | measured / rule fitted without it |",
+            "|---|---|---|---|---|---|",
+        ]
+        for pt in fit["points"]:
+            edge = " ▲" if pt["censored"] else ""
+            lines.append(
+                f"| {pt['rank']} | {pt['lr']:g} | {pt['alpha_star']:.4g}{edge} | {pt['rule_alpha']:.4g} "
+                f"| {pt['ratio']:.2f} | {pt['loo_ratio']:.2f} |"
+            )
+    if rules:
+        lines += [
+            "",
+            f"The library now: c = {C_REF:g}, q = {LR_EXPONENT:g}, p₀ = {RANK_EXPONENT:g}, "
+            f"p₁ = {RANK_EXPONENT_SLOPE:g} (alpha_tuner.principled).",
+        ]
+    return lines
 
 
 def _bar_markdown(bar: Mapping[str, Any]) -> list[str]:

@@ -99,9 +99,12 @@ def tuner_tag() -> str:
     keep their own tag, so they are neither resumed as nor reported with these.
     """
     from alpha_tuner.heads import HEAD_LR
-    from alpha_tuner.principled import C_REF, LR_EXPONENT, REFERENCE_LR
+    from alpha_tuner.principled import C_REF, LR_EXPONENT, RANK_EXPONENT, RANK_EXPONENT_SLOPE, REFERENCE_LR
 
-    return f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g},head={HEAD_LR:g}"
+    rule = f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g}"
+    if (RANK_EXPONENT, RANK_EXPONENT_SLOPE) != (0.5, 0.0):  # the √r law of the earlier tags
+        rule += f",p={RANK_EXPONENT:g}{RANK_EXPONENT_SLOPE:+g}ln"
+    return f"{rule},head={HEAD_LR:g}"
 
 
 def bar_configs(spec: SweepSpec, oracle: dict[int, tuple[float, float]]) -> list[RunConfig]:
