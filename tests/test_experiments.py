@@ -38,6 +38,8 @@ from alpha_tuner.experiments.sweep import (
     SweepSpec,
     append_line,
     bar_configs,
+    grid_alpha,
+    grid_coefficients,
     grid_configs,
     read_records,
     run_configs,
@@ -304,11 +306,21 @@ def _bar_record(method: str, rank: int, lr: float, seed: int, loss: float, *, ta
 def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
     spec = SweepSpec(ranks=(4, 16), lrs=(1e-4, 1e-3), seeds=(0,), heldout_seeds=(100, 101))
     losses = {"lora": 0.70, "rslora": 0.65, "loraplus": 0.60, "alphatuned-static": 0.55, "alphatuned": 0.62}
-    records = []
+    records, best = [], {}
+    for rank in spec.ranks:  # the grid on the selection seed: its best cell is the oracle
+        for lr in spec.lrs:
+            for i, c in enumerate(grid_coefficients(spec, lr)):
+                alpha = grid_alpha(c, rank)
+                records.append(
+                    _bar_record("lora", rank, lr, 0, 0.6 - 0.1 * (i == 2 and lr == 1e-3), alpha=alpha)
+                )
+                best.update({rank: alpha} if i == 2 and lr == 1e-3 else {})
     for seed in spec.heldout_seeds:
         for rank in spec.ranks:
             oracle_loss = 0.50 + 0.01 * (seed - 100)
-            records.append(_bar_record("lora", rank, 1e-3, seed, oracle_loss, tag="oracle", alpha=8.0))
+            records.append(_bar_record("lora", rank, 1e-3, seed, oracle_loss, tag="oracle", alpha=best[rank]))
+            # an oracle cell an earlier grid had chosen: not this grid's best, left out
+            records.append(_bar_record("lora", rank, 1e-4, seed, 0.1, tag="oracle", alpha=best[rank]))
             for lr in spec.lrs:
                 for method in PEERS:
                     loss = losses[method]

@@ -105,8 +105,18 @@ def plot_rho(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_best_alpha(fits: Mapping[float, PowerLawFit], path: Path) -> None:
-    """Best α per rank at each LR with its fitted power law c·r^p."""
+def plot_best_alpha(
+    fits: Mapping[float, PowerLawFit], path: Path, *, rule: Mapping[str, float] | None = None
+) -> None:
+    """Best α per rank at each LR with its fitted power law c·r^p, and the joint rule dashed.
+
+    Args:
+        fits: LR → the per-LR power-law fit.
+        path: The PNG to write.
+        rule: Parameters of the joint rule (:func:`.rule.rule_alpha`) to draw at each LR.
+    """
+    from .rule import rule_alpha
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for lr, fit in sorted(fits.items()):
@@ -119,6 +129,11 @@ def plot_best_alpha(fits: Mapping[float, PowerLawFit], path: Path) -> None:
         (line,) = ax.plot(ranks, fit.c * ranks**fit.p, lw=1, label=label)
         ax.scatter(ranks[~censored], best[~censored], color=line.get_color())
         ax.scatter(ranks[censored], best[censored], color=line.get_color(), marker="^", label=None)
+        if rule is not None:
+            grid = np.geomspace(ranks.min(), ranks.max(), 50)
+            ax.plot(grid, [rule_alpha(r, lr, rule) for r in grid], ls="--", lw=1, color=line.get_color())
+    if rule is not None:
+        ax.plot([], [], ls="--", lw=1, color="gray", label="joint rule α = c(η)·r^p(η)")
     ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="best α (▲: at the grid's edge)")
     ax.set_xticks(ranks, [f"{r:g}" for r in ranks])
     ax.minorticks_off()

@@ -20,6 +20,7 @@ from .fit import (
     PowerLawFit,
     bootstrap_power_law,
     cell_table,
+    grid_oracle,
     grid_records,
     matched_step_pairs,
     rank_tables,
@@ -101,13 +102,20 @@ def _held_out_losses(
 ) -> tuple[dict[tuple[str, int, float], float], dict[int, tuple[float, float]]]:
     """Mean held-out loss per (method, rank, LR), and per rank the oracle's (loss, LR).
 
-    Only cells with a record for every held-out seed count (see :func:`_held_out_runs`).
+    Only cells with a record for every held-out seed count (see :func:`_held_out_runs`). The
+    oracle of a rank is the grid's best cell on the selection seeds now; oracle runs of a cell
+    that an earlier, smaller grid had chosen are left out.
     """
+    best = grid_oracle(
+        grid_records(records, spec.seeds), spec.seeds, n_cells=len(spec.lrs) * len(spec.coefficients)
+    )
     oracle: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for rec in records:
         cfg = rec["config"]
-        if cfg["seed"] in spec.heldout_seeds and cfg["tag"] == "oracle":
-            oracle[cfg["rank"]].append((record_loss(rec), cfg["lr"]))
+        if cfg["seed"] in spec.heldout_seeds and cfg["tag"] == "oracle" and cfg["rank"] in best:
+            alpha, lr = best[cfg["rank"]]
+            if math.isclose(cfg["alpha"], alpha) and math.isclose(cfg["lr"], lr):
+                oracle[cfg["rank"]].append((record_loss(rec), cfg["lr"]))
     n_seeds = len(spec.heldout_seeds)
     complete = {k: _mean(list(v.values())) for k, v in _held_out_runs(records, spec, tag).items()}
     oracles = {
@@ -390,7 +398,8 @@ def write_report(path: Path, spec: SweepSpec) -> dict[str, Any]:
             Path(f"{stem}_rho.png"),
         )
     if fits:
-        plot_best_alpha(fits, Path(f"{stem}_best_alpha.png"))
+        rule = result["rule"].get("lr_dependent_exponent", {}).get("params")
+        plot_best_alpha(fits, Path(f"{stem}_best_alpha.png"), rule=rule)
     Path(f"{stem}_report.json").write_text(
         json.dumps(finite_json(result), indent=1, default=str) + "\n", encoding="utf-8"
     )

@@ -51,7 +51,7 @@ class SweepSpec:
     """
 
     model: str = "minilm"
-    ranks: tuple[int, ...] = (4, 16, 64)
+    ranks: tuple[int, ...] = (4, 16, 64, 256)
     lrs: tuple[float, ...] = (2e-5, 8e-5, 3.2e-4)
     coefficients: tuple[float, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
     coefficient_lr_shift: float = 0.5
