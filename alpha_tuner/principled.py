@@ -1,29 +1,31 @@
-"""The principled LoRA-α starting point: α = c·√r, with c set by the base learning rate.
+"""The principled LoRA-α starting point: α = c(η)·r^p, with c set by the base learning rate.
 
-PEFT applies the multiplier ``s = α / r`` (or ``α / √r`` with rsLoRA) to ``B·A``. The LoRA-α
-regime fixes the *multiplier* at
+PEFT applies the multiplier ``s = α / r`` (or ``α / √r`` with rsLoRA) to ``B·A``. The library
+fixes the *multiplier* at
 
-    s* = c(η) / √r,        c(η) = C_REF · (η_REF / η) ** LR_EXPONENT
+    s* = c(η) · r^(p(η) − 1),      c(η) = C_REF · (η_REF / η) ** LR_EXPONENT,
+                                   p(η) = RANK_EXPONENT + RANK_EXPONENT_SLOPE · ln(η / η_REF)
 
-which is ``α = c·√r`` in PEFT's default convention and ``α = c`` under rsLoRA. Why √r: the
-norm of ``B·A`` for r roughly independent directions grows like √r, so ``s ∝ 1/√r`` keeps
-the size of the update stable across ranks (rsLoRA's argument) while the coefficient c, far
-above the ``α = r`` / ``α = 2r`` habits, moves the adapter out of the over-conservative regime.
-Why c depends on η: under Adam the step of each factor has size ~η whatever α is, so the
-signal of one step in function space is ~``s·η``; LoRA-α trains at the small learning rates
-of full fine-tuning and compensates with a larger α.
+which is ``α = c(η)·r^p(η)`` in PEFT's default convention and ``α = c(η)·r^(p(η) − ½)`` under
+rsLoRA. The paper's regime is p = ½ (α = c·√r: the norm of ``B·A`` for r roughly independent
+directions grows like √r, rsLoRA's argument); ``rank_exponent=0.5`` restores it. Why c depends
+on η: under Adam the step of each factor has size ~η whatever α is, so the signal of one step
+in function space is ~``s·η``; LoRA-α trains at the small learning rates of full fine-tuning and
+compensates with an α far above the ``α = r`` / ``α = 2r`` habits.
 
 Provenance of the constants: measured. ``alpha-tuner sweep`` trained MiniLM (all-MiniLM-L6-v2)
 with LoRA on Rotten Tomatoes review sentiment, 150 AdamW steps at batch 8, over
-r ∈ {4, 16, 64} × η ∈ {2e-5, 8e-5, 3.2e-4} × 8 values of α, on selection seeds 0 and 1 (144
-runs; ``benchmarks/results/sweep_minilm.jsonl``). For each η the best α per rank was fitted as
-α* = c·√r; through the three c's, log c(η) = log C_REF + LR_EXPONENT·log(η_REF/η) gave
-C_REF = 280.2 and LR_EXPONENT = 1.338 (``sweep_minilm_report.json``, ``lr_rule``), rounded here.
-So c(η) falls faster than 1/η: the best effective step s·η itself shrinks as η grows (about
-5e-3 at 2e-5 and 1e-3 at 3.2e-4 for r = 4). Two caveats, both in BENCHMARKS.md: the free fit of
-α* = c·r^p gives p well below ½ at the small learning rates (0.08, 90 % interval [0.03, 0.16],
-at 2e-5: there the best α barely depends on r), and the rule is measured on
-2e-5 ≤ η ≤ 3.2e-4 only; outside that range it is an extrapolation.
+r ∈ {4, 16, 64, 256} × η ∈ {2e-5, 8e-5, 3.2e-4} × 8–11 values of α, on selection seeds 0 and 1
+(``benchmarks/results/sweep_minilm.jsonl``). The best α of each of the 12 (rank, LR) grids was
+fitted jointly in four forms (``sweep_minilm_report.json``, ``rule``): p and its LR slope free,
+p free, p = 0 and p = ½. Left out one (rank, LR) at a time, the form p = 0 predicted the
+left-out best α best (within a factor 1.70 in root mean square, against 1.82 with p free, 2.28
+with p moving with the LR and 2.82 at p = ½); the free fit gives p = 0.03, 90 % interval
+[−0.07, 0.16], which excludes ½. So on this task the best α does not grow with the rank:
+C_REF = 1130 and LR_EXPONENT = 1.41 (fitted 1130.0 and 1.412), RANK_EXPONENT = 0, which is the
+multiplier ``s = α/r`` of plain LoRA with one α for every rank, not rsLoRA's ``1/√r``. c(η)
+falls faster than 1/η: the best effective step s·η shrinks as η grows. The rule is measured on
+2e-5 ≤ η ≤ 3.2e-4 and 4 ≤ r ≤ 256 only; outside that range it is an extrapolation.
 """
 
 from __future__ import annotations
@@ -50,18 +52,27 @@ __all__ = [
 ]
 
 #: Coefficient c at the reference learning rate (measured, see the module docstring).
-C_REF: float = 280.0
+C_REF: float = 1130.0
 #: The learning rate at which c equals ``C_REF``: full fine-tuning's AdamW rate.
 REFERENCE_LR: float = 2e-5
 #: How c grows as the learning rate shrinks: ``c ∝ η ** -LR_EXPONENT`` (measured).
-LR_EXPONENT: float = 1.34
-#: The rank exponent p of α ∝ r^p at the reference learning rate (measured).
-RANK_EXPONENT: float = 0.5
+LR_EXPONENT: float = 1.41
+#: The rank exponent p of α ∝ r^p at the reference learning rate (measured: 0, see above).
+RANK_EXPONENT: float = 0.0
 #: How p moves with the learning rate: p(η) = RANK_EXPONENT + RANK_EXPONENT_SLOPE·ln(η/η_ref).
 RANK_EXPONENT_SLOPE: float = 0.0
-#: The largest rank the rule was calibrated on. At r = 256 and lr 2e-5 the rule's α (4480) was
-#: 4.8× the best α of the grid (931), so larger ranks get a warning (BENCHMARKS.md).
-MAX_CALIBRATED_RANK: int = 64
+#: The largest rank the rule was calibrated on; larger ranks get a warning (an earlier rule,
+#: calibrated up to r = 64, overshot the best α at r = 256 by 4.8×: BENCHMARKS.md).
+MAX_CALIBRATED_RANK: int = 256
+
+
+_DEFAULT_RULE = {
+    "c": C_REF,
+    "reference_lr": REFERENCE_LR,
+    "lr_exponent": LR_EXPONENT,
+    "rank_exponent": RANK_EXPONENT,
+    "rank_exponent_slope": RANK_EXPONENT_SLOPE,
+}
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -173,6 +184,8 @@ def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **rule: 
         1120.0
         >>> round(principled_alpha(16, 2e-5, use_rslora=True, c=280.0, rank_exponent=0.5), 6)
         280.0
+        >>> round(principled_alpha(64, 2e-5, c=1130.0, rank_exponent=0.0), 6)  # rank-free
+        1130.0
     """
     s = principled_multiplier(rank, lr, **rule)
     return s * (math.sqrt(rank) if use_rslora else float(rank))
@@ -204,14 +217,13 @@ def principled_alphas(
 
     A group without a positive LR (Adafactor with ``lr=None``) uses ``reference_lr``, with one
     ``RuntimeWarning``. Ranks above :data:`MAX_CALIBRATED_RANK` get one ``UserWarning`` unless
-    a ``c`` other than :data:`C_REF` is given: there the rule's α grows like √r while the
-    measured best α did not.
+    the rule was set by hand (any of its parameters differs from the library's defaults).
 
     Args:
         layers: The LoRA targets (rank, rsLoRA flag and A factor of each).
         param_groups: The optimizer's parameter groups, holding every A factor.
-        **coefficient: ``c``, ``reference_lr`` and ``lr_exponent`` of
-            :func:`principled_coefficient`.
+        **coefficient: ``c``, ``reference_lr``, ``lr_exponent``, ``rank_exponent`` and
+            ``rank_exponent_slope`` of :func:`principled_multiplier`.
     """
     group_of = {id(p): g for g in param_groups for p in g["params"]}
     reference_lr = coefficient.get("reference_lr", REFERENCE_LR)
@@ -222,12 +234,12 @@ def principled_alphas(
             lr, fallback = reference_lr, True
         alphas.append(principled_alpha(layer.rank, lr, use_rslora=layer.use_rslora, **coefficient))
     beyond = sorted({layer.rank for layer in layers if layer.rank > MAX_CALIBRATED_RANK})
-    if beyond and coefficient.get("c", C_REF) == C_REF:
+    if beyond and all(coefficient.get(k, v) == v for k, v in _DEFAULT_RULE.items()):
         warnings.warn(
             f"LoRA rank(s) {beyond} exceed the largest rank the principled rule was measured on "
-            f"({MAX_CALIBRATED_RANK}); its alpha = c*sqrt(r) may be too large there (at lr 2e-5 the "
-            "measured best alpha stayed near 1000 from r = 4 to r = 256; BENCHMARKS.md). "
-            "Pass c= to set it (alpha = c*sqrt(r)), e.g. c=62 for alpha of about 1000 at r = 256.",
+            f"({MAX_CALIBRATED_RANK}); its alpha there is an extrapolation (BENCHMARKS.md). "
+            "Pass c= (and rank_exponent=) to set the rule yourself: alpha = c*r**rank_exponent "
+            "at the reference learning rate.",
             UserWarning,
             stacklevel=3,
         )

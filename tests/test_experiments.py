@@ -343,6 +343,31 @@ def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
     assert len(bar["table"]) == 4 and bar["table"][0]["loraplus"] == pytest.approx(0.60)
 
 
+def test_report_compares_the_rule_forms_and_selects_by_leave_one_out() -> None:
+    """A grid whose best α is the same at every rank: the √r form must lose out of sample."""
+    spec = SweepSpec(ranks=(4, 16, 64), lrs=(1e-4, 4e-4), seeds=(0, 1), heldout_seeds=(100,))
+    records = []
+    for seed in spec.seeds:
+        for rank in spec.ranks:
+            for lr in spec.lrs:
+                best = 200.0 * (1e-4 / lr)  # α* = 1000·(2e-5/η)^1 at every rank
+                for c in grid_coefficients(spec, lr):
+                    alpha = grid_alpha(c, rank)
+                    loss = 0.5 + 0.01 * seed + 0.05 * math.log(alpha / best) ** 2
+                    records.append(_bar_record("lora", rank, lr, seed, loss, alpha=alpha))
+    result = analyse(records, spec)
+    rule = result["rule"]
+    free = rule["rank_free"]
+    assert free["params"]["c"] == pytest.approx(1000.0, rel=1e-6)
+    assert free["params"]["lr_exponent"] == pytest.approx(1.0, abs=1e-6)
+    assert free["max_factor"] == pytest.approx(1.0, abs=1e-6)
+    assert rule["sqrt_rank"]["max_factor"] == pytest.approx(2.0, rel=1e-6)  # √64/√4 = 4, split both ways
+    assert rule["constant_exponent"]["params"]["rank_exponent"] == pytest.approx(0.0, abs=1e-6)
+    assert rule["selected"] != "sqrt_rank"
+    loo = {k: v["loo_rms_log"] for k, v in rule.items() if k != "selected"}
+    assert loo[rule["selected"]] == min(loo.values()) and loo["sqrt_rank"] > 0.5
+
+
 def test_bar_leaves_out_cells_missing_a_held_out_seed() -> None:
     spec = SweepSpec(ranks=(4,), lrs=(1e-4,), seeds=(0,), heldout_seeds=(100, 101))
     records = [_bar_record(m, 4, 1e-4, 100, 0.5) for m in PEERS]  # seed 101 not run yet

@@ -13,6 +13,7 @@ from torch import nn
 
 from alpha_tuner import HEAD_LR, AlphaTunedOptimizer, find_head_parameters
 from alpha_tuner.heads import lift_head_lr_
+from alpha_tuner.principled import principled_alpha
 
 
 def _lr_of(optimizer: torch.optim.Optimizer) -> dict[int, float]:
@@ -46,7 +47,7 @@ def test_wrapper_lifts_the_head_and_leaves_lora_at_the_base_lr() -> None:
     assert {lr for i, lr in lrs.items() if i not in heads} == {2e-5}
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.01]
     # The principled α follows the LoRA factors' LR, not the head's.
-    assert next(iter(opt.alphas().values())) == pytest.approx(280.0 * 2.0)
+    assert next(iter(opt.alphas().values())) == pytest.approx(principled_alpha(opt.targets[0].rank, 2e-5))
 
 
 def test_head_lr_none_and_a_higher_base_lr_leave_the_groups_alone() -> None:

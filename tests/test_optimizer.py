@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from alpha_tuner import C_REF, AlphaTunedOptimizer, ControlConfig, create_alpha_tuned_optimizer
+from alpha_tuner.principled import RANK_EXPONENT
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> list[float]:
@@ -130,7 +131,8 @@ def test_tuned_alpha_reaches_the_adapter_config() -> None:
     opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model, adapt=False)
     pattern = model.peft_config["default"].alpha_pattern
     assert sorted(pattern.values()) == sorted(opt.alphas().values())
-    assert all(v == pytest.approx(C_REF * 2.0) for v in opt.alphas().values())  # c = C_REF at 2e-5, √4 = 2
+    want = C_REF * 4**RANK_EXPONENT  # the rule at its reference LR 2e-5, rank 4
+    assert all(v == pytest.approx(want) for v in opt.alphas().values())
 
 
 def test_factory_and_trainer_factory_protocol() -> None:
@@ -264,7 +266,7 @@ def test_principled_alpha_per_layer_follows_rank_and_group_lr() -> None:
     q = [p for n, p in model.named_parameters() if "q_proj.lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "q_proj.lora_" not in n]
     inner = torch.optim.AdamW([{"params": q, "lr": 8e-5}, {"params": rest, "lr": 2e-5}])
-    opt = AlphaTunedOptimizer(inner, model, adapt=False, c=10.0, lr_exponent=0.5)
+    opt = AlphaTunedOptimizer(inner, model, adapt=False, c=10.0, lr_exponent=0.5, rank_exponent=0.5)
     for name, alpha in opt.alphas().items():
         if name.endswith("q_proj"):  # r = 4, lr 4x the reference: c = 10 / 2
             assert alpha == pytest.approx(5.0 * 2.0)

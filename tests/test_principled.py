@@ -115,7 +115,7 @@ def test_principled_alphas_fall_back_to_the_reference_lr_with_a_warning() -> Non
     assert alphas == [pytest.approx(principled_alpha(8, REFERENCE_LR, c=10.0))]
 
 
-def test_ranks_above_the_calibrated_range_warn_unless_c_is_given() -> None:
+def test_ranks_above_the_calibrated_range_warn_unless_the_rule_is_given() -> None:
     big = _Layer(MAX_CALIBRATED_RANK * 2, False, torch.zeros(MAX_CALIBRATED_RANK * 2, 4))
     small = _Layer(MAX_CALIBRATED_RANK, False, torch.zeros(MAX_CALIBRATED_RANK, 4))
     groups = [{"params": [big.weight_a, small.weight_a], "lr": 2e-5}]
@@ -126,6 +126,7 @@ def test_ranks_above_the_calibrated_range_warn_unless_c_is_given() -> None:
         warnings.simplefilter("error")
         principled_alphas([small], groups)  # within the measured ranks: silent
         principled_alphas([big], groups, c=62.0)  # the user chose c: silent
+        principled_alphas([big], groups, rank_exponent=0.5)  # or the rank exponent: silent
 
 
 def test_the_wrapper_warns_for_a_rank_above_the_calibrated_range() -> None:

@@ -62,6 +62,40 @@ def test_constant_exponent_fit_sets_the_slope_to_zero_and_averages_the_exponent(
     assert fit["rank_exponent"] == pytest.approx(mean_p, abs=1e-9)
 
 
+@given(
+    c=st.floats(min_value=1.0, max_value=1e4),
+    q=st.floats(min_value=0.0, max_value=2.0),
+    p=st.floats(min_value=-0.5, max_value=1.0),
+)
+def test_fixed_rank_exponent_recovers_c_and_q_and_keeps_p(c: float, q: float, p: float) -> None:
+    params = {"c": c, "lr_exponent": q, "rank_exponent": p, "rank_exponent_slope": 0.0}
+    fit = fit_rule(_points(params), rank_exponent=p)
+    assert fit["c"] == pytest.approx(c, rel=1e-8)
+    assert fit["lr_exponent"] == pytest.approx(q, abs=1e-8)
+    assert (fit["rank_exponent"], fit["rank_exponent_slope"]) == (p, 0.0)
+
+
+def test_a_wrong_fixed_exponent_is_worse_out_of_sample_than_the_true_one() -> None:
+    rng = np.random.default_rng(3)
+    flat = {"c": 1000.0, "lr_exponent": 1.4, "rank_exponent": 0.0, "rank_exponent_slope": 0.0}
+    noisy = [(r, lr, a * math.exp(0.1 * rng.standard_normal())) for r, lr, a in _points(flat)]
+
+    def rms(p: float | None) -> float:
+        loo = leave_one_out(noisy, lr_dependent_exponent=False, rank_exponent=p)
+        return math.sqrt(np.mean(np.log(loo) ** 2))
+
+    assert rms(0.0) < rms(None) < rms(0.5)  # the true form, the free one, the wrong one
+    assert math.exp(rms(0.5)) > 1.5  # √r at r = 4 … 256 misses a flat α* by far
+
+
+def test_fixed_rank_exponent_needs_two_learning_rates() -> None:
+    fit_rule([(4, 2e-5, 1.0), (4, 8e-5, 2.0)], rank_exponent=0.0)  # one rank is enough
+    with pytest.raises(ValueError, match="two or more learning rates"):
+        fit_rule([(r, 2e-5, 1.0) for r in RANKS], rank_exponent=0.0)
+    with pytest.raises(ValueError, match="rank_exponent must be finite"):
+        fit_rule(_points(TRUE), rank_exponent=math.nan)
+
+
 def test_fit_rule_names_what_is_missing() -> None:
     one_rank = [(16, lr, 100.0) for lr in LRS]
     one_lr = [(r, 2e-5, 100.0) for r in RANKS]

@@ -55,15 +55,30 @@ def _lr_rule(fits: Mapping[float, PowerLawFit]) -> dict[str, float] | None:
     return {"reference_lr": REFERENCE_LR, "c_ref": float(math.exp(log_c)), "lr_exponent": float(q)}
 
 
+#: The rule's forms compared by the report: name → (fit p₁, fixed p₀ or None to fit it).
+RULE_FORMS: dict[str, tuple[bool, float | None]] = {
+    "lr_dependent_exponent": (True, None),
+    "constant_exponent": (False, None),
+    "rank_free": (False, 0.0),
+    "sqrt_rank": (False, 0.5),
+}
+
+
 def _rule_fits(cells: Mapping[tuple[int, float, float], Sequence[float]]) -> dict[str, Any]:
-    """The joint rule fits (:mod:`.rule`): the exponent moving with the LR, and one constant exponent."""
+    """The joint rule fits (:mod:`.rule`) of each form in :data:`RULE_FORMS`.
+
+    ``"selected"`` names the form with the smallest leave-one-out error (the out-of-sample
+    test of a form: more parameters always fit the seen points at least as well).
+    """
     from alpha_tuner.principled import REFERENCE_LR
 
     tables = {lr: t for lr in sorted({c[1] for c in cells}) if len(t := rank_tables(cells, lr)) >= 2}
     out: dict[str, Any] = {}
-    for name, lr_dependent in (("lr_dependent_exponent", True), ("constant_exponent", False)):
+    for name, (lr_dependent, p0) in RULE_FORMS.items():
         try:
-            fit = bootstrap_rule(tables, reference_lr=REFERENCE_LR, lr_dependent_exponent=lr_dependent)
+            fit = bootstrap_rule(
+                tables, reference_lr=REFERENCE_LR, lr_dependent_exponent=lr_dependent, rank_exponent=p0
+            )
         except ValueError:  # too few (rank, LR) points for this form
             continue
         out[name] = {
@@ -77,6 +92,9 @@ def _rule_fits(cells: Mapping[tuple[int, float, float], Sequence[float]]) -> dic
                 )
             ],
         }  # fmt: skip
+    scored = {k: v["loo_rms_log"] for k, v in out.items() if math.isfinite(v["loo_rms_log"])}
+    if scored:
+        out = {"selected": min(scored, key=scored.__getitem__), **out}
     return out
 
 
@@ -313,8 +331,29 @@ def _rule_markdown(rules: Mapping[str, Any]) -> list[str]:
         lo, hi = pair
         return "" if math.isnan(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
 
+    forms = {k: v for k, v in rules.items() if k != "selected"}
     lines: list[str] = []
-    for name, fit in rules.items():
+    if forms:
+        lines += [
+            "",
+            "### The α rule over every (rank, LR): its forms compared",
+            "",
+            "α*(r, η) = c·(η_ref/η)^q · r^(p₀ + p₁·ln(η/η_ref)); a form fixes some parameters. "
+            "Out of sample: the factor by which the form, fitted without one (rank, LR), misses it "
+            "(root mean square of the log ratio over the left-out points).",
+            "",
+            "| form | c | q | p₀ | p₁ | largest factor, in sample | factor, out of sample |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, fit in forms.items():
+            pr = fit["params"]
+            mark = " (selected)" if name == rules.get("selected") else ""
+            lines.append(
+                f"| {name.replace('_', ' ')}{mark} | {pr['c']:.4g} | {pr['lr_exponent']:.3f} "
+                f"| {pr['rank_exponent']:.3f} | {pr['rank_exponent_slope']:.3f} | {fit['max_factor']:.2f} "
+                f"| {math.exp(fit['loo_rms_log']):.2f} |"
+            )
+    for name, fit in forms.items():
         pr, iv = fit["params"], fit["intervals"]
         level = f"{100 * fit['level']:.0f} %"
         lines += [
@@ -398,7 +437,8 @@ def write_report(path: Path, spec: SweepSpec) -> dict[str, Any]:
             Path(f"{stem}_rho.png"),
         )
     if fits:
-        rule = result["rule"].get("lr_dependent_exponent", {}).get("params")
+        selected = result["rule"].get("selected")
+        rule = result["rule"][selected]["params"] if selected else None
         plot_best_alpha(fits, Path(f"{stem}_best_alpha.png"), rule=rule)
     Path(f"{stem}_report.json").write_text(
         json.dumps(finite_json(result), indent=1, default=str) + "\n", encoding="utf-8"

@@ -52,7 +52,11 @@ def rule_alpha(
 
 
 def fit_rule(
-    points: Sequence[Point], *, reference_lr: float = REFERENCE_LR, lr_dependent_exponent: bool = True
+    points: Sequence[Point],
+    *,
+    reference_lr: float = REFERENCE_LR,
+    lr_dependent_exponent: bool = True,
+    rank_exponent: float | None = None,
 ) -> dict[str, float]:
     """Least-squares parameters of the rule through ``(rank, lr, α*)`` points (in log α).
 
@@ -60,6 +64,8 @@ def fit_rule(
         points: The best α of each (rank, LR).
         reference_lr: η_ref, where the coefficient is ``c`` and the rank exponent ``p₀``.
         lr_dependent_exponent: Fit p₁ too; ``False`` fixes it at 0 (one exponent for all LRs).
+        rank_exponent: Fix p₀ at this value instead of fitting it (0: α* independent of the
+            rank; ½: the paper's √r). Implies p₁ = 0, whatever ``lr_dependent_exponent`` says.
 
     Returns:
         ``{"c", "lr_exponent", "rank_exponent", "rank_exponent_slope"}``.
@@ -71,6 +77,23 @@ def fit_rule(
     """
     r, lr, a = np.asarray(points, dtype=float).reshape(-1, 3).T
     x, log_r = np.log(reference_lr / lr), np.log(r)
+    if rank_exponent is not None:
+        if not math.isfinite(rank_exponent):
+            raise ValueError(f"rank_exponent must be finite or None, got {rank_exponent!r}.")
+        columns = [np.ones_like(x), x]
+        design = np.stack(columns, axis=1)
+        if len(x) < 2 or np.linalg.matrix_rank(design) < 2:
+            raise ValueError(
+                f"fit_rule with a fixed rank exponent needs points at two or more learning rates; "
+                f"got {len(points)} point(s)."
+            )
+        coef, *_ = np.linalg.lstsq(design, np.log(a) - rank_exponent * log_r, rcond=None)
+        return {
+            "c": float(math.exp(coef[0])),
+            "lr_exponent": float(coef[1]),
+            "rank_exponent": float(rank_exponent),
+            "rank_exponent_slope": 0.0,
+        }
     columns = [np.ones_like(x), x, log_r] + ([x * log_r] if lr_dependent_exponent else [])
     design = np.stack(columns, axis=1)
     if len(x) < len(columns) or np.linalg.matrix_rank(design) < len(columns):
@@ -89,7 +112,11 @@ def fit_rule(
 
 
 def leave_one_out(
-    points: Sequence[Point], *, reference_lr: float = REFERENCE_LR, lr_dependent_exponent: bool = True
+    points: Sequence[Point],
+    *,
+    reference_lr: float = REFERENCE_LR,
+    lr_dependent_exponent: bool = True,
+    rank_exponent: float | None = None,
 ) -> list[float]:
     """Each point's measured α* over the α of the rule fitted to all the other points.
 
@@ -101,7 +128,12 @@ def leave_one_out(
     for i, (rank, lr, alpha) in enumerate(points):
         rest = [pt for j, pt in enumerate(points) if j != i]
         try:
-            params = fit_rule(rest, reference_lr=reference_lr, lr_dependent_exponent=lr_dependent_exponent)
+            params = fit_rule(
+                rest,
+                reference_lr=reference_lr,
+                lr_dependent_exponent=lr_dependent_exponent,
+                rank_exponent=rank_exponent,
+            )
         except ValueError:
             out.append(math.nan)
             continue
@@ -164,6 +196,7 @@ def bootstrap_rule(
     *,
     reference_lr: float = REFERENCE_LR,
     lr_dependent_exponent: bool = True,
+    rank_exponent: float | None = None,
     n_boot: int = 2000,
     level: float = 0.9,
     seed: int = 0,
@@ -174,6 +207,7 @@ def bootstrap_rule(
         tables: LR → rank → (α grid, losses with shape (n_seeds, n_alphas)).
         reference_lr: η_ref of the parameters.
         lr_dependent_exponent: Fit the LR slope of the rank exponent (else it is 0).
+        rank_exponent: Fix the rank exponent at this value (see :func:`fit_rule`).
         n_boot: Bootstrap redraws.
         level: Coverage of the intervals.
         seed: Seed of the redraws.
@@ -183,17 +217,22 @@ def bootstrap_rule(
     """
     losses = {(lr, r): np.asarray(v[1], dtype=float) for lr, row in tables.items() for r, v in row.items()}
     points, censored = _best_points(tables, {k: v.mean(axis=0) for k, v in losses.items()})
-    params = fit_rule(points, reference_lr=reference_lr, lr_dependent_exponent=lr_dependent_exponent)
+
+    def fit(pts: Sequence[Point]) -> dict[str, float]:
+        return fit_rule(
+            pts,
+            reference_lr=reference_lr,
+            lr_dependent_exponent=lr_dependent_exponent,
+            rank_exponent=rank_exponent,
+        )
+
+    params = fit(points)
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n_boot):
         drawn = {k: redraw_means(v, rng) for k, v in losses.items()}
-        fit = fit_rule(
-            _best_points(tables, drawn)[0],
-            reference_lr=reference_lr,
-            lr_dependent_exponent=lr_dependent_exponent,
-        )
-        samples.append([fit[name] for name in RULE_PARAMS])
+        drawn_params = fit(_best_points(tables, drawn)[0])
+        samples.append([drawn_params[name] for name in RULE_PARAMS])
     tail = 100 * (1 - level) / 2
     one_seed = min(v.shape[0] for v in losses.values()) < 2
     intervals = {}
@@ -201,5 +240,10 @@ def bootstrap_rule(
         lo, hi = (math.nan, math.nan) if one_seed else np.percentile(column, [tail, 100 - tail])
         intervals[name] = (float(lo), float(hi))
     ratios = [a / rule_alpha(r, lr, params, reference_lr=reference_lr) for r, lr, a in points]
-    loo = leave_one_out(points, reference_lr=reference_lr, lr_dependent_exponent=lr_dependent_exponent)
+    loo = leave_one_out(
+        points,
+        reference_lr=reference_lr,
+        lr_dependent_exponent=lr_dependent_exponent,
+        rank_exponent=rank_exponent,
+    )
     return RuleFit(params, intervals, points, censored, ratios, loo, reference_lr, level)

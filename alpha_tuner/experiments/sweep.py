@@ -103,7 +103,7 @@ def tuner_tag() -> str:
 
     rule = f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g}"
     if (RANK_EXPONENT, RANK_EXPONENT_SLOPE) != (0.5, 0.0):  # the √r law of the earlier tags
-        rule += f",p={RANK_EXPONENT:g}{RANK_EXPONENT_SLOPE:+g}ln"
+        rule += f",p={RANK_EXPONENT:g}" + (f"{RANK_EXPONENT_SLOPE:+g}ln" if RANK_EXPONENT_SLOPE else "")
     return f"{rule},head={HEAD_LR:g}"
 
 
