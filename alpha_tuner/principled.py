@@ -21,7 +21,7 @@ fitted jointly in four forms (``sweep_minilm_report.json``, ``rule``): p and its
 p free, p = 0 and p = ½. Left out one (rank, LR) at a time, the form p = 0 predicted the
 left-out best α best (within a factor 1.70 in root mean square, against 1.82 with p free, 2.28
 with p moving with the LR and 2.82 at p = ½); the free fit gives p = 0.03, 90 % interval
-[−0.07, 0.16], which excludes ½. So on this task the best α does not grow with the rank:
+[−0.07, 0.17], which excludes ½. So on this task the best α does not grow with the rank:
 C_REF = 1130 and LR_EXPONENT = 1.41 (fitted 1130.0 and 1.412), RANK_EXPONENT = 0, which is the
 multiplier ``s = α/r`` of plain LoRA with one α for every rank, not rsLoRA's ``1/√r``. c(η)
 falls faster than 1/η: the best effective step s·η shrinks as η grows. The rule is measured on
