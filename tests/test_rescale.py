@@ -194,9 +194,19 @@ def test_merge_and_unload_reproduces_outputs(kind: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_alpha_reported_in_model_convention() -> None:
+@pytest.mark.parametrize(("rank_exponent", "alpha_rs"), [(0.5, 10.0), (0.0, 10.0 / math.sqrt(4))])
+def test_alpha_reported_in_model_convention(rank_exponent: float, alpha_rs: float) -> None:
+    # The rule sets the vanilla-convention alpha c * r^p, so the multiplier is c * r^(p - 1);
+    # an rsLoRA layer reports the alpha that gives that multiplier in its own convention,
+    # multiplier * sqrt(r): c at p = 1/2 and c / sqrt(r) at p = 0 (rank 4 here).
     model = make_convnet(use_rslora=True)
-    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model, adapt=False, c=10.0)
+    opt = AlphaTunedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=2e-5),
+        model,
+        adapt=False,
+        c=10.0,
+        rank_exponent=rank_exponent,
+    )
     for t in opt.targets:
-        assert t.alpha == pytest.approx(10.0)  # rsLoRA: alpha = c
-        assert t.scaling == pytest.approx(10.0 / math.sqrt(4))
+        assert t.alpha == pytest.approx(alpha_rs)
+        assert t.scaling == pytest.approx(10.0 * 4 ** (rank_exponent - 1))

@@ -1,0 +1,134 @@
+"""Calibration of c in the configuration that ships: AlphaTuned static with the head lifted.
+
+The sweep's grid (``alpha-tuner sweep grid``) calibrates α with plain LoRA, whose classifier
+head trains at the base LR; AlphaTuned gives the head a learning rate of at least ``HEAD_LR``.
+This script runs AlphaTuned static at one LR with the head lifted and an explicit ``c`` (the
+rule's α at ``reference_lr``; with the rank-free rule α = c at every rank) for each
+coefficient, rank and *selection* seed, and prints the mean held-out loss per (rank, c) next to
+the grid's best cell of the rank (the oracle, same seeds). Records go to a resumable JSON-lines
+file; the tag of each names c and the head's LR, so runs under other settings never collide.
+
+Usage::
+
+    python benchmarks/lifted_head_c.py --shard 0/2 &   # two workers on one file
+    python benchmarks/lifted_head_c.py --shard 1/2
+    python benchmarks/lifted_head_c.py --report        # only the table, from the file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from alpha_tuner.experiments.fit import cell_table, grid_oracle, record_loss
+from alpha_tuner.experiments.models import load_base
+from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, read_records
+from alpha_tuner.experiments.train import RunConfig, make_task, run
+from alpha_tuner.heads import HEAD_LR
+from alpha_tuner.principled import REFERENCE_LR
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def tag(c: float) -> str:
+    """The resume key's tag of a run with coefficient ``c`` and the head lifted."""
+    return f"lifted:c={c:g}@{REFERENCE_LR:g},p=0,head={HEAD_LR:g}"
+
+
+def configs(
+    spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float, coefficients: list[float]
+) -> list[tuple[RunConfig, float]]:
+    """Every (run, c), seed-major so that a partial run covers every cell once first."""
+    return [
+        (spec.base(method="alphatuned-static", rank=r, lr=lr, seed=s, tag=tag(c)), c)
+        for s in seeds
+        for r in ranks
+        for c in coefficients
+    ]
+
+
+def report(
+    path: Path, sweep_path: Path, spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float,
+    coefficients: list[float],
+) -> str:  # fmt: skip
+    """A markdown table: mean held-out loss per rank and c, the best c, and the oracle cell."""
+    tags = {tag(c): c for c in coefficients}
+    losses: dict[tuple[int, float], dict[int, float]] = {}
+    for rec in read_records(path):
+        cfg = rec["config"]
+        if cfg["lr"] == lr and cfg["seed"] in seeds and cfg["tag"] in tags:
+            losses.setdefault((cfg["rank"], tags[cfg["tag"]]), {})[cfg["seed"]] = record_loss(rec)
+    grid = [r for r in read_records(sweep_path) if r["config"]["method"] == "lora" and not r["config"]["tag"]]
+    oracle = grid_oracle(grid, seeds, n_cells=len(spec.lrs) * len(spec.coefficients))
+    cells = cell_table(grid, seeds)
+    lines = [
+        f"AlphaTuned static at lr {lr:g}, head at ≥ {HEAD_LR:g}, rank-free α = c;"
+        f" mean held-out loss over seeds {seeds} (gap to the oracle in brackets)",
+        "",
+        f"| r | {' | '.join(f'c = {c:g}' for c in coefficients)} | best c | oracle (α, LR) |",
+        "|---|" + "---|" * (len(coefficients) + 2),
+    ]
+    for r in ranks:
+        o = None
+        if r in oracle:
+            alpha, lr_ = oracle[r]
+            o = statistics.fmean(cells[(r, lr_, alpha)])
+        means = {
+            c: statistics.fmean(losses[(r, c)].values())
+            for c in coefficients
+            if len(losses.get((r, c), {})) == len(seeds)
+        }
+        shown = [
+            "–" if c not in means else f"{means[c]:.4f}" + (f" ({means[c] / o - 1:+.1%})" if o else "")
+            for c in coefficients
+        ]
+        best = f"{min(means, key=means.__getitem__):g}" if means else "–"
+        cell = f"{o:.4f} ({oracle[r][0]:g}, {oracle[r][1]:g})" if o is not None else "–"
+        lines.append(f"| {r} | {' | '.join(shown)} | {best} | {cell} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", default="4,16,64,256")
+    parser.add_argument("--seeds", default="0,1", help="selection seeds (not the bar's held-out ones)")
+    parser.add_argument("--lr", type=float, default=REFERENCE_LR)
+    parser.add_argument("--coefficients", default="512,1130,2048", help="values of c to try")
+    parser.add_argument("--out", type=Path, default=RESULTS / "lifted_head_c.jsonl")
+    parser.add_argument(
+        "--sweep", type=Path, default=RESULTS / "sweep_minilm.jsonl", help="grid results (oracle)"
+    )
+    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th pending run from the K-th")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="minilm", help="minilm, or tiny for a smoke test")
+    parser.add_argument("--steps", type=int, default=SweepSpec.steps)
+    parser.add_argument("--report", action="store_true", help="only print the table")
+    args = parser.parse_args(argv)
+    ranks = [int(x) for x in args.ranks.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    coefficients = [float(x) for x in args.coefficients.split(",")]
+    spec = SweepSpec(model=args.model, steps=args.steps)
+    if not args.report:
+        torch.set_num_threads(args.threads)
+        k, n = (int(x) for x in args.shard.split("/"))
+        done = {r.get("key") for r in read_records(args.out)}
+        todo = configs(spec, ranks, seeds, args.lr, coefficients)
+        pending = [(cfg, c) for cfg, c in todo if cfg.key() not in done][k::n]
+        if pending:
+            base = load_base(spec.model)
+            task = make_task(base, spec.eval_size)
+            for config, c in pending:
+                record = run(config, base, task, tuner_options={"c": c})
+                append_line(args.out, json.dumps(finite_json(record), sort_keys=True))
+                print(f"{config.key()}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
+    print(report(args.out, args.sweep, spec, ranks, seeds, args.lr, coefficients))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
