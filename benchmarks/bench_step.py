@@ -477,9 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(INNER),
         help="inner AdamW variants (default: foreach and fused; fused with --quick)",
     )
-    parser.add_argument(
-        "--cycles", type=int, default=3, help="control cycles timed at the default cadence"
-    )
+    parser.add_argument("--cycles", type=int, default=3, help="control cycles timed at the default cadence")
     parser.add_argument("--every-steps", type=int, default=20, help="steps timed when measuring every step")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
