@@ -6,7 +6,9 @@ lifts it. This script runs AlphaTuned static on MiniLM at each rank with ``head_
 (the library's default) and ``head_lr=None`` (the recipe's LR for the head), on the sweep's
 *selection* seeds, and prints the mean held-out loss next to the grid's best cell of the rank
 (the oracle, from the sweep results of the same seeds). Records are appended to a resumable
-JSON-lines file.
+JSON-lines file; each tag names the library's rule (``ablation:<rule>:<variant>``), so a run
+under another rule is neither resumed as nor reported with these. Tags without a rule
+(``ablation:<variant>``) are the first ablation's, under the rule ``LEGACY_RULE``.
 
 Usage::
 
@@ -28,18 +30,29 @@ import torch
 
 from alpha_tuner.experiments.fit import cell_table, grid_oracle, record_loss
 from alpha_tuner.experiments.models import load_base
-from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, read_records
+from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, read_records, rule_tag
 from alpha_tuner.experiments.train import RunConfig, make_task, run
 from alpha_tuner.heads import HEAD_LR
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {f"head={HEAD_LR:g}": {"head_lr": HEAD_LR}, "head=base": {"head_lr": None}}
+#: The rule of the records whose tag names no rule (the √r rule with c = 280 at 2e-5).
+LEGACY_RULE = "c=280@2e-05,q=1.34"
+
+
+def parse_tag(tag: str) -> tuple[str, str] | None:
+    """``(rule, variant)`` of an ablation tag, or ``None`` for another run's tag."""
+    kind, _, rest = tag.partition(":")
+    if kind != "ablation" or not rest:
+        return None
+    rule, _, variant = rest.rpartition(":")
+    return (rule or LEGACY_RULE, variant)
 
 
 def configs(spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float) -> list[tuple[RunConfig, str]]:
     """Every (run, variant) of the ablation, seed-major."""
     return [
-        (spec.base(method="alphatuned-static", rank=r, lr=lr, seed=s, tag=f"ablation:{v}"), v)
+        (spec.base(method="alphatuned-static", rank=r, lr=lr, seed=s, tag=f"ablation:{rule_tag()}:{v}"), v)
         for s in seeds
         for r in ranks
         for v in VARIANTS
@@ -47,22 +60,24 @@ def configs(spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float) -> l
 
 
 def report(
-    path: Path, sweep_path: Path, spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float
-) -> str:
-    """A markdown table: mean held-out loss per rank and variant, and the oracle cell."""
+    path: Path, sweep_path: Path, spec: SweepSpec, ranks: list[int], seeds: list[int], lr: float,
+    rule: str,
+) -> str:  # fmt: skip
+    """A markdown table: mean held-out loss per rank and variant under ``rule``, and the oracle cell."""
     records = read_records(path)
     grid = [r for r in read_records(sweep_path) if r["config"]["method"] == "lora" and not r["config"]["tag"]]
     oracle = grid_oracle(grid, spec.seeds, n_cells=len(spec.lrs) * len(spec.coefficients))
     losses: dict[tuple[int, str], list[float]] = {}
     for rec in records:
         cfg = rec["config"]
-        if cfg["lr"] == lr and cfg["seed"] in seeds and cfg["tag"].startswith("ablation:"):
-            losses.setdefault((cfg["rank"], cfg["tag"].split(":", 1)[1]), []).append(record_loss(rec))
+        parsed = parse_tag(cfg["tag"])
+        if cfg["lr"] == lr and cfg["seed"] in seeds and parsed is not None and parsed[0] == rule:
+            losses.setdefault((cfg["rank"], parsed[1]), []).append(record_loss(rec))
     cells = cell_table(grid, spec.seeds)
     oracle_loss = {r: statistics.fmean(cells[(r, lr_, alpha)]) for r, (alpha, lr_) in oracle.items()}
     head = list(VARIANTS)
     lines = [
-        f"AlphaTuned static at lr {lr:g}, mean held-out loss over seeds {seeds}",
+        f"AlphaTuned static at lr {lr:g}, rule {rule}, mean held-out loss over seeds {seeds}",
         "",
         f"| r | {' | '.join(head)} | oracle (α, LR) | gap {head[0]} | gap {head[1]} |",
         "|---|" + "---|" * (len(head) + 3),
@@ -94,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="minilm", help="minilm, or tiny for a smoke test")
     parser.add_argument("--steps", type=int, default=SweepSpec.steps)
     parser.add_argument("--report", action="store_true", help="only print the table")
+    parser.add_argument(
+        "--rule",
+        default=None,
+        help=f"report the runs under this rule (default: the library's; {LEGACY_RULE} was the first)",
+    )
     args = parser.parse_args(argv)
     ranks = [int(x) for x in args.ranks.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -110,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = run(config, base, task, tuner_options=VARIANTS[variant])
                 append_line(args.out, json.dumps(finite_json(record), sort_keys=True))
                 print(f"{config.key()}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
-    print(report(args.out, args.sweep, spec, ranks, seeds, args.lr))
+    print(report(args.out, args.sweep, spec, ranks, seeds, args.lr, args.rule or rule_tag()))
     return 0
 
 

@@ -30,14 +30,23 @@ from alpha_tuner.experiments.models import load_base
 from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, read_records
 from alpha_tuner.experiments.train import RunConfig, make_task, run
 from alpha_tuner.heads import HEAD_LR
-from alpha_tuner.principled import REFERENCE_LR
+from alpha_tuner.principled import LR_EXPONENT, REFERENCE_LR
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def tag(c: float) -> str:
-    """The resume key's tag of a run with coefficient ``c`` and the head lifted."""
-    return f"lifted:c={c:g}@{REFERENCE_LR:g},p=0,head={HEAD_LR:g}"
+def tag(c: float, lr: float = REFERENCE_LR) -> str:
+    """The resume key's tag of a run with coefficient ``c``, rank exponent 0 and the head lifted.
+
+    Away from ``REFERENCE_LR`` the run's α also depends on ``LR_EXPONENT``, which the tag then names.
+    """
+    q = f",q={LR_EXPONENT:g}" if lr != REFERENCE_LR else ""
+    return f"lifted:c={c:g}@{REFERENCE_LR:g}{q},p=0,head={HEAD_LR:g}"
+
+
+def tuner_options(c: float) -> dict[str, float]:
+    """The wrapper's options of a run: the rule with coefficient ``c`` and rank exponent 0."""
+    return {"c": c, "rank_exponent": 0.0, "rank_exponent_slope": 0.0}
 
 
 def configs(
@@ -45,7 +54,7 @@ def configs(
 ) -> list[tuple[RunConfig, float]]:
     """Every (run, c), seed-major so that a partial run covers every cell once first."""
     return [
-        (spec.base(method="alphatuned-static", rank=r, lr=lr, seed=s, tag=tag(c)), c)
+        (spec.base(method="alphatuned-static", rank=r, lr=lr, seed=s, tag=tag(c, lr)), c)
         for s in seeds
         for r in ranks
         for c in coefficients
@@ -57,7 +66,7 @@ def report(
     coefficients: list[float],
 ) -> str:  # fmt: skip
     """A markdown table: mean held-out loss per rank and c, the best c, and the oracle cell."""
-    tags = {tag(c): c for c in coefficients}
+    tags = {tag(c, lr): c for c in coefficients}
     losses: dict[tuple[int, float], dict[int, float]] = {}
     for rec in read_records(path):
         cfg = rec["config"]
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             base = load_base(spec.model)
             task = make_task(base, spec.eval_size)
             for config, c in pending:
-                record = run(config, base, task, tuner_options={"c": c})
+                record = run(config, base, task, tuner_options=tuner_options(c))
                 append_line(args.out, json.dumps(finite_json(record), sort_keys=True))
                 print(f"{config.key()}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
     print(report(args.out, args.sweep, spec, ranks, seeds, args.lr, coefficients))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from alpha_tuner.experiments.sweep import rule_tag
 from alpha_tuner.principled import principled_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +84,59 @@ def test_head_ablation_runs_both_variants_resumes_and_reports(tmp_path: Path) ->
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["config"]["tag"] for r in records) == ["ablation:head=0.00032", "ablation:head=base"]
+    rule = rule_tag()
+    tags = [f"ablation:{rule}:head=0.00032", f"ablation:{rule}:head=base"]
+    assert sorted(r["config"]["tag"] for r in records) == tags
     assert records[0]["eval_loss"] != records[1]["eval_loss"]
     row = re.search(rf"^\| 4 \| ({NUMBER}) \| ({NUMBER}) \| – \|", proc.stdout, re.M)
     assert row is not None, proc.stdout
     losses = {r["config"]["tag"]: r["eval_loss"] for r in records}
-    assert float(row.group(1)) == round(losses["ablation:head=0.00032"], 4)
+    assert float(row.group(1)) == round(losses[tags[0]], 4)
+    # Records of the first ablation name no rule; they are reported under LEGACY_RULE only.
+    legacy = [
+        {
+            **r,
+            "key": r["key"] + "-legacy",
+            "config": {**r["config"], "tag": r["config"]["tag"].replace(f"{rule}:", "")},
+        }
+        for r in records
+    ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    proc = subprocess.run(
+        [*cmd, "--report", "--rule", "c=280@2e-05,q=1.34"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(rf"^\| 4 \| {round(losses[tags[0]], 4):.4f} \| ", proc.stdout, re.M), proc.stdout
+    proc = subprocess.run([*cmd, "--report"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert re.search(r"^\| 4 \| – \| – \| ", proc.stdout, re.M), proc.stdout
+
+
+def test_lifted_head_calibration_passes_each_c_resumes_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "lifted.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        *(sys.executable, str(ROOT / "benchmarks" / "lifted_head_c.py"), "--model", "tiny"),
+        *("--ranks", "4", "--seeds", "0", "--steps", "4", "--coefficients", "64,1024"),
+        *("--out", str(out), "--sweep", str(tmp_path / "no_grid.jsonl")),
+    ]  # fmt: skip
+    for _ in range(2):  # the second call finds both runs done and only reports
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2
+    # At the reference LR with rank exponent 0 the wrapper's α is c itself, at any rank.
+    assert sorted(r["alpha_start"] for r in records) == pytest.approx([64.0, 1024.0])
+    assert all(r["config"]["method"] == "alphatuned-static" for r in records)
+    losses = {round(r["alpha_start"]): r["eval_loss"] for r in records}
+    row = re.search(rf"^\| 4 \| ({NUMBER}) \| ({NUMBER}) \| (64|1024) \| – \|", proc.stdout, re.M)
+    assert row is not None, proc.stdout
+    assert (float(row.group(1)), float(row.group(2))) == (round(losses[64], 4), round(losses[1024], 4))
+    assert row.group(3) == ("64" if losses[64] < losses[1024] else "1024")
 
 
 def _grid_lines(ranks: list[int], law: dict[float, tuple[float, float]]) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "grid_coefficients",
     "grid_configs",
     "read_records",
+    "rule_tag",
     "run_configs",
     "select_configs",
     "tuner_tag",
@@ -92,6 +93,16 @@ def grid_configs(spec: SweepSpec) -> list[RunConfig]:
     ]
 
 
+def rule_tag() -> str:
+    """The library's principled rule now, as a tag: ``c=…@η_ref,q=…`` and, unless √r, ``p=…``."""
+    from alpha_tuner.principled import C_REF, LR_EXPONENT, RANK_EXPONENT, RANK_EXPONENT_SLOPE, REFERENCE_LR
+
+    rule = f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g}"
+    if (RANK_EXPONENT, RANK_EXPONENT_SLOPE) != (0.5, 0.0):  # the √r law of the earlier tags
+        rule += f",p={RANK_EXPONENT:g}" + (f"{RANK_EXPONENT_SLOPE:+g}ln" if RANK_EXPONENT_SLOPE else "")
+    return rule
+
+
 def tuner_tag() -> str:
     """The defaults the AlphaTuned runs use now (part of their resume key).
 
@@ -99,12 +110,8 @@ def tuner_tag() -> str:
     keep their own tag, so they are neither resumed as nor reported with these.
     """
     from alpha_tuner.heads import HEAD_LR
-    from alpha_tuner.principled import C_REF, LR_EXPONENT, RANK_EXPONENT, RANK_EXPONENT_SLOPE, REFERENCE_LR
 
-    rule = f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g}"
-    if (RANK_EXPONENT, RANK_EXPONENT_SLOPE) != (0.5, 0.0):  # the √r law of the earlier tags
-        rule += f",p={RANK_EXPONENT:g}" + (f"{RANK_EXPONENT_SLOPE:+g}ln" if RANK_EXPONENT_SLOPE else "")
-    return f"{rule},head={HEAD_LR:g}"
+    return f"{rule_tag()},head={HEAD_LR:g}"
 
 
 def bar_configs(spec: SweepSpec, oracle: dict[int, tuple[float, float]]) -> list[RunConfig]:
