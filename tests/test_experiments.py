@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from alpha_tuner.experiments import assets
 from alpha_tuner.experiments.data import (
@@ -28,11 +30,12 @@ from alpha_tuner.experiments.fit import (
     fit_power_law,
     grid_oracle,
     matched_step_pairs,
+    paired_gap,
     refine_argmin,
     rho_slopes,
 )
 from alpha_tuner.experiments.models import load_base
-from alpha_tuner.experiments.report import analyse
+from alpha_tuner.experiments.report import analyse, oracle_gaps
 from alpha_tuner.experiments.sweep import (
     PEERS,
     SweepSpec,
@@ -303,6 +306,27 @@ def _bar_record(method: str, rank: int, lr: float, seed: int, loss: float, *, ta
             "eval_loss": loss, "diverged": False}  # fmt: skip
 
 
+@given(
+    st.dictionaries(st.integers(0, 200), st.floats(0.05, 5.0), min_size=2, max_size=8),
+    st.floats(0.5, 2.0),
+)
+def test_paired_gap_of_a_scaled_reference_is_the_scale(reference: dict[int, float], k: float) -> None:
+    gap = paired_gap({s: k * v for s, v in reference.items()}, reference)
+    assert gap["seeds"] == sorted(reference)
+    assert gap["gap"] == pytest.approx(k - 1, abs=1e-12)
+    assert gap["paired"] == pytest.approx([k - 1] * len(reference), abs=1e-12)
+    assert gap["se"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paired_gap_pairs_by_seed_and_needs_a_common_seed() -> None:
+    gap = paired_gap({1: 0.6, 2: 0.4, 3: 9.0}, {2: 0.5, 1: 0.5})  # seed 3 has no pair
+    assert gap["seeds"] == [1, 2] and gap["paired"] == pytest.approx([0.2, -0.2])
+    assert gap["gap"] == pytest.approx(0.0) and gap["se"] == pytest.approx(0.2)
+    assert math.isnan(paired_gap({1: 0.6}, {1: 0.5})["se"])
+    with pytest.raises(ValueError, match="no common seed"):
+        paired_gap({1: 0.5}, {2: 0.5})
+
+
 def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
     spec = SweepSpec(ranks=(4, 16), lrs=(1e-4, 1e-3), seeds=(0,), heldout_seeds=(100, 101))
     losses = {"lora": 0.70, "rslora": 0.65, "loraplus": 0.60, "alphatuned-static": 0.55, "alphatuned": 0.62}
@@ -339,6 +363,9 @@ def test_bar_scores_wins_and_the_gap_to_the_oracle() -> None:
     gap = bar["within_1pct"]["alphatuned-static"][4]
     assert gap["lr"] == 1e-4 and gap["oracle_lr"] == 1e-3
     assert gap["oracle"] == pytest.approx(0.505) and gap["gap"] == pytest.approx(0.55 / 0.505 - 1)
+    assert gap["seeds"] == [100, 101] and gap["paired"] == pytest.approx([0.55 / 0.50 - 1, 0.55 / 0.51 - 1])
+    assert gap["se"] == pytest.approx(abs(0.55 / 0.50 - 0.55 / 0.51) / 2)  # sd of two values / sqrt(2)
+    assert oracle_gaps(records, spec) == bar["within_1pct"]
     assert bar["gap_to_oracle"]["alphatuned"][16][1e-3] == pytest.approx(0.62 / 0.505 - 1)
     assert len(bar["table"]) == 4 and bar["table"][0]["loraplus"] == pytest.approx(0.60)
 

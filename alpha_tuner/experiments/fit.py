@@ -30,6 +30,7 @@ __all__ = [
     "grid_oracle",
     "grid_records",
     "matched_step_pairs",
+    "paired_gap",
     "record_loss",
     "redraw_means",
     "refine_argmin",
@@ -88,6 +89,27 @@ def grid_oracle(
         for rank, cells in by_rank.items()
         if n_cells is None or len(cells) >= n_cells
     }
+
+
+def paired_gap(losses: Mapping[int, float], reference: Mapping[int, float]) -> dict[str, Any]:
+    """The relative gap of ``losses`` to ``reference``, both keyed by seed, over their common seeds.
+
+    Returns ``gap`` (mean loss / mean reference loss − 1), ``paired`` (per seed, sorted by seed:
+    loss / reference − 1), ``se`` (standard error of the mean of ``paired``; NaN for one seed) and
+    ``seeds``. A seed's pair shares the training seed, so its data order and initialisation, and
+    the paired spread is the noise of the comparison rather than of either run.
+
+    Raises:
+        ValueError: If the two have no seed in common.
+    """
+    seeds = sorted(set(losses) & set(reference))
+    if not seeds:
+        raise ValueError(f"no common seed: losses has {sorted(losses)}, reference has {sorted(reference)}")
+    mine = np.array([losses[s] for s in seeds], dtype=float)
+    ref = np.array([reference[s] for s in seeds], dtype=float)
+    paired = mine / ref - 1.0
+    se = float(paired.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else math.nan
+    return {"gap": float(mine.mean() / ref.mean() - 1.0), "paired": paired.tolist(), "se": se, "seeds": seeds}
 
 
 def refine_argmin(

@@ -23,6 +23,7 @@ from .fit import (
     grid_oracle,
     grid_records,
     matched_step_pairs,
+    paired_gap,
     rank_tables,
     record_loss,
     rho_slopes,
@@ -30,7 +31,7 @@ from .fit import (
 from .rule import bootstrap_rule
 from .sweep import PEERS, SweepSpec, finite_json, read_records, tuner_tag
 
-__all__ = ["analyse", "write_report"]
+__all__ = ["analyse", "oracle_gaps", "write_report"]
 
 _PEER_BASELINES = ("lora", "rslora", "loraplus")
 #: Held-out accuracy from which a run counts as having learned: runs that collapse onto one
@@ -115,33 +116,68 @@ def _held_out_runs(
     return {k: v for k, v in runs.items() if len(v) == len(spec.heldout_seeds)}
 
 
-def _held_out_losses(
-    records: Sequence[Mapping[str, Any]], spec: SweepSpec, tag: str
-) -> tuple[dict[tuple[str, int, float], float], dict[int, tuple[float, float]]]:
-    """Mean held-out loss per (method, rank, LR), and per rank the oracle's (loss, LR).
+def _oracle_runs(
+    records: Sequence[Mapping[str, Any]], spec: SweepSpec
+) -> dict[int, tuple[float, dict[int, float]]]:
+    """Per rank, the oracle's LR and its held-out loss per seed, for ranks run on every held-out seed.
 
-    Only cells with a record for every held-out seed count (see :func:`_held_out_runs`). The
-    oracle of a rank is the grid's best cell on the selection seeds now; oracle runs of a cell
-    that an earlier, smaller grid had chosen are left out.
+    The oracle of a rank is the grid's best cell on the selection seeds now; oracle runs of a
+    cell that an earlier, smaller grid had chosen are left out.
     """
     best = grid_oracle(
         grid_records(records, spec.seeds), spec.seeds, n_cells=len(spec.lrs) * len(spec.coefficients)
     )
-    oracle: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    oracle: dict[int, dict[int, float]] = defaultdict(dict)
     for rec in records:
         cfg = rec["config"]
         if cfg["seed"] in spec.heldout_seeds and cfg["tag"] == "oracle" and cfg["rank"] in best:
             alpha, lr = best[cfg["rank"]]
             if math.isclose(cfg["alpha"], alpha) and math.isclose(cfg["lr"], lr):
-                oracle[cfg["rank"]].append((record_loss(rec), cfg["lr"]))
-    n_seeds = len(spec.heldout_seeds)
+                oracle[cfg["rank"]][cfg["seed"]] = record_loss(rec)
+    return {
+        rank: (best[rank][1], by_seed)
+        for rank, by_seed in oracle.items()
+        if len(by_seed) == len(spec.heldout_seeds)
+    }
+
+
+def _held_out_losses(
+    records: Sequence[Mapping[str, Any]], spec: SweepSpec, tag: str
+) -> tuple[dict[tuple[str, int, float], float], dict[int, tuple[float, float]]]:
+    """Mean held-out loss per (method, rank, LR), and per rank the oracle's (mean loss, LR).
+
+    Only cells with a record for every held-out seed count (see :func:`_held_out_runs` and
+    :func:`_oracle_runs`).
+    """
     complete = {k: _mean(list(v.values())) for k, v in _held_out_runs(records, spec, tag).items()}
     oracles = {
-        rank: (_mean([loss for loss, _ in runs]), runs[0][1])
-        for rank, runs in oracle.items()
-        if len(runs) == n_seeds
+        rank: (_mean(list(by_seed.values())), lr)
+        for rank, (lr, by_seed) in _oracle_runs(records, spec).items()
     }
     return complete, oracles
+
+
+def oracle_gaps(
+    records: Sequence[Mapping[str, Any]], spec: SweepSpec
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per AlphaTuned variant and rank: the gap at the sweep's smallest LR to the rank's oracle.
+
+    Each entry is :func:`.fit.paired_gap` of the variant's held-out losses against the oracle's
+    (the grid's best cell of the rank, run on the same held-out seeds), plus ``lr``, ``oracle``
+    (its mean loss) and ``oracle_lr``. Only AlphaTuned runs under the library's rule now and
+    ranks whose runs cover every held-out seed count.
+    """
+    small_lr = min(spec.lrs)
+    oracles = _oracle_runs(records, spec)
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for (method, rank, lr), by_seed in sorted(_held_out_runs(records, spec, tuner_tag()).items()):
+        if method.startswith("alphatuned") and math.isclose(lr, small_lr) and rank in oracles:
+            oracle_lr, oracle = oracles[rank]
+            out.setdefault(method, {})[rank] = {
+                "lr": lr, "oracle": _mean(list(oracle.values())), "oracle_lr": oracle_lr,
+                **paired_gap(by_seed, oracle),
+            }  # fmt: skip
+    return out
 
 
 def _bar(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any]:
@@ -166,7 +202,7 @@ def _bar(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any
         row.update({m: complete.get((m, rank, lr)) for m in PEERS})
         row["oracle"] = oracles.get(rank, (None, None))[0]
         out["table"].append(row)
-    small_lr = min(spec.lrs)
+    out["within_1pct"] = oracle_gaps(records, spec)
     for variant in ("alphatuned-static", "alphatuned"):
         wins = total = seed_wins = seed_cells = 0
         for (method, rank, lr), loss in sorted(complete.items()):
@@ -175,10 +211,6 @@ def _bar(records: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, Any
             if rank in oracles:
                 gap = loss / oracles[rank][0] - 1.0
                 out["gap_to_oracle"].setdefault(variant, {}).setdefault(rank, {})[lr] = gap
-                if lr == small_lr:
-                    out["within_1pct"].setdefault(variant, {})[rank] = {
-                        "lr": lr, "gap": gap, "oracle": oracles[rank][0], "oracle_lr": oracles[rank][1],
-                    }  # fmt: skip
             peers = [complete.get((p, rank, lr)) for p in _PEER_BASELINES]
             if any(p is None for p in peers):
                 continue
@@ -415,9 +447,11 @@ def _bar_markdown(bar: Mapping[str, Any]) -> list[str]:
         )
     for variant, gaps in bar["within_1pct"].items():
         for rank, g in sorted(gaps.items()):
+            paired = ", ".join(f"{100 * x:+.1f}" for x in g["paired"])
             lines.append(
                 f"- {variant}, r={rank}, lr={g['lr']:g}: {100 * g['gap']:+.2f}% against the oracle "
-                f"cell ({g['oracle']:.4f} at lr={g['oracle_lr']:g})"
+                f"cell ({g['oracle']:.4f} at lr={g['oracle_lr']:g}); per held-out seed {paired} % "
+                f"(standard error {100 * g['se']:.2f} %)"
             )
     return lines
 
