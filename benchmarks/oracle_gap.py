@@ -10,6 +10,7 @@ the confirmation seeds 104–107 on which only AlphaTuned at the smallest LR and
     python benchmarks/oracle_gap.py --seeds 104,105,106,107
     python benchmarks/oracle_gap.py --seeds 100,101,102,103,104,105,106,107
 
+``--lr`` scores AlphaTuned at another of the sweep's learning rates against the same oracle.
 Per AlphaTuned variant and rank: the relative gap of the mean held-out loss to the oracle's, the
 paired gap of each seed and its standard error (:func:`alpha_tuner.experiments.fit.paired_gap`).
 """
@@ -27,13 +28,13 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"alphatuned-static": "static", "alphatuned": "adaptive"}
 
 
-def table(records: list[dict], spec: SweepSpec) -> str:
-    """A markdown table of :func:`oracle_gaps` for ``spec``'s held-out seeds."""
-    gaps = oracle_gaps(records, spec)
+def table(records: list[dict], spec: SweepSpec, lr: float | None = None) -> str:
+    """A markdown table of :func:`oracle_gaps` at ``lr`` (default: the smallest) on the held-out seeds."""
+    gaps = oracle_gaps(records, spec, lr)
     seeds = ", ".join(str(s) for s in spec.heldout_seeds)
+    at = min(spec.lrs) if lr is None else lr
     lines = [
-        f"AlphaTuned ({tuner_tag()}) at lr {min(spec.lrs):g} against each rank's oracle cell,"
-        f" held-out seeds {seeds}",
+        f"AlphaTuned ({tuner_tag()}) at lr {at:g} against each rank's oracle cell, held-out seeds {seeds}",
         "",
         "| r | variant | mean loss gap | per-seed gaps (%) | standard error | oracle loss (LR) |",
         "|---|---|---|---|---|---|",
@@ -54,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "sweep_minilm.jsonl", help="sweep results")
     parser.add_argument("--seeds", required=True, help="held-out seeds, e.g. 100,101,102,103")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="AlphaTuned's LR (default: the sweep's smallest)"
+    )
     args = parser.parse_args(argv)
     spec = replace(SweepSpec(), heldout_seeds=tuple(int(x) for x in args.seeds.split(",")))
-    print(table(read_records(args.out), spec))
+    print(table(read_records(args.out), spec, args.lr))
     return 0
 
 

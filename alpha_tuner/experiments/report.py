@@ -158,23 +158,23 @@ def _held_out_losses(
 
 
 def oracle_gaps(
-    records: Sequence[Mapping[str, Any]], spec: SweepSpec
+    records: Sequence[Mapping[str, Any]], spec: SweepSpec, lr: float | None = None
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """Per AlphaTuned variant and rank: the gap at the sweep's smallest LR to the rank's oracle.
+    """Per AlphaTuned variant and rank: the gap at ``lr`` (default: the smallest LR) to the rank's oracle.
 
     Each entry is :func:`.fit.paired_gap` of the variant's held-out losses against the oracle's
     (the grid's best cell of the rank, run on the same held-out seeds), plus ``lr``, ``oracle``
     (its mean loss) and ``oracle_lr``. Only AlphaTuned runs under the library's rule now and
     ranks whose runs cover every held-out seed count.
     """
-    small_lr = min(spec.lrs)
+    at = min(spec.lrs) if lr is None else lr
     oracles = _oracle_runs(records, spec)
     out: dict[str, dict[int, dict[str, Any]]] = {}
-    for (method, rank, lr), by_seed in sorted(_held_out_runs(records, spec, tuner_tag()).items()):
-        if method.startswith("alphatuned") and math.isclose(lr, small_lr) and rank in oracles:
+    for (method, rank, run_lr), by_seed in sorted(_held_out_runs(records, spec, tuner_tag()).items()):
+        if method.startswith("alphatuned") and math.isclose(run_lr, at) and rank in oracles:
             oracle_lr, oracle = oracles[rank]
             out.setdefault(method, {})[rank] = {
-                "lr": lr, "oracle": _mean(list(oracle.values())), "oracle_lr": oracle_lr,
+                "lr": run_lr, "oracle": _mean(list(oracle.values())), "oracle_lr": oracle_lr,
                 **paired_gap(by_seed, oracle),
             }  # fmt: skip
     return out
