@@ -139,6 +139,25 @@ def test_lifted_head_calibration_passes_each_c_resumes_and_reports(tmp_path: Pat
     assert row.group(3) == ("64" if losses[64] < losses[1024] else "1024")
 
 
+def test_factor_motion_reports_each_run_with_its_multiplier(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "factor_motion.py"), "--model", "tiny", "--rank", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(
+        rf"^\| (.+?) \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \|", proc.stdout, re.M
+    )
+    assert [r[0] for r in rows] == [
+        "AlphaTuned, lr 2e-5", "AlphaTuned, lr 3.2e-4", "LoRA α = 32, lr 3.2e-4", "LoRA α = 1024, lr 2e-5",
+    ]  # fmt: skip
+    multipliers = [float(r[1]) for r in rows]
+    expected = [principled_alpha(4, lr) / 4 for lr in (2e-5, 3.2e-4)] + [32 / 4, 1024 / 4]
+    assert multipliers == pytest.approx(expected, rel=1e-3)
+    moved = [float(r[2]) for r in rows]
+    assert all(m > 0 for m in moved)
+    assert moved[1] > moved[0]  # A moves further at 16x the LR, whatever alpha is
+
+
 def _grid_lines(ranks: list[int], law: dict[float, tuple[float, float]]) -> str:
     """Grid records whose loss is a parabola in log α around α* = K·r^p (per LR), two seeds."""
     from alpha_tuner.experiments.sweep import SweepSpec
