@@ -466,10 +466,7 @@ def write_report(path: Path, spec: SweepSpec) -> dict[str, Any]:
     stem = path.with_suffix("")
     if cells:
         plot_heatmaps(cells, Path(f"{stem}_heatmaps.png"))
-        plot_rho(
-            [r for r in records if r["config"]["method"] == "lora" and r["config"]["alpha"] is not None],
-            Path(f"{stem}_rho.png"),
-        )
+        plot_rho(grid_records(records, spec.seeds), Path(f"{stem}_rho.png"))  # the claim-2 runs only
     if fits:
         selected = result["rule"].get("selected")
         rule = result["rule"][selected]["params"] if selected else None
