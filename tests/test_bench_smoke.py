@@ -23,6 +23,16 @@ SCRIPT = ROOT / "benchmarks" / "bench_step.py"
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
 
+def _script(name: str, *args: str, runs: int = 1) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<name>`` ``runs`` times offline (a rerun of a resumable script only reports)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / name), *args]
+    for _ in range(runs):
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_quick_mode_reports_every_quantity(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -74,15 +84,9 @@ def test_quick_mode_reports_every_quantity(tmp_path: Path) -> None:
 
 def test_head_ablation_runs_both_variants_resumes_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "ablation.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        *(sys.executable, str(ROOT / "benchmarks" / "head_ablation.py"), "--model", "tiny"),
-        *("--ranks", "4", "--seeds", "0", "--steps", "4", "--out", str(out)),
-        *("--sweep", str(tmp_path / "no_grid.jsonl")),
-    ]  # fmt: skip
-    for _ in range(2):  # the second call finds both runs done and only reports
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--model", "tiny", "--ranks", "4", "--seeds", "0", "--steps", "4", "--out", str(out)]
+    args += ["--sweep", str(tmp_path / "no_grid.jsonl")]
+    proc = _script("head_ablation.py", *args, runs=2)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     rule = rule_tag()
     tags = [f"ablation:{rule}:head=0.00032", f"ablation:{rule}:head=base"]
@@ -102,31 +106,18 @@ def test_head_ablation_runs_both_variants_resumes_and_reports(tmp_path: Path) ->
         for r in records
     ]
     out.write_text("".join(json.dumps(r) + "\n" for r in legacy))
-    proc = subprocess.run(
-        [*cmd, "--report", "--rule", "c=280@2e-05,q=1.34"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _script("head_ablation.py", *args, "--report", "--rule", "c=280@2e-05,q=1.34")
     assert re.search(rf"^\| 4 \| {round(losses[tags[0]], 4):.4f} \| ", proc.stdout, re.M), proc.stdout
-    proc = subprocess.run([*cmd, "--report"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    proc = _script("head_ablation.py", *args, "--report")
     assert re.search(r"^\| 4 \| – \| – \| ", proc.stdout, re.M), proc.stdout
 
 
 def test_lifted_head_calibration_passes_each_c_resumes_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "lifted.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        *(sys.executable, str(ROOT / "benchmarks" / "lifted_head_c.py"), "--model", "tiny"),
-        *("--ranks", "4", "--seeds", "0", "--steps", "4", "--coefficients", "64,1024"),
-        *("--out", str(out), "--sweep", str(tmp_path / "no_grid.jsonl")),
-    ]  # fmt: skip
-    for _ in range(2):  # the second call finds both runs done and only reports
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--model", "tiny", "--ranks", "4", "--seeds", "0", "--steps", "4", "--coefficients", "64,1024"]
+    proc = _script(
+        "lifted_head_c.py", *args, "--out", str(out), "--sweep", str(tmp_path / "none.jsonl"), runs=2
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2
     # At the reference LR with rank exponent 0 the wrapper's α is c itself, at any rank.
@@ -139,11 +130,8 @@ def test_lifted_head_calibration_passes_each_c_resumes_and_reports(tmp_path: Pat
     assert row.group(3) == ("64" if losses[64] < losses[1024] else "1024")
 
 
-def test_factor_motion_reports_each_run_with_its_multiplier(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "factor_motion.py"), "--model", "tiny", "--rank", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_factor_motion_reports_each_run_with_its_multiplier() -> None:
+    proc = _script("factor_motion.py", "--model", "tiny", "--rank", "4")
     rows = re.findall(
         rf"^\| (.+?) \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \|", proc.stdout, re.M
     )
@@ -156,6 +144,18 @@ def test_factor_motion_reports_each_run_with_its_multiplier(tmp_path: Path) -> N
     moved = [float(r[2]) for r in rows]
     assert all(m > 0 for m in moved)
     assert moved[1] > moved[0]  # A moves further at 16x the LR, whatever alpha is
+
+
+def test_a_lr_probe_sets_alpha_resumes_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "probe.jsonl"
+    args = ["--model", "tiny", "--ranks", "4", "--seeds", "0", "--steps", "4", "--alphas", "64,512"]
+    proc = _script("a_lr_probe.py", *args, "--out", str(out), runs=2)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(tuple(r["alphas"]) for r in records) == [(64.0,), (512.0,)]  # alpha = c, every layer
+    losses = {r["config"]["alpha"]: r["eval_loss"] for r in records}
+    row = re.search(rf"^\| 4 \| ({NUMBER}) \| ({NUMBER}) \|$", proc.stdout, re.M)
+    assert row is not None, proc.stdout
+    assert (float(row.group(1)), float(row.group(2))) == (round(losses[64.0], 4), round(losses[512.0], 4))
 
 
 def _grid_lines(ranks: list[int], law: dict[float, tuple[float, float]]) -> str:
