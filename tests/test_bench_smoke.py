@@ -158,6 +158,39 @@ def test_a_lr_probe_sets_alpha_resumes_and_reports(tmp_path: Path) -> None:
     assert (float(row.group(1)), float(row.group(2))) == (round(losses[64.0], 4), round(losses[512.0], 4))
 
 
+def test_oracle_gap_scores_alphatuned_against_the_oracle_seed_by_seed(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from alpha_tuner.experiments.sweep import SweepSpec, grid_configs, tuner_tag
+
+    spec = replace(SweepSpec(), ranks=(4,))
+    records = []
+    for cfg in grid_configs(spec):  # a complete r = 4 grid whose best cell is alpha 16 at 3.2e-4
+        best = cfg.lr == 3.2e-4 and round(cfg.alpha or 0) == 16
+        records.append({"key": cfg.key(), "config": cfg.to_dict(), "eval_loss": 0.5 if best else 0.6})
+    for seed, oracle, mine in ((104, 0.50, 0.55), (105, 0.52, 0.52)):
+        runs = [
+            spec.base(rank=4, lr=3.2e-4, seed=seed, alpha=16.0, tag="oracle"),
+            spec.base(method="alphatuned-static", rank=4, lr=2e-5, seed=seed, tag=tuner_tag()),
+        ]
+        for cfg, loss in zip(runs, (oracle, mine), strict=True):
+            records.append({"key": cfg.key(), "config": cfg.to_dict(), "eval_loss": loss})
+    out = tmp_path / "sweep.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = _script("oracle_gap.py", "--out", str(out), "--seeds", "104,105")
+    row = re.search(
+        r"^\| 4 \| static \| ([-+0-9.]+) % \| ([-+0-9., ]+) \| ([0-9.]+) % \| 0.5100 \(0.00032\) \|$",
+        proc.stdout,
+        re.M,
+    )
+    assert row is not None, proc.stdout
+    assert float(row.group(1)) == pytest.approx(100 * (0.535 / 0.51 - 1), abs=0.006)
+    assert row.group(2) == "+10.0, +0.0" and float(row.group(3)) == pytest.approx(5.0)
+    assert "adaptive" not in proc.stdout  # no adaptive runs in the file
+    proc = _script("oracle_gap.py", "--out", str(out), "--seeds", "104,105,106")  # seed 106 never ran
+    assert "no rank has AlphaTuned and oracle runs" in proc.stdout
+
+
 def _grid_lines(ranks: list[int], law: dict[float, tuple[float, float]]) -> str:
     """Grid records whose loss is a parabola in log α around α* = K·r^p (per LR), two seeds."""
     from alpha_tuner.experiments.sweep import SweepSpec
