@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+from _resumable import add_arguments, ints, shard
 
 from alpha_tuner import AlphaTunedOptimizer
 from alpha_tuner.experiments.data import batches
 from alpha_tuner.experiments.fit import record_loss
 from alpha_tuner.experiments.models import attach_lora, load_base
-from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, read_records
+from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, pending_runs, read_records
 from alpha_tuner.experiments.train import evaluate, make_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -92,27 +93,23 @@ def report(path: Path, ranks: list[int], seeds: list[int], lr: float, a_lr: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", default="4,16,64")
-    parser.add_argument("--seeds", default="0,1", help="selection seeds (not the bar's held-out ones)")
+    add_arguments(parser, out=RESULTS / "a_lr_probe.jsonl", ranks="4,16,64")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--a-lr", type=float, default=3.2e-4)
     parser.add_argument("--alphas", default="256,512", help="values of α = c")
-    parser.add_argument("--out", type=Path, default=RESULTS / "a_lr_probe.jsonl")
-    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th pending run from the K-th")
-    parser.add_argument("--model", default="minilm", help="minilm, or tiny for a smoke test")
-    parser.add_argument("--steps", type=int, default=SweepSpec.steps)
-    parser.add_argument("--report", action="store_true", help="only print the table")
     args = parser.parse_args(argv)
-    ranks = [int(x) for x in args.ranks.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
+    ranks, seeds = ints(args.ranks), ints(args.seeds)
     cs = [float(x) for x in args.alphas.split(",")]
     spec = SweepSpec(model=args.model, steps=args.steps)
     if not args.report:
-        torch.set_num_threads(1)
-        k, n = (int(x) for x in args.shard.split("/"))
-        done = {r.get("key") for r in read_records(args.out)}
+        torch.set_num_threads(args.threads)
         todo = [(r, c, s) for s in seeds for r in ranks for c in cs]
-        pending = [t for t in todo if key(spec.model, t[0], args.lr, args.a_lr, t[1], t[2]) not in done][k::n]
+        pending = pending_runs(
+            todo,
+            args.out,
+            key=lambda t: key(spec.model, t[0], args.lr, args.a_lr, t[1], t[2]),
+            shard=shard(args),
+        )
         if pending:
             base = load_base(spec.model)
             task = make_task(base, spec.eval_size)

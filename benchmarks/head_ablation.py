@@ -21,17 +21,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+from _resumable import add_arguments, ints, shard
 
 from alpha_tuner.experiments.fit import cell_table, grid_oracle, record_loss
-from alpha_tuner.experiments.models import load_base
-from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, read_records, rule_tag
-from alpha_tuner.experiments.train import RunConfig, make_task, run
+from alpha_tuner.experiments.sweep import SweepSpec, pending_runs, read_records, rule_tag, run_configs
+from alpha_tuner.experiments.train import RunConfig
 from alpha_tuner.heads import HEAD_LR
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,39 +96,26 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", default="4,16,64")
-    parser.add_argument("--seeds", default="0,1", help="selection seeds (not the bar's held-out ones)")
+    add_arguments(parser, out=RESULTS / "head_ablation.jsonl", ranks="4,16,64")
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "head_ablation.jsonl")
     parser.add_argument(
         "--sweep", type=Path, default=RESULTS / "sweep_minilm.jsonl", help="grid results (oracle)"
     )
-    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th pending run from the K-th")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="minilm", help="minilm, or tiny for a smoke test")
-    parser.add_argument("--steps", type=int, default=SweepSpec.steps)
-    parser.add_argument("--report", action="store_true", help="only print the table")
     parser.add_argument(
         "--rule",
         default=None,
         help=f"report the runs under this rule (default: the library's; {LEGACY_RULE} was the first)",
     )
     args = parser.parse_args(argv)
-    ranks = [int(x) for x in args.ranks.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
+    ranks, seeds = ints(args.ranks), ints(args.seeds)
     spec = SweepSpec(model=args.model, steps=args.steps)
     if not args.report:
         torch.set_num_threads(args.threads)
-        k, n = (int(x) for x in args.shard.split("/"))
-        done = {r.get("key") for r in read_records(args.out)}
-        pending = [(c, v) for c, v in configs(spec, ranks, seeds, args.lr) if c.key() not in done][k::n]
-        if pending:
-            base = load_base(spec.model)
-            task = make_task(base, spec.eval_size)
-            for config, variant in pending:
-                record = run(config, base, task, tuner_options=VARIANTS[variant])
-                append_line(args.out, json.dumps(finite_json(record), sort_keys=True))
-                print(f"{config.key()}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
+        todo = configs(spec, ranks, seeds, args.lr)
+        options = {c.key(): VARIANTS[v] for c, v in todo}
+        pending = pending_runs([c for c, _ in todo], args.out, key=RunConfig.key, shard=shard(args))
+        for record in run_configs(pending, args.out, progress=False, tuner_options=options):
+            print(f"{record['key']}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
     print(report(args.out, args.sweep, spec, ranks, seeds, args.lr, args.rule or rule_tag()))
     return 0
 

@@ -18,10 +18,10 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .train import RunConfig
 
@@ -31,6 +31,7 @@ __all__ = [
     "finite_json",
     "grid_coefficients",
     "grid_configs",
+    "pending_runs",
     "read_records",
     "rule_tag",
     "run_configs",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 PEERS = ("lora", "rslora", "loraplus", "alphatuned-static", "alphatuned")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,18 @@ def _environment(device: str) -> dict[str, Any]:
     }
 
 
+def pending_runs(
+    runs: Iterable[T], path: Path, *, key: Callable[[T], str], shard: tuple[int, int] | None = None
+) -> list[T]:
+    """The runs whose ``key`` is not yet in ``path``; with ``shard = (K, N)`` every N-th from the K-th.
+
+    N workers started together with shards 0/N … (N−1)/N split the pending runs between them.
+    """
+    done = {r.get("key") for r in read_records(path)}
+    todo = [run for run in runs if key(run) not in done]
+    return todo[shard[0] :: shard[1]] if shard is not None else todo
+
+
 def run_configs(
     configs: Iterable[RunConfig],
     path: Path,
@@ -205,6 +220,7 @@ def run_configs(
     limit: int | None = None,
     progress: bool = True,
     device: str = "cpu",
+    tuner_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Run every configuration whose key is not yet in ``path``, appending one line per run.
 
@@ -217,12 +233,13 @@ def run_configs(
         limit: Stop after this many new runs (``None``: all).
         progress: Show a progress bar (tqdm) over the runs still to do.
         device: Where to train (``"cpu"``, ``"cuda"``); not part of the resume key.
+        tuner_options: Extra AlphaTuned options per run key (see :func:`.train.run`); a run's
+            ``tag`` should name them.
     """
     from .models import load_base
     from .train import make_task, run
 
-    done = {r.get("key") for r in read_records(path)}
-    todo = [c for c in configs if c.key() not in done]
+    todo = pending_runs(configs, path, key=RunConfig.key)
     if limit is not None:
         todo = todo[:limit]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +256,8 @@ def run_configs(
             base = load_base(config.model)
             bases[cache_key] = (base, make_task(base, config.eval_size))
         base, task = bases[cache_key]
-        record = run(config, base, task, device=device)
+        options = (tuner_options or {}).get(config.key())
+        record = run(config, base, task, device=device, tuner_options=dict(options) if options else None)
         record["environment"] = _environment(device)
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         append_line(path, json.dumps(finite_json(record), sort_keys=True))
@@ -300,11 +318,7 @@ def main(args: Any) -> int:
                 print(f"sweep: no complete grid for ranks {missing} yet; their oracle cell is left out.")
             configs = bar_configs(spec, oracle)
         configs = select_configs(configs, methods=getattr(args, "methods", None))
-        done = {r.get("key") for r in read_records(path)}
-        pending = [c for c in configs if c.key() not in done]
-        shard = getattr(args, "shard", None)
-        if shard is not None:
-            pending = pending[shard[0] :: shard[1]]
+        pending = pending_runs(configs, path, key=RunConfig.key, shard=getattr(args, "shard", None))
         if args.dry_run:
             todo = [c.key() for c in pending]
             print(f"{phase}: {len(todo)} of {len(configs)} runs to do")
