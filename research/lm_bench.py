@@ -1,0 +1,264 @@
+"""The causal-LM benchmark: SmolLM2-135M + LoRA on every linear layer of its blocks, fine-tuned on
+the 2012 convention speeches through the Hugging Face ``Trainer``, exactly as the README tells users.
+
+Each run: ``Trainer(..., optimizers=(opt, None))`` with the method's optimizer
+(:mod:`research.peers`), the Trainer's linear warm-up (10 % of the steps) + linear decay,
+``max_grad_norm=1`` (its default), bf16 autocast, batch 4 × 128 tokens, 300 steps. The metric
+is the mean token loss on 96 fixed blocks of held-out speeches (:mod:`research.corpus`). The
+record keeps the training-loss curve (every 10 steps) and the median step time.
+
+    python -m research.lm_bench --stage selection --shard 0/2 &   # two workers, one per core
+    python -m research.lm_bench --stage selection --shard 1/2 &
+    python -m research.lm_bench --report                          # tables from the results file
+
+``--model tiny`` runs a 2-layer random Llama with a byte tokenizer (the smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .corpus import BlockDataset, lm_blocks, load_speeches, split
+from .peers import LR_FREE, build_peer, lora_alpha, uses_rslora
+from .runner import add_runner_arguments, run_pending
+
+__all__ = ["LMRun", "execute", "grid", "main"]
+
+RESULTS = Path("benchmarks/results/lm_bench.jsonl")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LRS = (1e-5, 1e-4, 1e-3)
+RANKS = (8, 32, 128)
+SELECTION_SEEDS = (0, 1)
+HELD_OUT_SEEDS = (100, 101, 102, 103)
+EVAL_BLOCKS = 96
+PEERS = ("rslora", "loraplus", "schedulefree")
+
+
+def oracle_alphas(rank: int) -> list[float]:
+    """The α of the oracle grid at this rank: 16, 2r, 8r and 32r (PEFT's s = α/r from 16/r to 32)."""
+    return sorted({16.0, 2.0 * rank, 8.0 * rank, 32.0 * rank})
+
+
+@dataclass(frozen=True)
+class LMRun:
+    """One fine-tune. ``lr`` is the base LR (1.0 for the LR-free methods); ``alpha=None``: 2r."""
+
+    method: str
+    rank: int
+    lr: float
+    seed: int
+    alpha: float | None = None
+    steps: int = 300
+    batch_size: int = 4
+    block: int = 128
+    schedule: str = "linear"
+    warmup: float = 0.1
+    model: str = "smollm2"
+    precision: str = "bf16"
+    tag: str = ""
+
+    def key(self) -> str:
+        """The resume key: every field that changes the run."""
+        alpha = "recipe" if self.alpha is None else f"{self.alpha:.6g}"
+        return (
+            f"{self.model}|{self.method}|r={self.rank}|alpha={alpha}|lr={self.lr:.6g}|seed={self.seed}"
+            f"|steps={self.steps}|bs={self.batch_size}x{self.block}|{self.schedule}+warmup{self.warmup:g}"
+            f"|{self.precision}"
+            + (f"|{self.tag}" if self.tag else "")
+        )
+
+
+class _ByteTokenizer:
+    """Bytes as token ids 3…258 and EOS = 2: the tiny smoke-test model's tokenizer."""
+
+    eos_token_id = 2
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        del add_special_tokens
+        return {"input_ids": [b + 3 for b in text.encode("utf-8")]}
+
+
+@cache
+def _base(model: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if model == "tiny":
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        )  # fmt: skip
+        return LlamaForCausalLM(config), _ByteTokenizer()
+    if model != "smollm2":
+        raise ValueError(f"Unknown model {model!r}; choose smollm2 or tiny.")
+    from alpha_tuner.experiments import assets
+
+    path = assets.smollm2_path()
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@cache
+def _data(model: str, block: int) -> tuple[BlockDataset, BlockDataset]:
+    _, tokenizer = _base(model)
+    train, held_out = split(load_speeches())
+    train_blocks = lm_blocks(tokenizer, [s.text for s in train], block)
+    held = lm_blocks(tokenizer, [s.text for s in held_out], block)
+    pick = torch.linspace(0, held.shape[0] - 1, min(EVAL_BLOCKS, held.shape[0])).round().long()
+    return BlockDataset(train_blocks), BlockDataset(held[pick])
+
+
+class _StepTimer:
+    """A Trainer callback that keeps the wall time of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    def median(self) -> float:
+        steady = self.times[5:] or self.times
+        return statistics.median(steady) if steady else math.nan
+
+
+def _callback(timer: _StepTimer) -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            timer.on_step_begin()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            timer.on_step_end()
+
+    return StepTimer()
+
+
+def execute(run: LMRun) -> dict[str, Any]:
+    """Fine-tune one configuration through the Trainer and return its record."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    base, _ = _base(run.model)
+    train_ds, eval_ds = _data(run.model, run.block)
+    torch.manual_seed(run.seed)  # LoRA's A initialisation
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=run.rank, lora_alpha=lora_alpha(run.method, run.rank, run.alpha), lora_dropout=0.0,  # type: ignore[arg-type]
+            use_rslora=uses_rslora(run.method), target_modules=list(TARGETS), task_type="CAUSAL_LM",
+        ),
+    )  # fmt: skip
+    warmup_steps = round(run.warmup * run.steps)
+    peer = build_peer(run.method, model, lr=run.lr, schedule=run.schedule, warmup_steps=warmup_steps)
+    alpha_start = _mean_alpha(peer.tuner)
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=run.steps, per_device_train_batch_size=run.batch_size,
+            per_device_eval_batch_size=16, learning_rate=run.lr, lr_scheduler_type=peer.scheduler,
+            warmup_steps=warmup_steps, weight_decay=0.0, logging_steps=10, save_strategy="no",
+            eval_strategy="no", report_to=[], seed=run.seed, data_seed=run.seed, bf16=run.precision == "bf16",
+            use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+            optimizers=(peer.optimizer, None), callbacks=[_callback(timer)],
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - start
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    curve = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "key": run.key(),
+        "config": asdict(run),
+        "eval_loss": eval_loss,
+        "diverged": not math.isfinite(eval_loss) or any(not math.isfinite(v) for _, v in curve),
+        "train_curve": curve,
+        "step_s": timer.median(),
+        "train_s": train_s,
+        "alpha_start": alpha_start,
+        "alpha_end": _mean_alpha(peer.tuner),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def _mean_alpha(tuner: Any) -> float | None:
+    if tuner is None:
+        return None
+    values = list(tuner.alphas().values())
+    return sum(values) / len(values)
+
+
+def grid(
+    seeds: Iterable[int], ranks: Sequence[int], *, methods: Sequence[str] | None = None, **fields: Any
+) -> list[LMRun]:
+    """The oracle grid and the peers, seed by seed and rank by rank (the order of the work).
+
+    ``methods=None``: the oracle grid (``lora`` at every α of :func:`oracle_alphas` and LR),
+    the peers of :data:`PEERS` at every LR and the LR-free methods once per rank.
+    """
+    runs: list[LMRun] = []
+    for seed in seeds:
+        for rank in ranks:
+            for method in methods or ("lora", *PEERS, *sorted(LR_FREE)):
+                if method in LR_FREE:
+                    runs.append(LMRun(method, rank, 1.0, seed, **fields))
+                    continue
+                alphas: list[float | None] = oracle_alphas(rank) if method == "lora" else [None]  # type: ignore[assignment]
+                runs += [LMRun(method, rank, lr, seed, alpha, **fields) for lr in LRS for alpha in alphas]
+    return runs
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or list, with ``--dry-run``) the pending runs of a stage."""
+    parser = argparse.ArgumentParser(prog="python -m research.lm_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=("selection", "heldout"), default="selection")
+    parser.add_argument("--seeds", type=_ints, help="override the stage's seeds")
+    parser.add_argument("--ranks", type=_ints, default=list(RANKS[:2]), help="default 8,32")
+    parser.add_argument("--methods", type=lambda s: s.split(","), help="default: oracle grid + peers")
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32")
+    add_runner_arguments(parser, out=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)
+    runs = grid(seeds, args.ranks, methods=args.methods, steps=args.steps, model=args.model, precision=args.precision)
+    if args.dry_run:
+        from .runner import pending
+
+        todo = pending(runs, args.out, args.shard)
+        print("\n".join(r.key() for r in todo) + f"\n{len(todo)} pending of {len(runs)}")
+        return 0
+    run_pending(runs, args.out, execute, shard=args.shard)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
