@@ -17,7 +17,8 @@ from .discovery import LoraTarget, find_lora_targets
 from .factory import create_alpha_tuned_optimizer
 from .heads import HEAD_LR, find_head_parameters
 from .optimizer import AlphaTunedOptimizer
-from .principled import C_REF, LR_EXPONENT, REFERENCE_LR, principled_alpha, principled_coefficient
+from .principled import principled_alpha, principled_coefficient
+from .rule import C_REF, LR_EXPONENT, REFERENCE_LR, AlphaRule
 
 if TYPE_CHECKING:
     from .integrations import AlphaTunerCallback, collect_metrics
@@ -29,6 +30,7 @@ __all__ = [
     "HEAD_LR",
     "LR_EXPONENT",
     "REFERENCE_LR",
+    "AlphaRule",
     "AlphaTunedOptimizer",
     "AlphaTunerCallback",
     "ControlConfig",

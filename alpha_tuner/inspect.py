@@ -4,9 +4,9 @@ Reads an adapter folder (``adapter_config.json`` with ``adapter_model.safetensor
 ``adapter_model.bin``; sub-folders of extra adapters too) or a model id already in the local
 Hugging Face cache, without loading the base model. For every LoRA layer it reports the rank
 (from the saved A factor's shape), α (from ``alpha_pattern`` as PEFT matches it, else
-``lora_alpha``), the effective multiplier ``s = α/r`` (``α/√r`` with rsLoRA), its coefficient
-``c = s·√r`` (the paper's convention), and the principled α of
-:func:`alpha_tuner.principled_alpha` at a given LR.
+``lora_alpha``), the effective multiplier ``s = α/r`` (``α/√r`` with rsLoRA), the coefficient
+``c`` of the library's rule that this α amounts to at that LR (:meth:`AlphaRule.implied_c`: the
+same c as the rule's ``c = 1130``), and the rule's α at that LR.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .principled import REFERENCE_LR, principled_alpha, principled_coefficient, principled_rank_exponent
+from .rule import AlphaRule
 
 __all__ = ["inspect_adapters", "main"]
 
@@ -75,18 +75,20 @@ def _resolve(path: str) -> Path:
         ) from err
 
 
-def inspect_adapters(path: str, *, lr: float | None = None) -> dict[str, Any]:
+def inspect_adapters(path: str, *, lr: float | None = None, rule: AlphaRule | None = None) -> dict[str, Any]:
     """Describe every LoRA adapter under ``path`` (see the module docstring).
 
     Args:
         path: An adapter folder or a cached model id.
         lr: The learning rate of the recommendation (default: the rule's reference LR).
+        rule: The α rule (default: the library's).
 
     Raises:
         FileNotFoundError: If no adapter is found.
     """
     root = _resolve(path)
-    lr = REFERENCE_LR if lr is None else lr
+    rule = rule or AlphaRule()
+    lr = rule.reference_lr if lr is None else lr
     folders = sorted({p.parent for p in root.rglob("adapter_config.json")}, key=lambda p: (len(p.parts), p))
     if not folders:
         raise FileNotFoundError(f"No adapter_config.json under {root}: not a PEFT adapter folder.")
@@ -105,8 +107,8 @@ def inspect_adapters(path: str, *, lr: float | None = None) -> dict[str, Any]:
             s = alpha / (math.sqrt(rank) if rslora else rank)
             layers.append({
                 "name": module, "rank": rank, "alpha": alpha, "multiplier": s,
-                "coefficient": s * math.sqrt(rank),
-                "recommended_alpha": principled_alpha(rank, lr, use_rslora=rslora),
+                "coefficient": rule.implied_c(alpha, rank, lr, use_rslora=rslora),
+                "recommended_alpha": rule.alpha(rank, lr, use_rslora=rslora),
             })  # fmt: skip
         adapters.append({
             "folder": str(folder), "name": folder.name if folder != root else "default",
@@ -116,8 +118,9 @@ def inspect_adapters(path: str, *, lr: float | None = None) -> dict[str, Any]:
     return {
         "path": str(root),
         "lr": lr,
-        "recommended_coefficient": principled_coefficient(lr),
-        "recommended_rank_exponent": principled_rank_exponent(lr),
+        "rule": rule.to_dict(),
+        "recommended_coefficient": rule.coefficient(lr),
+        "recommended_rank_exponent": rule.exponent(lr),
         "adapters": adapters,
     }
 
@@ -134,18 +137,21 @@ def format_report(report: Mapping[str, Any]) -> str:
         ]
         width = max([len("layer"), *(len(x["name"]) for x in ad["layers"])])
         lines.append(
-            f"{'layer':<{width}}  {'rank':>5}  {'alpha':>9}  {'s':>9}  {'c=s·√r':>8}  {'recommended α':>13}"
+            f"{'layer':<{width}}  {'rank':>5}  {'alpha':>9}  {'s':>9}  {'c':>8}  {'recommended α':>13}"
         )
         for x in ad["layers"]:
             lines.append(
                 f"{x['name']:<{width}}  {x['rank']:>5}  {x['alpha']:>9.4g}  {x['multiplier']:>9.4g}  "
                 f"{x['coefficient']:>8.4g}  {x['recommended_alpha']:>13.4g}"
             )
+    rule = report["rule"]
     lines += [
         "",
-        f"recommended: α = c·r^p (α = c·r^(p-1/2) under rsLoRA) with c = "
-        f"{report['recommended_coefficient']:.4g}, p = {report['recommended_rank_exponent']:.3f} "
-        f"at lr = {report['lr']:g} (alpha_tuner.principled_alpha)",
+        f"recommended: α = c·r^p · (η_ref/η)^q (r^(p-1/2) under rsLoRA) with the library's rule "
+        f"c = {rule['c']:g}, η_ref = {rule['reference_lr']:g}, q = {rule['lr_exponent']:g}, "
+        f"p = {report['recommended_rank_exponent']:.3g} at lr η = {report['lr']:g} (alpha_tuner.AlphaRule)",
+        "column c: the c of that rule which each layer's α amounts to at this lr (compare with "
+        f"c = {rule['c']:g})",
     ]
     return "\n".join(lines)
 

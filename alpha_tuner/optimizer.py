@@ -21,15 +21,10 @@ from .distributed import broadcast_state, unwrap_model
 from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
-from .principled import (
-    C_REF,
-    LR_EXPONENT,
-    RANK_EXPONENT,
-    RANK_EXPONENT_SLOPE,
-    REFERENCE_LR,
-    principled_alphas,
-)
+from ._checks import check_int
+from .principled import principled_alphas
 from .rescale import rescale_target_, update_adapter_config, write_alpha
+from .rule import AlphaRule
 from .telemetry import summarize
 
 __all__ = ["AlphaTunedOptimizer"]
@@ -39,10 +34,18 @@ _ALPHA_RTOL = 1e-6
 _CLOSURE_OPTIMIZERS = ("LBFGS",)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
+def _resolve_rule(rule: AlphaRule | None, **fields: float | None) -> AlphaRule:
+    given = {k: v for k, v in fields.items() if v is not None}
+    if rule is None:
+        return AlphaRule(**given)
+    if not isinstance(rule, AlphaRule):
+        raise TypeError(f"rule must be an alpha_tuner.AlphaRule, got {type(rule).__name__}.")
+    if given:
+        raise TypeError(
+            f"Pass either rule= or the rule's fields ({', '.join(sorted(given))}), not both: "
+            "e.g. rule=dataclasses.replace(rule, c=...)."
+        )
+    return rule
 
 
 class AlphaTunedOptimizer(torch.optim.Optimizer):
@@ -89,12 +92,10 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         control_every: Steps between control decisions; a multiple of
             ``measure_every·measure_phases``, so that every decision sees a fresh ρ of every
             layer.
-        c: The coefficient c at ``reference_lr`` of the principled rule (α at r = 1).
-        reference_lr: The learning rate at which the coefficient equals ``c``.
-        lr_exponent: ``c(η) = c·(reference_lr/η)**lr_exponent``.
-        rank_exponent: The rank exponent p at ``reference_lr`` (``0.5`` with
-            ``rank_exponent_slope=0`` gives the paper's α = c·√r).
-        rank_exponent_slope: ``p(η) = rank_exponent + rank_exponent_slope·ln(η/reference_lr)``.
+        rule: The α rule (:class:`~alpha_tuner.rule.AlphaRule`); default: the measured one.
+        c, reference_lr, lr_exponent, rank_exponent, rank_exponent_slope: Shorthand for
+            ``rule=AlphaRule(c=..., ...)`` with the other fields at their defaults; not
+            together with ``rule``.
         control: Parameters of the control law.
         head_lr: The least learning rate of the parameters of PEFT's ``modules_to_save``
             (groups at a higher rate keep it; a group mixing them with other parameters is
@@ -122,11 +123,12 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         measure_every: int = 10,
         measure_phases: int = 4,
         control_every: int = 40,
-        c: float = C_REF,
-        reference_lr: float = REFERENCE_LR,
-        lr_exponent: float = LR_EXPONENT,
-        rank_exponent: float = RANK_EXPONENT,
-        rank_exponent_slope: float = RANK_EXPONENT_SLOPE,
+        rule: AlphaRule | None = None,
+        c: float | None = None,
+        reference_lr: float | None = None,
+        lr_exponent: float | None = None,
+        rank_exponent: float | None = None,
+        rank_exponent_slope: float | None = None,
         control: ControlConfig | None = None,
         head_lr: float | None = HEAD_LR,
     ) -> None:
@@ -145,9 +147,9 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
             )
         if init not in ("principled", "keep"):
             raise ValueError(f"init must be 'principled' or 'keep', got {init!r}.")
-        self.measure_every = _check_int("measure_every", measure_every, 1)
-        self.measure_phases = _check_int("measure_phases", measure_phases, 1)
-        self.control_every = _check_int("control_every", control_every, 1)
+        self.measure_every = check_int("measure_every", measure_every, 1)
+        self.measure_phases = check_int("measure_phases", measure_phases, 1)
+        self.control_every = check_int("control_every", control_every, 1)
         cycle = measure_every * measure_phases
         if control_every % cycle:
             fix = -(-control_every // cycle) * cycle  # the next multiple
@@ -157,6 +159,10 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
                 f"measurement of every layer: use control_every={fix}, "
                 "or change measure_every or measure_phases."
             )
+        self.rule = _resolve_rule(
+            rule, c=c, reference_lr=reference_lr, lr_exponent=lr_exponent,
+            rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope,
+        )  # fmt: skip
         if control is not None and not isinstance(control, ControlConfig):
             raise TypeError(f"control must be an alpha_tuner.ControlConfig, got {type(control).__name__}.")
         self.adapt = bool(adapt)
@@ -181,11 +187,7 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self._ready = True
 
         if init == "principled":
-            rule = {
-                "c": c, "reference_lr": reference_lr, "lr_exponent": lr_exponent,
-                "rank_exponent": rank_exponent, "rank_exponent_slope": rank_exponent_slope,
-            }  # fmt: skip
-            alphas = principled_alphas(self.targets, optimizer.param_groups, **rule)
+            alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
             for target, alpha in zip(self.targets, alphas, strict=True):
                 rescale_target_(target, alpha, optimizer)
         update_adapter_config(model, self.targets)

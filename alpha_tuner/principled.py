@@ -1,4 +1,5 @@
-"""The principled LoRA-α starting point: α = c(η)·r^p, with c set by the base learning rate.
+"""The principled LoRA-α starting point: the default :class:`~alpha_tuner.rule.AlphaRule`, its
+provenance, and functions that apply it to the layers of an optimizer.
 
 PEFT applies the multiplier ``s = α / r`` (or ``α / √r`` with rsLoRA) to ``B·A``. The library
 fixes the *multiplier* at
@@ -37,6 +38,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .rule import C_REF, LR_EXPONENT, RANK_EXPONENT, RANK_EXPONENT_SLOPE, REFERENCE_LR, AlphaRule
+
 __all__ = [
     "C_REF",
     "LR_EXPONENT",
@@ -44,6 +47,8 @@ __all__ = [
     "RANK_EXPONENT",
     "RANK_EXPONENT_SLOPE",
     "REFERENCE_LR",
+    "AlphaRule",
+    "base_lr",
     "principled_alpha",
     "principled_alphas",
     "principled_coefficient",
@@ -51,59 +56,20 @@ __all__ = [
     "principled_rank_exponent",
 ]
 
-#: Coefficient c at the reference learning rate (measured, see the module docstring).
-C_REF: float = 1130.0
-#: The learning rate at which c equals ``C_REF``: full fine-tuning's AdamW rate.
-REFERENCE_LR: float = 2e-5
-#: How c grows as the learning rate shrinks: ``c ∝ η ** -LR_EXPONENT`` (measured).
-LR_EXPONENT: float = 1.41
-#: The rank exponent p of α ∝ r^p at the reference learning rate (measured: 0, see above).
-RANK_EXPONENT: float = 0.0
-#: How p moves with the learning rate: p(η) = RANK_EXPONENT + RANK_EXPONENT_SLOPE·ln(η/η_ref).
-RANK_EXPONENT_SLOPE: float = 0.0
 #: The largest rank the rule was calibrated on; larger ranks get a warning (an earlier rule,
 #: calibrated up to r = 64, overshot the best α at r = 256 by 4.8×: BENCHMARKS.md).
 MAX_CALIBRATED_RANK: int = 256
 
 
-_DEFAULT_RULE = {
-    "c": C_REF,
-    "reference_lr": REFERENCE_LR,
-    "lr_exponent": LR_EXPONENT,
-    "rank_exponent": RANK_EXPONENT,
-    "rank_exponent_slope": RANK_EXPONENT_SLOPE,
-}
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-
-
 def principled_coefficient(
-    lr: float,
-    *,
-    c: float = C_REF,
-    reference_lr: float = REFERENCE_LR,
-    lr_exponent: float = LR_EXPONENT,
+    lr: float, *, c: float = C_REF, reference_lr: float = REFERENCE_LR, lr_exponent: float = LR_EXPONENT
 ) -> float:
-    """Return c(η) = c · (reference_lr / lr) ** lr_exponent.
-
-    Args:
-        lr: The base learning rate of the parameter group.
-        c: The coefficient at ``reference_lr``.
-        reference_lr: The learning rate at which the coefficient equals ``c``.
-        lr_exponent: How strongly the coefficient follows the learning rate (0 ignores it).
+    """Return c(η) = c · (reference_lr / lr) ** lr_exponent (:meth:`AlphaRule.coefficient`).
 
     Raises:
         ValueError: If a value is not finite and positive (``lr_exponent`` may be 0).
     """
-    _check_positive("lr", lr)
-    _check_positive("c", c)
-    _check_positive("reference_lr", reference_lr)
-    if not math.isfinite(lr_exponent) or lr_exponent < 0:
-        raise ValueError(f"lr_exponent must be a finite number >= 0, got {lr_exponent!r}.")
-    return c * (reference_lr / lr) ** lr_exponent
+    return AlphaRule(c=c, reference_lr=reference_lr, lr_exponent=lr_exponent).coefficient(lr)
 
 
 def principled_rank_exponent(
@@ -113,61 +79,32 @@ def principled_rank_exponent(
     rank_exponent_slope: float = RANK_EXPONENT_SLOPE,
     reference_lr: float = REFERENCE_LR,
 ) -> float:
-    """Return p(η) = rank_exponent + rank_exponent_slope · ln(lr / reference_lr).
-
-    Args:
-        lr: The base learning rate.
-        rank_exponent: p at ``reference_lr`` (½ with a zero slope is the paper's √r law).
-        rank_exponent_slope: How p moves with the log of the learning rate.
-        reference_lr: The learning rate at which p equals ``rank_exponent``.
+    """Return p(η) = rank_exponent + rank_exponent_slope · ln(lr / reference_lr) (:meth:`AlphaRule.exponent`).
 
     Raises:
         ValueError: If ``lr`` or ``reference_lr`` is not finite and positive, or an exponent
             is not finite.
     """
-    _check_positive("lr", lr)
-    _check_positive("reference_lr", reference_lr)
-    for name, value in (("rank_exponent", rank_exponent), ("rank_exponent_slope", rank_exponent_slope)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}.")
-    return rank_exponent + rank_exponent_slope * math.log(lr / reference_lr)
+    rule = AlphaRule(reference_lr=reference_lr, rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope)
+    return rule.exponent(lr)
 
 
-def principled_multiplier(
-    rank: int,
-    lr: float,
-    *,
-    c: float = C_REF,
-    reference_lr: float = REFERENCE_LR,
-    lr_exponent: float = LR_EXPONENT,
-    rank_exponent: float = RANK_EXPONENT,
-    rank_exponent_slope: float = RANK_EXPONENT_SLOPE,
-) -> float:
-    """Return the multiplier s* = c(η) · r^p(η) / r applied to ``B·A``.
+def principled_multiplier(rank: int, lr: float, **rule: float) -> float:
+    """Return the multiplier s* = c(η) · r^p(η) / r applied to ``B·A`` (:meth:`AlphaRule.multiplier`).
 
     Args:
         rank: The LoRA rank r (≥ 1).
         lr: The base learning rate.
-        c: The coefficient at ``reference_lr`` (:func:`principled_coefficient`).
-        reference_lr: The learning rate of ``c`` and ``rank_exponent``.
-        lr_exponent: How the coefficient follows the learning rate.
-        rank_exponent: The rank exponent p at ``reference_lr`` (:func:`principled_rank_exponent`).
-        rank_exponent_slope: How p follows the log of the learning rate.
+        **rule: Fields of :class:`AlphaRule` that differ from the default.
 
     Raises:
         ValueError: If ``rank`` is not a positive integer or another input is invalid.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
-    coefficient = principled_coefficient(lr, c=c, reference_lr=reference_lr, lr_exponent=lr_exponent)
-    p = principled_rank_exponent(
-        lr, rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope, reference_lr=reference_lr
-    )
-    return coefficient * rank ** (p - 1.0)
+    return AlphaRule(**rule).multiplier(rank, lr)
 
 
 def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **rule: float) -> float:
-    """Return the principled α in PEFT's convention for this layer.
+    """Return the principled α in PEFT's convention for this layer (:meth:`AlphaRule.alpha`).
 
     ``c(η)·r^p(η)`` for the default ``α / r`` scaling; ``c(η)·r^(p(η) − ½)`` for rsLoRA's
     ``α / √r``. Both give the same multiplier :func:`principled_multiplier`.
@@ -176,8 +113,7 @@ def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **rule: 
         rank: The LoRA rank r (≥ 1).
         lr: The base learning rate.
         use_rslora: Whether the layer scales by ``α / √r``.
-        **rule: ``c``, ``reference_lr``, ``lr_exponent``, ``rank_exponent`` and
-            ``rank_exponent_slope`` of :func:`principled_multiplier`.
+        **rule: Fields of :class:`AlphaRule` that differ from the default.
 
     Example:
         >>> round(principled_alpha(16, 2e-5, c=280.0, rank_exponent=0.5), 6)
@@ -187,8 +123,7 @@ def principled_alpha(rank: int, lr: float, *, use_rslora: bool = False, **rule: 
         >>> round(principled_alpha(64, 2e-5, c=1130.0, rank_exponent=0.0), 6)  # rank-free
         1130.0
     """
-    s = principled_multiplier(rank, lr, **rule)
-    return s * (math.sqrt(rank) if use_rslora else float(rank))
+    return AlphaRule(**rule).alpha(rank, lr, use_rslora=use_rslora)
 
 
 class _Layer(Protocol):
@@ -200,7 +135,7 @@ class _Layer(Protocol):
     def weight_a(self) -> torch.Tensor: ...
 
 
-def _base_lr(group: Mapping[str, Any]) -> float | None:
+def base_lr(group: Mapping[str, Any]) -> float | None:
     """The group's base LR (``initial_lr`` once a scheduler ran), or None if not positive."""
     lr = group.get("initial_lr", group.get("lr"))
     if isinstance(lr, torch.Tensor):
@@ -211,30 +146,38 @@ def _base_lr(group: Mapping[str, Any]) -> float | None:
 
 
 def principled_alphas(
-    layers: Sequence[_Layer], param_groups: Iterable[Mapping[str, Any]], **coefficient: float
+    layers: Sequence[_Layer],
+    param_groups: Iterable[Mapping[str, Any]],
+    rule: AlphaRule | None = None,
+    **fields: float,
 ) -> list[float]:
     """The principled α of each LoRA layer at the base LR of its A factor's parameter group.
 
     A group without a positive LR (Adafactor with ``lr=None``) uses ``reference_lr``, with one
     ``RuntimeWarning``. Ranks above :data:`MAX_CALIBRATED_RANK` get one ``UserWarning`` unless
-    the rule was set by hand (any of its parameters differs from the library's defaults).
+    the rule was set by hand (it is not the library's default).
 
     Args:
         layers: The LoRA targets (rank, rsLoRA flag and A factor of each).
         param_groups: The optimizer's parameter groups, holding every A factor.
-        **coefficient: ``c``, ``reference_lr``, ``lr_exponent``, ``rank_exponent`` and
-            ``rank_exponent_slope`` of :func:`principled_multiplier`.
+        rule: The rule (default: :class:`AlphaRule`'s defaults, changed by ``fields``).
+        **fields: Fields of :class:`AlphaRule`, when ``rule`` is not given.
+
+    Raises:
+        TypeError: If both ``rule`` and ``fields`` are given.
     """
+    if rule is not None and fields:
+        raise TypeError("Pass either rule= or the rule's fields, not both.")
+    rule = rule or AlphaRule(**fields)
     group_of = {id(p): g for g in param_groups for p in g["params"]}
-    reference_lr = coefficient.get("reference_lr", REFERENCE_LR)
     alphas, fallback = [], False
     for layer in layers:
-        lr = _base_lr(group_of[id(layer.weight_a)])
+        lr = base_lr(group_of[id(layer.weight_a)])
         if lr is None:
-            lr, fallback = reference_lr, True
-        alphas.append(principled_alpha(layer.rank, lr, use_rslora=layer.use_rslora, **coefficient))
+            lr, fallback = rule.reference_lr, True
+        alphas.append(rule.alpha(layer.rank, lr, use_rslora=layer.use_rslora))
     beyond = sorted({layer.rank for layer in layers if layer.rank > MAX_CALIBRATED_RANK})
-    if beyond and all(coefficient.get(k, v) == v for k, v in _DEFAULT_RULE.items()):
+    if beyond and rule.is_default:
         warnings.warn(
             f"LoRA rank(s) {beyond} exceed the largest rank the principled rule was measured on "
             f"({MAX_CALIBRATED_RANK}); its alpha there is an extrapolation (BENCHMARKS.md). "

@@ -15,6 +15,7 @@ from alpha_tuner.cli import main
 from alpha_tuner.experiments import assets
 from alpha_tuner.experiments.models import attach_lora, load_base
 from alpha_tuner.experiments.sweep import read_records
+from alpha_tuner import C_REF, AlphaRule
 from alpha_tuner.principled import principled_rank_exponent
 
 
@@ -46,7 +47,9 @@ def test_inspect_json_lists_every_layer_with_its_alpha(saved_adapter, capsys) ->
         assert x["rank"] == 4
         assert x["alpha"] == pytest.approx(alpha)
         assert x["multiplier"] == pytest.approx(alpha / 4)
-        assert x["coefficient"] == pytest.approx(alpha / 2)
+        # One meaning of c: the rule's coefficient this α amounts to at the LR (α at r = 1, lr 2e-5).
+        assert x["coefficient"] == pytest.approx(AlphaRule().implied_c(alpha, 4, 1e-4))
+        assert x["coefficient"] == pytest.approx(C_REF * alpha / principled_alpha(4, 1e-4))
         assert x["recommended_alpha"] == pytest.approx(principled_alpha(4, 1e-4))
     assert sorted(x["alpha"] for x in layers.values())[0] == pytest.approx(3.0)
     assert report["recommended_rank_exponent"] == pytest.approx(principled_rank_exponent(1e-4))
