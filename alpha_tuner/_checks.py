@@ -24,7 +24,12 @@ def check_positive(name: str, value: object) -> float:
     Raises:
         ValueError: Naming ``name`` and the value, otherwise.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     return float(value)
 

@@ -1,4 +1,8 @@
-"""``alpha-tuner``: the command line (argparse only; the work lives in :mod:`alpha_tuner.experiments`).
+"""``alpha-tuner``: the command line (argparse only; the work lives in :mod:`alpha_tuner.demo`).
+
+``sweep`` runs the calibration harness, which is research and not installed with the library: it
+works from a clone of the repository (its ``research/`` folder next to ``alpha_tuner/``, or in
+the current directory).
 
 Sub-commands::
 
@@ -10,6 +14,7 @@ Sub-commands::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -39,8 +44,34 @@ def _shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+class ResearchMissingError(RuntimeError):
+    """``research/`` is not importable: the command needs a clone of the repository."""
+
+
+def _research() -> None:
+    """Make ``research`` importable from a clone (next to this package, or the current directory).
+
+    Raises:
+        ResearchMissingError: Outside a clone.
+    """
+    if importlib.util.find_spec("research") is not None:
+        return
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "research" / "sweep.py").exists():
+            sys.path.insert(0, str(root))
+            return
+    raise ResearchMissingError(
+        "alpha-tuner sweep runs the calibration harness in research/, which is not installed with the "
+        "library: run it from a clone of the repository (cd into it first)."
+    )
+
+
 def _methods(text: str) -> tuple[str, ...]:
-    from .experiments.sweep import select_configs
+    try:
+        _research()
+    except ResearchMissingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    from research.sweep import select_configs
 
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
     try:
@@ -78,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", choices=("minilm", "smollm2", "tiny"), default="minilm")
     sweep.add_argument("--ranks", type=_ints, default=None, help="e.g. 4,16,64")
     sweep.add_argument("--lrs", type=_floats, default=None, help="e.g. 2e-5,8e-5,3.2e-4")
-    sweep.add_argument("--coefficients", type=_floats, default=None, help="c values, alpha = c*sqrt(r)")
+    sweep.add_argument(
+        "--coefficients", type=_floats, default=None,
+        help="grid values g of alpha = g*sqrt(r) (the grid's spacing, not the rule's c)",
+    )  # fmt: skip
     sweep.add_argument(
         "--coefficient-lr-shift", type=float, default=None, help="c grid × (lrs[0]/lr)**shift (default 0.5)"
     )
@@ -121,19 +155,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
-    from .experiments.assets import AssetMissingError
+    from .demo.assets import AssetMissingError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         if args.command == "demo":
-            from .experiments.demo import main as demo_main
+            from .demo.run import main as demo_main
 
             return demo_main(args)
-        from .experiments.sweep import main as sweep_main
+        _research()
+        from research.sweep_cli import main as sweep_main
 
         return sweep_main(args)
-    except AssetMissingError as err:
+    except (AssetMissingError, ResearchMissingError) as err:
         print(f"alpha-tuner: {err}", file=sys.stderr)
         return 2
 

@@ -15,13 +15,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._checks import check_int
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
 from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
-from ._checks import check_int
 from .principled import principled_alphas
 from .rescale import rescale_target_, update_adapter_config, write_alpha
 from .rule import AlphaRule

@@ -85,7 +85,9 @@ def principled_rank_exponent(
         ValueError: If ``lr`` or ``reference_lr`` is not finite and positive, or an exponent
             is not finite.
     """
-    rule = AlphaRule(reference_lr=reference_lr, rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope)
+    rule = AlphaRule(
+        reference_lr=reference_lr, rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope
+    )
     return rule.exponent(lr)
 
 

@@ -18,12 +18,21 @@ The default constants and their provenance are in :mod:`alpha_tuner.principled`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ._checks import check_finite, check_int, check_positive
 
-__all__ = ["C_REF", "LR_EXPONENT", "RANK_EXPONENT", "RANK_EXPONENT_SLOPE", "REFERENCE_LR", "AlphaRule"]
+__all__ = [
+    "C_REF",
+    "LR_EXPONENT",
+    "RANK_EXPONENT",
+    "RANK_EXPONENT_SLOPE",
+    "REFERENCE_LR",
+    "AlphaRule",
+    "rule_alpha",
+]
 
 #: Coefficient c at the reference learning rate (measured, see :mod:`alpha_tuner.principled`).
 C_REF: float = 1130.0
@@ -35,6 +44,25 @@ LR_EXPONENT: float = 1.41
 RANK_EXPONENT: float = 0.0
 #: How p moves with the learning rate: p(η) = RANK_EXPONENT + RANK_EXPONENT_SLOPE·ln(η/η_ref).
 RANK_EXPONENT_SLOPE: float = 0.0
+
+
+def rule_alpha(
+    rank: float, lr: float, params: Mapping[str, float], *, reference_lr: float = REFERENCE_LR
+) -> float:
+    """The formula ``α = c·(η_ref/η)^q · r^(p₀ + p₁·ln(η/η_ref))`` with no range checks.
+
+    :class:`AlphaRule` applies it after validating its fields; a fit of the rule evaluates it
+    directly, since a bootstrap draw may give an exponent the library refuses as a setting.
+
+    Args:
+        rank: The rank r (any positive real).
+        lr: The learning rate η.
+        params: ``c``, ``lr_exponent``, ``rank_exponent`` and ``rank_exponent_slope``.
+        reference_lr: η_ref.
+    """
+    x = math.log(reference_lr / lr)
+    p = params["rank_exponent"] - params["rank_exponent_slope"] * x
+    return params["c"] * math.exp(params["lr_exponent"] * x) * rank**p
 
 
 @dataclass(frozen=True)
@@ -80,12 +108,15 @@ class AlphaRule:
 
     def exponent(self, lr: float) -> float:
         """p(η) = p₀ + p₁ · ln(η / η_ref)."""
-        return self.rank_exponent + self.rank_exponent_slope * math.log(check_positive("lr", lr) / self.reference_lr)
+        return self.rank_exponent + self.rank_exponent_slope * math.log(
+            check_positive("lr", lr) / self.reference_lr
+        )
 
     def multiplier(self, rank: int, lr: float) -> float:
         """The multiplier s* = c(η) · r^(p(η) − 1) applied to ``B·A``."""
         check_int("rank", rank, 1)
-        return self.coefficient(lr) * rank ** (self.exponent(lr) - 1.0)
+        check_positive("lr", lr)
+        return rule_alpha(rank, lr, self.to_dict(), reference_lr=self.reference_lr) / rank
 
     def alpha(self, rank: int, lr: float, *, use_rslora: bool = False) -> float:
         """The principled α in the layer's own convention (``α/r``, or ``α/√r`` with rsLoRA)."""
@@ -96,7 +127,9 @@ class AlphaRule:
 
         Comparable with :attr:`c` (and :data:`C_REF`): ``implied_c(rule.alpha(r, η), r, η) == rule.c``.
         """
-        s = check_positive("alpha", alpha) / (math.sqrt(rank) if use_rslora else float(check_int("rank", rank, 1)))
+        s = check_positive("alpha", alpha) / (
+            math.sqrt(rank) if use_rslora else float(check_int("rank", rank, 1))
+        )
         return s * self.c / self.multiplier(rank, lr)
 
     # -------------------------------------------------------------------------- identity
@@ -107,12 +140,16 @@ class AlphaRule:
 
     @property
     def tag(self) -> str:
-        """A short name for result files: ``c=1130@2e-05,q=1.41`` plus p₀ and p₁ when not 0."""
+        """The rule's name in result files: ``c=1130@2e-05,q=1.41,p=0``.
+
+        ``,p=…`` (with ``±…ln`` for a slope) is left out for the paper's √r law (p = ½, no
+        slope), the form of the first results files, so their keys still read.
+        """
         tag = f"c={self.c:g}@{self.reference_lr:g},q={self.lr_exponent:g}"
-        if self.rank_exponent:
+        if (self.rank_exponent, self.rank_exponent_slope) != (0.5, 0.0):
             tag += f",p={self.rank_exponent:g}"
-        if self.rank_exponent_slope:
-            tag += f",p1={self.rank_exponent_slope:g}"
+            if self.rank_exponent_slope:
+                tag += f"{self.rank_exponent_slope:+g}ln"
         return tag
 
     def to_dict(self) -> dict[str, float]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alpha_tuner.experiments.assets import SETUP_COMMAND, AssetMissingError
+from alpha_tuner.demo.assets import SETUP_COMMAND, AssetMissingError
 
 __all__ = ["SPLIT_SEED", "BlockDataset", "Speech", "lm_blocks", "load_speeches", "speeches_path", "split"]
 
@@ -88,7 +88,7 @@ def lm_blocks(tokenizer: Any, texts: Sequence[str], block: int) -> Tensor:
     return torch.tensor(ids[: n * block], dtype=torch.int64).view(n, block)
 
 
-class BlockDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class BlockDataset(torch.utils.data.Dataset):
     """Blocks of token ids as ``{"input_ids", "labels"}`` items (the model shifts the labels)."""
 
     def __init__(self, blocks: Tensor) -> None:

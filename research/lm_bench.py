@@ -76,8 +76,7 @@ class LMRun:
         return (
             f"{self.model}|{self.method}|r={self.rank}|alpha={alpha}|lr={self.lr:.6g}|seed={self.seed}"
             f"|steps={self.steps}|bs={self.batch_size}x{self.block}|{self.schedule}+warmup{self.warmup:g}"
-            f"|{self.precision}"
-            + (f"|{self.tag}" if self.tag else "")
+            f"|{self.precision}" + (f"|{self.tag}" if self.tag else "")
         )
 
 
@@ -106,7 +105,7 @@ def _base(model: str) -> tuple[nn.Module, Any]:
         return LlamaForCausalLM(config), _ByteTokenizer()
     if model != "smollm2":
         raise ValueError(f"Unknown model {model!r}; choose smollm2 or tiny.")
-    from alpha_tuner.experiments import assets
+    from alpha_tuner.demo import assets
 
     path = assets.smollm2_path()
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
@@ -143,7 +142,7 @@ class _StepTimer:
 def _callback(timer: _StepTimer) -> Any:
     from transformers import TrainerCallback
 
-    class StepTimer(TrainerCallback):  # type: ignore[misc]
+    class StepTimer(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             timer.on_step_begin()
 
@@ -244,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", type=lambda s: s.split(","), help="default: oracle grid + peers")
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32")
+    parser.add_argument(
+        "--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32"
+    )
     add_runner_arguments(parser, out=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)
-    runs = grid(seeds, args.ranks, methods=args.methods, steps=args.steps, model=args.model, precision=args.precision)
+    runs = grid(
+        seeds, args.ranks, methods=args.methods, steps=args.steps, model=args.model, precision=args.precision
+    )
     if args.dry_run:
         from .runner import pending
 

@@ -33,7 +33,16 @@ RSLORA_ALPHA = 16.0
 LORAPLUS_RATIO = 16.0
 #: Methods that ignore the base LR (their step size is estimated).
 LR_FREE = frozenset({"prodigy", "dadapt"})
-METHODS = ("lora", "rslora", "loraplus", "prodigy", "dadapt", "schedulefree", "alphatuned", "alphatuned-static")
+METHODS = (
+    "lora",
+    "rslora",
+    "loraplus",
+    "prodigy",
+    "dadapt",
+    "schedulefree",
+    "alphatuned",
+    "alphatuned-static",
+)
 
 
 @dataclass
@@ -141,5 +150,7 @@ def _alphatuned(
 ) -> PeerOptimizer:
     from alpha_tuner import AlphaTunedOptimizer
 
-    opt = AlphaTunedOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=0.0), model, adapt=adapt, **(options or {}))
+    opt = AlphaTunedOptimizer(
+        torch.optim.AdamW(params, lr=lr, weight_decay=0.0), model, adapt=adapt, **(options or {})
+    )
     return PeerOptimizer(opt, schedule, tuner=opt)

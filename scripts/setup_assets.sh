@@ -50,4 +50,4 @@ if [[ "$want_smollm2" == 1 ]]; then
 fi
 
 # Fail here, naming what is missing, rather than at the first training step.
-"$PY" -m alpha_tuner.experiments.assets --check $([[ "$want_smollm2" == 1 ]] && echo --smollm2)
+"$PY" -m alpha_tuner.demo.assets --check $([[ "$want_smollm2" == 1 ]] && echo --smollm2)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from alpha_tuner.experiments.sweep import rule_tag
 from alpha_tuner.principled import principled_alpha
+from research.sweep import rule_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_step.py"
@@ -24,9 +24,9 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
 
 def _script(name: str, *args: str, runs: int = 1) -> subprocess.CompletedProcess[str]:
-    """Run ``benchmarks/<name>`` ``runs`` times offline (a rerun of a resumable script only reports)."""
+    """Run the probe ``research/probes/<name>`` ``runs`` times offline (a rerun only reports)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / name), *args]
+    cmd = [sys.executable, "-m", f"research.probes.{name.removesuffix('.py')}", *args]
     for _ in range(runs):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,7 +161,7 @@ def test_a_lr_probe_sets_alpha_resumes_and_reports(tmp_path: Path) -> None:
 def test_oracle_gap_scores_alphatuned_against_the_oracle_seed_by_seed(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from alpha_tuner.experiments.sweep import SweepSpec, grid_configs, tuner_tag
+    from research.sweep import SweepSpec, grid_configs, tuner_tag
 
     spec = replace(SweepSpec(), ranks=(4,))
     records = []
@@ -193,8 +193,8 @@ def test_oracle_gap_scores_alphatuned_against_the_oracle_seed_by_seed(tmp_path: 
 
 def _grid_lines(ranks: list[int], law: dict[float, tuple[float, float]]) -> str:
     """Grid records whose loss is a parabola in log α around α* = K·r^p (per LR), two seeds."""
-    from alpha_tuner.experiments.sweep import SweepSpec
-    from alpha_tuner.experiments.train import RunConfig
+    from alpha_tuner.demo.train import RunConfig
+    from research.sweep import SweepSpec
 
     spec = SweepSpec()
     lines = []
@@ -217,7 +217,7 @@ def test_held_out_rank_compares_the_measured_best_alpha_with_the_other_ranks_fit
     out = tmp_path / "held_out_rank.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [
-        *(sys.executable, str(ROOT / "benchmarks" / "held_out_rank.py")),
+        *(sys.executable, "-m", "research.probes.held_out_rank"),
         *("--results", str(tmp_path / "grid.jsonl"), "--out", str(out)),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from alpha_tuner import AlphaTunedOptimizer, principled_alpha
+from alpha_tuner import C_REF, AlphaRule, AlphaTunedOptimizer, principled_alpha
 from alpha_tuner.cli import main
-from alpha_tuner.experiments import assets
-from alpha_tuner.experiments.models import attach_lora, load_base
-from alpha_tuner.experiments.sweep import read_records
-from alpha_tuner import C_REF, AlphaRule
+from alpha_tuner.demo import assets
+from alpha_tuner.demo.models import attach_lora, load_base
 from alpha_tuner.principled import principled_rank_exponent
+from research.sweep import read_records
 
 
 @pytest.fixture(scope="module")

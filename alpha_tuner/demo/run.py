@@ -62,7 +62,7 @@ def run_demo(
 
     Raises:
         ValueError: For an unknown method.
-        alpha_tuner.experiments.assets.AssetMissingError: If the model or data is not installed.
+        alpha_tuner.demo.assets.AssetMissingError: If the model or data is not installed.
     """
     from .models import load_base
     from .train import RunConfig, make_task, run
@@ -127,7 +127,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(args: Any) -> int:
     """Run the demo from parsed command-line arguments and write the table, PNG and JSON."""
-    from .plots import plot_demo
+    from .figure import plot_demo
 
     result = run_demo(
         model=args.model,

@@ -28,8 +28,9 @@ from .fit import (
     record_loss,
     rho_slopes,
 )
-from .rule import bootstrap_rule
-from .sweep import PEERS, SweepSpec, finite_json, read_records, tuner_tag
+from .rule_fit import bootstrap_rule
+from .runner import finite_json, read_records
+from .sweep import PEERS, SweepSpec, tuner_tag
 
 __all__ = ["analyse", "oracle_gaps", "write_report"]
 
@@ -45,7 +46,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _lr_rule(fits: Mapping[float, PowerLawFit]) -> dict[str, float] | None:
     """log c(η) = log C + q·log(η_ref/η) through the per-LR coefficients at p = 1/2."""
-    from alpha_tuner.principled import REFERENCE_LR
+    from alpha_tuner.rule import REFERENCE_LR
 
     lrs = sorted(fits)
     if len(lrs) < 2:
@@ -71,7 +72,7 @@ def _rule_fits(cells: Mapping[tuple[int, float, float], Sequence[float]]) -> dic
     ``"selected"`` names the form with the smallest leave-one-out error (the out-of-sample
     test of a form: more parameters always fit the seen points at least as well).
     """
-    from alpha_tuner.principled import REFERENCE_LR
+    from alpha_tuner.rule import REFERENCE_LR
 
     tables = {lr: t for lr in sorted({c[1] for c in cells}) if len(t := rank_tables(cells, lr)) >= 2}
     out: dict[str, Any] = {}
@@ -357,7 +358,9 @@ def _markdown(result: Mapping[str, Any]) -> str:
 
 
 def _rule_markdown(rules: Mapping[str, Any]) -> list[str]:
-    from alpha_tuner.principled import C_REF, LR_EXPONENT, RANK_EXPONENT, RANK_EXPONENT_SLOPE
+    from alpha_tuner.rule import AlphaRule
+
+    lib = AlphaRule()
 
     def interval(pair: Sequence[float], digits: int) -> str:
         lo, hi = pair
@@ -415,8 +418,8 @@ def _rule_markdown(rules: Mapping[str, Any]) -> list[str]:
     if rules:
         lines += [
             "",
-            f"The library now: c = {C_REF:g}, q = {LR_EXPONENT:g}, p₀ = {RANK_EXPONENT:g}, "
-            f"p₁ = {RANK_EXPONENT_SLOPE:g} (alpha_tuner.principled).",
+            f"The library now: c = {lib.c:g}, q = {lib.lr_exponent:g}, p₀ = {lib.rank_exponent:g}, "
+            f"p₁ = {lib.rank_exponent_slope:g} (alpha_tuner.AlphaRule).",
         ]
     return lines
 

@@ -12,10 +12,10 @@ under another rule is neither resumed as nor reported with these. Tags without a
 
 Usage::
 
-    python benchmarks/head_ablation.py                      # r = 4, 16, 64; seeds 0, 1; lr 2e-5
-    python benchmarks/head_ablation.py --shard 0/2 &        # two workers on one file
-    python benchmarks/head_ablation.py --shard 1/2
-    python benchmarks/head_ablation.py --report             # only the table, from the file
+    python -m research.probes.head_ablation                      # r = 4, 16, 64; seeds 0, 1; lr 2e-5
+    python -m research.probes.head_ablation --shard 0/2 &        # two workers on one file
+    python -m research.probes.head_ablation --shard 1/2
+    python -m research.probes.head_ablation --report             # only the table, from the file
 """
 
 from __future__ import annotations
@@ -24,17 +24,23 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from _resumable import add_arguments, ints, shard
 
-from alpha_tuner.experiments.fit import cell_table, grid_oracle, record_loss
-from alpha_tuner.experiments.sweep import SweepSpec, pending_runs, read_records, rule_tag, run_configs
-from alpha_tuner.experiments.train import RunConfig
+from alpha_tuner.demo.train import RunConfig
 from alpha_tuner.heads import HEAD_LR
+from research.fit import cell_table, grid_oracle, record_loss
+from research.runner import pending_runs
+from research.sweep import SweepSpec, read_records, rule_tag, run_configs
+
+from ._options import add_arguments, ints, shard
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {f"head={HEAD_LR:g}": {"head_lr": HEAD_LR}, "head=base": {"head_lr": None}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    f"head={HEAD_LR:g}": {"head_lr": HEAD_LR},
+    "head=base": {"head_lr": None},
+}
 #: The rule of the records whose tag names no rule (the √r rule with c = 280 at 2e-5).
 LEGACY_RULE = "c=280@2e-05,q=1.34"
 

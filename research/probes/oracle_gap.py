@@ -7,12 +7,12 @@ the confirmation seeds 104–107 on which only AlphaTuned at the smallest LR and
 
     alpha-tuner sweep bar --heldout-seeds 104,105,106,107 --lrs 2e-5 \\
         --methods alphatuned-static,alphatuned,oracle
-    python benchmarks/oracle_gap.py --seeds 104,105,106,107
-    python benchmarks/oracle_gap.py --seeds 100,101,102,103,104,105,106,107
+    python -m research.probes.oracle_gap --seeds 104,105,106,107
+    python -m research.probes.oracle_gap --seeds 100,101,102,103,104,105,106,107
 
 ``--lr`` scores AlphaTuned at another of the sweep's learning rates against the same oracle.
 Per AlphaTuned variant and rank: the relative gap of the mean held-out loss to the oracle's, the
-paired gap of each seed and its standard error (:func:`alpha_tuner.experiments.fit.paired_gap`).
+paired gap of each seed and its standard error (:func:`research.fit.paired_gap`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from alpha_tuner.experiments.report import oracle_gaps
-from alpha_tuner.experiments.sweep import SweepSpec, read_records, tuner_tag
+from research.report import oracle_gaps
+from research.sweep import SweepSpec, read_records, tuner_tag
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"alphatuned-static": "static", "alphatuned": "adaptive"}

@@ -1,7 +1,7 @@
 """``alpha-tuner sweep``: the α × learning rate × rank grid and the runs of the bar.
 
 Two phases write to one JSON-lines file, one record per finished run (see
-:func:`alpha_tuner.experiments.train.run`), keyed by :meth:`RunConfig.key`; a rerun skips
+:func:`alpha_tuner.demo.train.run`), keyed by :meth:`RunConfig.key`; a rerun skips
 every key already in the file, so an interrupted sweep resumes where it stopped.
 
 * ``grid``: vanilla LoRA with α = c·√r for every coefficient c, learning rate and rank, on the
@@ -18,12 +18,14 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .train import RunConfig
+from alpha_tuner.demo.train import RunConfig
+
+from .runner import append_line, end_with_newline, finite_json, pending_runs, read_records
 
 __all__ = [
     "SweepSpec",
@@ -31,7 +33,6 @@ __all__ = [
     "finite_json",
     "grid_coefficients",
     "grid_configs",
-    "pending_runs",
     "read_records",
     "rule_tag",
     "run_configs",
@@ -97,13 +98,10 @@ def grid_configs(spec: SweepSpec) -> list[RunConfig]:
 
 
 def rule_tag() -> str:
-    """The library's principled rule now, as a tag: ``c=…@η_ref,q=…`` and, unless √r, ``p=…``."""
-    from alpha_tuner.principled import C_REF, LR_EXPONENT, RANK_EXPONENT, RANK_EXPONENT_SLOPE, REFERENCE_LR
+    """The library's principled rule now, as a tag (:attr:`alpha_tuner.AlphaRule.tag`)."""
+    from alpha_tuner.rule import AlphaRule
 
-    rule = f"c={C_REF:g}@{REFERENCE_LR:g},q={LR_EXPONENT:g}"
-    if (RANK_EXPONENT, RANK_EXPONENT_SLOPE) != (0.5, 0.0):  # the √r law of the earlier tags
-        rule += f",p={RANK_EXPONENT:g}" + (f"{RANK_EXPONENT_SLOPE:+g}ln" if RANK_EXPONENT_SLOPE else "")
-    return rule
+    return AlphaRule().tag
 
 
 def tuner_tag() -> str:
@@ -137,58 +135,6 @@ def bar_configs(spec: SweepSpec, oracle: dict[int, tuple[float, float]]) -> list
     return out
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a torn last line (a killed writer) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def finite_json(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    return value
-
-
-def _end_with_newline(path: Path) -> None:
-    """Terminate a torn last line (a killed writer), so the next record starts a line of its own."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) != b"\n":
-            fh.write(b"\n")
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append ``line`` and a newline to ``path`` in one ``O_APPEND`` write, then fsync.
-
-    One write call per record keeps the lines of several workers (``--shard``) whole when they
-    append to the same file.
-    """
-    data = (line + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _environment(device: str) -> dict[str, Any]:
     import torch
 
@@ -199,18 +145,6 @@ def _environment(device: str) -> dict[str, Any]:
         "machine": platform.machine(),
         "device": device,
     }
-
-
-def pending_runs(
-    runs: Iterable[T], path: Path, *, key: Callable[[T], str], shard: tuple[int, int] | None = None
-) -> list[T]:
-    """The runs whose ``key`` is not yet in ``path``; with ``shard = (K, N)`` every N-th from the K-th.
-
-    N workers started together with shards 0/N … (N−1)/N split the pending runs between them.
-    """
-    done = {r.get("key") for r in read_records(path)}
-    todo = [run for run in runs if key(run) not in done]
-    return todo[shard[0] :: shard[1]] if shard is not None else todo
 
 
 def run_configs(
@@ -236,14 +170,14 @@ def run_configs(
         tuner_options: Extra AlphaTuned options per run key (see :func:`.train.run`); a run's
             ``tag`` should name them.
     """
-    from .models import load_base
-    from .train import make_task, run
+    from alpha_tuner.demo.models import load_base
+    from alpha_tuner.demo.train import make_task, run
 
     todo = pending_runs(configs, path, key=RunConfig.key)
     if limit is not None:
         todo = todo[:limit]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _end_with_newline(path)
+    end_with_newline(path)
     bases: dict[tuple[str, int], Any] = {}
     bar = None
     if progress and todo:
@@ -291,41 +225,3 @@ def spec_from_args(args: Any) -> SweepSpec:
     ]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return replace(SweepSpec(), **overrides)
-
-
-def main(args: Any) -> int:
-    """Run the phases of ``alpha-tuner sweep`` named by ``args.phase``."""
-    from .fit import grid_oracle
-
-    spec = spec_from_args(args)
-    path: Path = args.out
-    phases = ("grid", "bar", "report") if args.phase == "all" else (args.phase,)
-    for phase in phases:
-        if phase == "report":
-            from .report import write_report
-
-            write_report(path, spec)
-            continue
-        if phase == "grid":
-            configs = grid_configs(spec)
-        else:
-            grid = [
-                r for r in read_records(path) if r["config"]["method"] == "lora" and not r["config"]["tag"]
-            ]
-            oracle = grid_oracle(grid, spec.seeds, n_cells=len(spec.lrs) * len(spec.coefficients))
-            missing = [r for r in spec.ranks if r not in oracle]
-            if missing:
-                print(f"sweep: no complete grid for ranks {missing} yet; their oracle cell is left out.")
-            configs = bar_configs(spec, oracle)
-        configs = select_configs(configs, methods=getattr(args, "methods", None))
-        pending = pending_runs(configs, path, key=RunConfig.key, shard=getattr(args, "shard", None))
-        if args.dry_run:
-            todo = [c.key() for c in pending]
-            print(f"{phase}: {len(todo)} of {len(configs)} runs to do")
-            print("\n".join(todo[: args.limit or len(todo)]))
-            continue
-        for _ in run_configs(
-            pending, path, limit=args.limit, progress=not args.no_progress, device=args.device
-        ):
-            pass
-    return 0

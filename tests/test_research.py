@@ -1,4 +1,4 @@
-"""Tests of alpha_tuner.experiments: the pure fit, data, the train loop and the resumable sweep.
+"""Tests of alpha_tuner.demo: the pure fit, data, the train loop and the resumable sweep.
 
 The model-backed tests use the random 2-layer BERT (``tiny``) and generated snippets, so they
 need no assets; the real-asset test skips, naming the setup command, where they are absent.
@@ -15,8 +15,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from alpha_tuner.experiments import assets
-from alpha_tuner.experiments.data import (
+from alpha_tuner.demo import assets
+from alpha_tuner.demo.data import (
     SPLIT_SEED,
     WordHashTokenizer,
     batches,
@@ -24,7 +24,10 @@ from alpha_tuner.experiments.data import (
     split_examples,
     synthetic_sentiment,
 )
-from alpha_tuner.experiments.fit import (
+from alpha_tuner.demo.models import load_base
+from alpha_tuner.demo.train import RunConfig, make_task, run
+from alpha_tuner.principled import principled_alpha
+from research.fit import (
     bootstrap_power_law,
     cell_table,
     fit_power_law,
@@ -34,9 +37,8 @@ from alpha_tuner.experiments.fit import (
     refine_argmin,
     rho_slopes,
 )
-from alpha_tuner.experiments.models import load_base
-from alpha_tuner.experiments.report import analyse, oracle_gaps
-from alpha_tuner.experiments.sweep import (
+from research.report import analyse, oracle_gaps
+from research.sweep import (
     PEERS,
     SweepSpec,
     append_line,
@@ -49,8 +51,6 @@ from alpha_tuner.experiments.sweep import (
     select_configs,
     tuner_tag,
 )
-from alpha_tuner.experiments.train import RunConfig, make_task, run
-from alpha_tuner.principled import principled_alpha
 
 # ----------------------------------------------------------------------------------- fit
 
@@ -212,9 +212,9 @@ def test_same_seed_same_result_and_measuring_does_not_change_training(tiny) -> N
     a, b = run(config, base, task), run(config, base, task)
     assert a["eval_loss"] == b["eval_loss"]
     # a bare AdamW run with the same seed gives the same held-out loss as the measured run
-    from alpha_tuner.experiments.data import batches as draw
-    from alpha_tuner.experiments.models import attach_lora
-    from alpha_tuner.experiments.train import evaluate
+    from alpha_tuner.demo.data import batches as draw
+    from alpha_tuner.demo.models import attach_lora
+    from alpha_tuner.demo.train import evaluate
 
     torch.manual_seed(3)
     model = attach_lora(base, "lora", 4, alpha=None, seed=3)
@@ -227,7 +227,7 @@ def test_same_seed_same_result_and_measuring_does_not_change_training(tiny) -> N
 
 
 def test_alphatuned_runs_lift_the_head_and_tuner_options_reach_the_wrapper(tiny) -> None:
-    from alpha_tuner.experiments.models import attach_lora, build_optimizer
+    from alpha_tuner.demo.models import attach_lora, build_optimizer
     from alpha_tuner.heads import HEAD_LR
 
     base, task = tiny

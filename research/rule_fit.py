@@ -11,8 +11,9 @@ the paper's α = c·√r. The interval of each parameter is the parametric boots
 :func:`~.fit.bootstrap_power_law`, applied to every (rank, LR) grid at once.
 
 Nothing here trains or reads files; the parameters come back under the keyword names of
-:func:`alpha_tuner.principled.principled_alpha`, whose formula :func:`rule_alpha` repeats (a
-test holds them equal), so the fitted constants go into the library as they are.
+the fields of :class:`alpha_tuner.AlphaRule`, and :func:`rule_alpha` is the library's own
+formula (:func:`alpha_tuner.rule.rule_alpha`), so the fitted constants go into the library as
+they are.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alpha_tuner.principled import REFERENCE_LR
+from alpha_tuner.rule import REFERENCE_LR, rule_alpha
 
 from .fit import redraw_means, refine_argmin
 
@@ -35,20 +36,6 @@ RULE_PARAMS = ("c", "lr_exponent", "rank_exponent", "rank_exponent_slope")
 Point = tuple[int, float, float]  # (rank, lr, best α)
 #: LR → rank → (α grid, losses of shape (n_seeds, n_alphas)), as :func:`~.fit.rank_tables` gives.
 Tables = Mapping[float, Mapping[int, tuple[Sequence[float], Sequence[Sequence[float]]]]]
-
-
-def rule_alpha(
-    rank: float, lr: float, params: Mapping[str, float], *, reference_lr: float = REFERENCE_LR
-) -> float:
-    """The rule's α (PEFT's default ``α/r`` convention) at ``rank`` and ``lr``.
-
-    The formula of :func:`alpha_tuner.principled.principled_alpha` (tests hold the two equal),
-    without its range checks: a bootstrap draw may fit a negative exponent that the library
-    would refuse as a setting.
-    """
-    x = math.log(reference_lr / lr)
-    p = params["rank_exponent"] - params["rank_exponent_slope"] * x
-    return params["c"] * math.exp(params["lr_exponent"] * x) * rank**p
 
 
 def fit_rule(

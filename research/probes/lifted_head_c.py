@@ -10,9 +10,9 @@ file; the tag of each names c and the head's LR, so runs under other settings ne
 
 Usage::
 
-    python benchmarks/lifted_head_c.py --shard 0/2 &   # two workers on one file
-    python benchmarks/lifted_head_c.py --shard 1/2
-    python benchmarks/lifted_head_c.py --report        # only the table, from the file
+    python -m research.probes.lifted_head_c --shard 0/2 &   # two workers on one file
+    python -m research.probes.lifted_head_c --shard 1/2
+    python -m research.probes.lifted_head_c --report        # only the table, from the file
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ import sys
 from pathlib import Path
 
 import torch
-from _resumable import add_arguments, ints, shard
 
-from alpha_tuner.experiments.fit import cell_table, grid_oracle, record_loss
-from alpha_tuner.experiments.sweep import SweepSpec, pending_runs, read_records, run_configs
-from alpha_tuner.experiments.train import RunConfig
+from alpha_tuner.demo.train import RunConfig
 from alpha_tuner.heads import HEAD_LR
 from alpha_tuner.principled import LR_EXPONENT, REFERENCE_LR
+from research.fit import cell_table, grid_oracle, record_loss
+from research.runner import pending_runs
+from research.sweep import SweepSpec, read_records, run_configs
+
+from ._options import add_arguments, ints, shard
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -8,8 +8,8 @@ reports, as layer means at the end of training, how far A moved from its initial
 
 Usage::
 
-    python benchmarks/factor_motion.py                 # r = 16, seed 0 -> a markdown table
-    python benchmarks/factor_motion.py --rank 4 --seed 1
+    python -m research.probes.factor_motion                 # r = 16, seed 0 -> a markdown table
+    python -m research.probes.factor_motion --rank 4 --seed 1
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from alpha_tuner.experiments.data import batches
-from alpha_tuner.experiments.models import attach_lora, build_optimizer, load_base
-from alpha_tuner.experiments.sweep import SweepSpec
-from alpha_tuner.experiments.train import evaluate, make_task
+from alpha_tuner.demo.data import batches
+from alpha_tuner.demo.models import attach_lora, build_optimizer, load_base
+from alpha_tuner.demo.train import evaluate, make_task
+from research.sweep import SweepSpec
 
 #: (label, method, lr, alpha): AlphaTuned's defaults at the small and the large LR, and plain
 #: LoRA at the large LR with the grid's best α of r = 16 (α = 32) and with AlphaTuned's α there.

@@ -92,7 +92,7 @@ def load_base(name: str) -> BaseModel:
 
     Raises:
         ValueError: For an unknown name.
-        alpha_tuner.experiments.assets.AssetMissingError: If the model is not installed.
+        alpha_tuner.demo.assets.AssetMissingError: If the model is not installed.
     """
     if name not in SPECS:
         raise ValueError(f"Unknown model {name!r}; choose one of {sorted(SPECS)}.")

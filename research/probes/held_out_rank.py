@@ -6,14 +6,14 @@ learning rate, the best α measured there (parabola-refined, as in the sweep rep
 what the other ranks predict:
 
 * the per-LR power law ``c·r^p`` fitted on the other ranks, and the same at p = ½;
-* the joint rule of :mod:`alpha_tuner.experiments.rule` (``α = c(η)·r^p(η)``, the library's
+* the joint rule of :mod:`research.rule_fit` (``α = c(η)·r^p(η)``, the library's
   form) fitted on the other ranks' points only;
 * the library's rule now (fitted on every rank, so not a prediction);
 
 then the per-LR exponent p refitted with every rank. Usage::
 
-    python benchmarks/held_out_rank.py              # -> benchmarks/results/held_out_rank.md
-    python benchmarks/held_out_rank.py --rank 4
+    python -m research.probes.held_out_rank              # -> benchmarks/results/held_out_rank.md
+    python -m research.probes.held_out_rank --rank 4
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import argparse
 import math
 from pathlib import Path
 
-from alpha_tuner.experiments.fit import bootstrap_power_law, cell_table, grid_records, rank_tables
-from alpha_tuner.experiments.rule import bootstrap_rule, rule_alpha
-from alpha_tuner.experiments.sweep import SweepSpec, read_records
 from alpha_tuner.principled import REFERENCE_LR, principled_alpha
+from research.fit import bootstrap_power_law, cell_table, grid_records, rank_tables
+from research.rule_fit import bootstrap_rule, rule_alpha
+from research.sweep import SweepSpec, read_records
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,7 +1,7 @@
 """The command-line options the resumable benchmark scripts share (head_ablation, lifted_head_c, a_lr_probe).
 
 Each script appends one JSON line per finished run to ``--out``, skips the runs already there
-(:func:`alpha_tuner.experiments.sweep.pending_runs`), and with ``--report`` only prints its table.
+(:func:`research.runner.pending_runs`), and with ``--report`` only prints its table.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from alpha_tuner.experiments.sweep import SweepSpec
+from research.sweep import SweepSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, out: Path, ranks: str) -> None:

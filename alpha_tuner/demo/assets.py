@@ -11,7 +11,7 @@ transformers loads the GGUF file but flags the model as quantized and refuses to
 so :func:`smollm2_path` converts it once to a plain float32 ``LlamaForCausalLM`` folder in a
 cache directory (``$ALPHA_TUNER_CACHE``, default ``~/.cache/alpha_tuner``).
 
-``python -m alpha_tuner.experiments.assets --check [--smollm2]`` verifies the installation.
+``python -m alpha_tuner.demo.assets --check [--smollm2]`` verifies the installation.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def missing_reason(*, smollm2: bool = False) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``--check``: load the installed assets with the hub offline and report them."""
-    parser = argparse.ArgumentParser(prog="python -m alpha_tuner.experiments.assets")
+    parser = argparse.ArgumentParser(prog="python -m alpha_tuner.demo.assets")
     parser.add_argument("--check", action="store_true", help="load the assets with the hub offline")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2 (converting it once)")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Pure analysis of sweep records: best α per rank, the power law α* = c·r^p, and the claims.
 
 Nothing here trains or reads files; every function takes records (dicts as written by
-:func:`alpha_tuner.experiments.train.run`) or arrays and returns numbers, so it is tested on
+:func:`alpha_tuner.demo.train.run`) or arrays and returns numbers, so it is tested on
 synthetic data with a known answer.
 
 Best α of a rank at one learning rate: the mean held-out loss over seeds of each grid α, then

@@ -1,6 +1,6 @@
 """Probe: AlphaTuned at a small base LR with LoRA's A factors at a larger LR.
 
-``benchmarks/factor_motion.py`` shows that at lr 2e-5 the A factors hardly leave their random
+``research/probes/factor_motion.py`` shows that at lr 2e-5 the A factors hardly leave their random
 initialisation, whatever α is. This probe trains AlphaTuned static (head lifted, as shipped) with
 the A factors in their own AdamW group at ``--a-lr`` and everything else at ``--lr``, with α = c
 at every rank (``lr_exponent=0``, ``rank_exponent=0``: c is the α itself), on the *selection*
@@ -9,8 +9,8 @@ Records go to a resumable JSON-lines file.
 
 Usage::
 
-    python benchmarks/a_lr_probe.py --shard 0/2 & python benchmarks/a_lr_probe.py --shard 1/2
-    python benchmarks/a_lr_probe.py --report
+    python -m research.probes.a_lr_probe --shard 0/2 & python -m research.probes.a_lr_probe --shard 1/2
+    python -m research.probes.a_lr_probe --report
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ import time
 from pathlib import Path
 
 import torch
-from _resumable import add_arguments, ints, shard
 
 from alpha_tuner import AlphaTunedOptimizer
-from alpha_tuner.experiments.data import batches
-from alpha_tuner.experiments.fit import record_loss
-from alpha_tuner.experiments.models import attach_lora, load_base
-from alpha_tuner.experiments.sweep import SweepSpec, append_line, finite_json, pending_runs, read_records
-from alpha_tuner.experiments.train import evaluate, make_task
+from alpha_tuner.demo.data import batches
+from alpha_tuner.demo.models import attach_lora, load_base
+from alpha_tuner.demo.train import evaluate, make_task
+from research.fit import record_loss
+from research.runner import pending_runs
+from research.sweep import SweepSpec, append_line, finite_json, read_records
+
+from ._options import add_arguments, ints, shard
 
 RESULTS = Path(__file__).parent / "results"
 
