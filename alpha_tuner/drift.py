@@ -16,8 +16,8 @@ Both Frobenius norms reduce to inner products ``⟨P, Q⟩ = Σ P∘Q`` of r×r 
     ‖dB·dA‖²       = ⟨dBᵀdB, dA·dAᵀ⟩
     ‖dB·A + B·dA‖² = ⟨dBᵀdB, A·Aᵀ⟩ + 2·Σ (dBᵀB) ∘ (A·dAᵀ) + ⟨BᵀB, dA·dAᵀ⟩
 
-(the middle term is ``2·tr(Aᵀ·dBᵀ·B·dA)`` rearranged cyclically). Every Gram block comes out of
-two batched matmuls, ``[B, dB]ᵀ[B, dB]`` and ``[A; dA]·[A; dA]ᵀ``, so the cost is
+(the middle term is ``2·tr(Aᵀ·dBᵀ·B·dA)`` rearranged cyclically). The six Gram blocks come out of
+six batched r×r-output matmuls (:func:`lora_grams`), so the cost is
 ``O((d + k)·r²)`` time and ``O((d + k)·r)`` extra memory instead of the ``O(d·k·r)`` of the
 dense route. All functions are pure and never synchronise with the host, so they can run
 inside a training step on an accelerator.
@@ -26,20 +26,22 @@ inside a training step on an accelerator.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "GRAM_BLOCKS",
     "DriftNorms",
+    "check_shapes",
+    "common_dtype",
     "compute_dtype",
-    "dense_drift_norms",
     "drift_norms",
-    "drift_norms_grouped",
     "drift_ratio",
+    "lora_grams",
     "lora_matrices",
+    "norms_from_grams",
 ]
 
 
@@ -60,14 +62,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _common_dtype(*tensors: Tensor) -> torch.dtype:
+def common_dtype(*tensors: Tensor) -> torch.dtype:
+    """The compute dtype of several tensors together: at least float32."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
-def _check_shapes(a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> None:
+def check_shapes(a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> None:
+    """Raise ``ValueError`` unless ``a (..., r, k)``, ``b (..., d, r)`` and the steps agree."""
     # Shapes are host-side metadata, so validating them costs no device sync.
     if a.dim() < 2 or b.dim() < 2:
         raise ValueError(f"a and b must be at least 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -80,8 +84,58 @@ def _check_shapes(a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> None:
         raise ValueError(f"expected a (..., r, k) and b (..., d, r), got {tuple(a.shape)}, {tuple(b.shape)}")
 
 
+#: Order of the six r×r Gram blocks in the stacked tensor of :func:`lora_grams`.
+GRAM_BLOCKS = ("A·Aᵀ", "A·dAᵀ", "dA·dAᵀ", "BᵀB", "dBᵀB", "dBᵀdB")
+
+
+def lora_grams(a: Tensor, b: Tensor, da: Tensor, db: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """The six r×r Gram blocks of a LoRA step, stacked as ``(6, ..., r, r)`` (:data:`GRAM_BLOCKS`).
+
+    Six batched matmuls, written straight into ``out`` when given (the meter passes a slice of
+    one buffer per rank, so no Gram is copied). Inputs must already be in the compute dtype.
+
+    Args:
+        a: Pre-step ``A`` factors, shape ``(..., r, k)``.
+        b: Pre-step ``B`` factors, shape ``(..., d, r)``.
+        da: Step taken by ``A``, same shape as ``a``.
+        db: Step taken by ``B``, same shape as ``b``.
+        out: Optional ``(6, ..., r, r)`` tensor to write into.
+
+    Returns:
+        ``out`` (or a new tensor) holding the blocks.
+    """
+    if out is None:
+        out = a.new_empty((6, *a.shape[:-1], a.shape[-2]))
+    torch.matmul(a, a.mT, out=out[0])
+    torch.matmul(a, da.mT, out=out[1])
+    torch.matmul(da, da.mT, out=out[2])
+    torch.matmul(b.mT, b, out=out[3])
+    torch.matmul(db.mT, b, out=out[4])
+    torch.matmul(db.mT, db, out=out[5])
+    return out
+
+
+def norms_from_grams(grams: Tensor) -> DriftNorms:
+    """Signal and drift norms from the stacked Grams of :func:`lora_grams`: the identities above.
+
+    Args:
+        grams: ``(6, ..., r, r)`` in the order of :data:`GRAM_BLOCKS`.
+
+    Returns:
+        ``DriftNorms`` of shape ``(...,)``.
+    """
+    aat, adat, dadat, btb, dbtb, dbtdb = grams.unbind(0)
+    signal_sq = (dbtdb * aat + 2.0 * dbtb * adat + btb * dadat).sum(dim=(-2, -1))
+    drift_sq = (dbtdb * dadat).sum(dim=(-2, -1))
+    # Cancellation in the expanded sums can leave tiny negative values; sqrt would make NaN.
+    return DriftNorms(signal_sq.clamp_min(0.0).sqrt(), drift_sq.clamp_min(0.0).sqrt())
+
+
 def drift_norms(a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> DriftNorms:
     """Signal and drift norms of a LoRA step via r×r Gram matrices, batched over leading dims.
+
+    The one kernel of the library: :func:`lora_grams` then :func:`norms_from_grams`, as the
+    meter (:class:`alpha_tuner.measure.DriftMeter`) runs them chunk by chunk.
 
     Args:
         a: Pre-step ``A`` factors, shape ``(..., r, k)``.
@@ -95,27 +149,16 @@ def drift_norms(a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> DriftNorms:
     Raises:
         ValueError: If the shapes are inconsistent.
     """
-    _check_shapes(a, b, da, db)
-    r = a.shape[-2]
-    dtype = _common_dtype(a, b, da, db)
-    # One Gram per side instead of three: the (2r×2r) blocks hold every product we need.
-    left = torch.cat((b.to(dtype), db.to(dtype)), dim=-1)  # (..., d, 2r) = [B, dB]
-    right = torch.cat((a.to(dtype), da.to(dtype)), dim=-2)  # (..., 2r, k) = [A; dA]
-    g_b = torch.matmul(left.mT, left)  # [[BᵀB, BᵀdB], [dBᵀB, dBᵀdB]]
-    g_a = torch.matmul(right, right.mT)  # [[AAᵀ, AdAᵀ], [dAAᵀ, dAdAᵀ]]
-    btb, dbtb, dbtdb = g_b[..., :r, :r], g_b[..., r:, :r], g_b[..., r:, r:]
-    aat, adat, dadat = g_a[..., :r, :r], g_a[..., :r, r:], g_a[..., r:, r:]
-    signal_sq = (dbtdb * aat + 2.0 * dbtb * adat + btb * dadat).sum(dim=(-2, -1))
-    drift_sq = (dbtdb * dadat).sum(dim=(-2, -1))
-    # Cancellation in the expanded sums can leave tiny negative values; sqrt would make NaN.
-    return DriftNorms(signal_sq.clamp_min(0.0).sqrt(), drift_sq.clamp_min(0.0).sqrt())
+    check_shapes(a, b, da, db)
+    dtype = common_dtype(a, b, da, db)
+    return norms_from_grams(lora_grams(a.to(dtype), b.to(dtype), da.to(dtype), db.to(dtype)))
 
 
 def drift_ratio(norms: DriftNorms, *, eps: float = 1e-30) -> Tensor:
     """Drift ratio ``ρ = drift / signal`` computed without host syncs.
 
     Args:
-        norms: Output of ``drift_norms`` (or ``dense_drift_norms``).
+        norms: Output of ``drift_norms`` (or of ``norms_from_grams``).
         eps: A signal at or below ``eps`` counts as zero.
 
     Returns:
@@ -128,62 +171,6 @@ def drift_ratio(norms: DriftNorms, *, eps: float = 1e-30) -> Tensor:
     # drift * inf is +inf for drift > 0 and NaN for NaN drift; drift == 0 gives a clean 0.
     degenerate = torch.where(drift == 0, torch.zeros_like(drift), drift * math.inf)
     return torch.where(signal <= eps, degenerate, ratio)
-
-
-def dense_drift_norms(a: Tensor, b: Tensor, da: Tensor, db: Tensor) -> DriftNorms:
-    """Reference ``drift_norms`` that forms the d×k matrices (for tests and benchmarks only).
-
-    Args:
-        a: ``(..., r, k)``. b: ``(..., d, r)``. da: like ``a``. db: like ``b``.
-
-    Returns:
-        ``DriftNorms`` of shape ``(...,)`` in the same compute dtype as ``drift_norms``.
-    """
-    _check_shapes(a, b, da, db)
-    dtype = _common_dtype(a, b, da, db)
-    a, b, da, db = a.to(dtype), b.to(dtype), da.to(dtype), db.to(dtype)
-    signal = torch.linalg.matrix_norm(db @ a + b @ da)
-    drift = torch.linalg.matrix_norm(db @ da)
-    return DriftNorms(signal, drift)
-
-
-def drift_norms_grouped(pairs: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> DriftNorms:
-    """``drift_norms`` for a list of layers of possibly different shapes.
-
-    Layers sharing ``(a.shape, b.shape, dtype, device)`` are stacked and handled by a single
-    batched ``drift_norms`` call, so a model costs one call per distinct layer shape.
-
-    Args:
-        pairs: Per-layer 2-D ``(a, b, da, db)`` tensors.
-
-    Returns:
-        ``DriftNorms`` of 1-D tensors of length ``len(pairs)`` in input order, on the device of
-        the first layer, in float64 if any layer computes in float64 and float32 otherwise.
-        Empty input gives empty float32 CPU tensors.
-    """
-    if not pairs:
-        return DriftNorms(torch.zeros(0), torch.zeros(0))
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i, (a, b, da, db) in enumerate(pairs):
-        if a.dim() != 2:
-            raise ValueError(f"layer {i}: expected 2-D factors, got a of shape {tuple(a.shape)}")
-        _check_shapes(a, b, da, db)
-        key = (tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, da.dtype, db.dtype, a.device)
-        groups.setdefault(key, []).append(i)
-    device = pairs[0][0].device
-    out_dtype = torch.float32
-    signals: list[Tensor] = [torch.zeros(())] * len(pairs)
-    drifts: list[Tensor] = [torch.zeros(())] * len(pairs)
-    for idx in groups.values():
-        stacked = [torch.stack([pairs[i][j] for i in idx]) for j in range(4)]
-        norms = drift_norms(*stacked)
-        out_dtype = torch.promote_types(out_dtype, norms.signal.dtype)
-        # unbind gives views, so this is bookkeeping only; the final stack is one kernel.
-        for i, s, d in zip(idx, norms.signal.unbind(), norms.drift.unbind(), strict=True):
-            signals[i], drifts[i] = s, d
-    signal = torch.stack([s.to(device=device, dtype=out_dtype) for s in signals])
-    drift = torch.stack([d.to(device=device, dtype=out_dtype) for d in drifts])
-    return DriftNorms(signal, drift)
 
 
 def lora_matrices(weight_a: Tensor, weight_b: Tensor) -> tuple[Tensor, Tensor]:

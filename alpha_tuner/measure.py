@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .discovery import LoraTarget
 from .distributed import gather_full, is_sharded, layout, local_tensor
-from .drift import DriftNorms, compute_dtype, drift_ratio, lora_matrices
+from .drift import DriftNorms, compute_dtype, drift_ratio, lora_grams, lora_matrices, norms_from_grams
 
 __all__ = ["DriftMeter", "Measurement"]
 
@@ -111,18 +111,6 @@ class _Chunk:
         return tuple(  # type: ignore[return-value]
             -(-len(x) * x[0].numel() * x[0].element_size() // _ALIGN) * _ALIGN for x in (a, b)
         )
-
-
-def _norms_from_grams(grams: Tensor) -> DriftNorms:
-    """Signal and drift norms from stacked Grams ``[AAᵀ, A·dAᵀ, dA·dAᵀ, BᵀB, dBᵀB, dBᵀdB]``.
-
-    The identities of :mod:`alpha_tuner.drift`; ``grams`` has shape ``(6, n, r, r)``.
-    """
-    aat, adat, dadat, btb, dbtb, dbtdb = grams.unbind(0)
-    signal_sq = (dbtdb * aat + 2.0 * dbtb * adat + btb * dadat).sum(dim=(-2, -1))
-    drift_sq = (dbtdb * dadat).sum(dim=(-2, -1))
-    # Cancellation in the expanded sum can leave tiny negative values; sqrt would make NaN.
-    return DriftNorms(signal_sq.clamp_min(0.0).sqrt(), drift_sq.clamp_min(0.0).sqrt())
 
 
 def _default_chunk_bytes(total_bytes: int, device: torch.device) -> int:
@@ -370,16 +358,10 @@ class DriftMeter:
                 if c.sharded:  # the full tensors: one gather per side
                     a, da = gather_full(torch.stack((a, da)), c.a[0]).unbind(0)
                     b, db = gather_full(torch.stack((b, db)), c.b[0]).unbind(0)
-                g = grams[c.key][:, c.start : c.start + len(c.a)]
-                torch.matmul(a, a.mT, out=g[0])
-                torch.matmul(a, da.mT, out=g[1])
-                torch.matmul(da, da.mT, out=g[2])
-                torch.matmul(b.mT, b, out=g[3])
-                torch.matmul(db.mT, b, out=g[4])
-                torch.matmul(db.mT, db, out=g[5])
+                lora_grams(a, b, da, db, out=grams[c.key][:, c.start : c.start + len(c.a)])
                 del a, b, da, db
             for key, g in grams.items():
-                norms = _norms_from_grams(g)
+                norms = norms_from_grams(g)
                 signal.index_copy_(0, self._rows[phase][key], norms.signal.to(self.device, torch.float32))
                 drift.index_copy_(0, self._rows[phase][key], norms.drift.to(self.device, torch.float32))
         rho = drift_ratio(DriftNorms(signal=signal, drift=drift))

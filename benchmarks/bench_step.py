@@ -22,8 +22,8 @@ Reported:
   times, and measuring every step (one phase per step) as the median of per-step ratios; both
   also with ``measure_phases=1`` (all layers at each measurement) for comparison;
 * the Gram route (``drift.drift_norms``) against the dense d×k route
-  (``drift.dense_drift_norms``) on the same layers, and one full measurement by
-  ``DriftMeter`` against the unchunked ``drift.drift_norms_grouped``;
+  (``tests/drift_reference.dense_drift_norms``) on the same layers, and one full measurement by
+  ``DriftMeter`` against the unchunked ``tests/drift_reference.drift_norms_grouped``;
 * the extra memory of a measurement step, as a fraction of the LoRA parameter bytes: on
   CPU from the allocation events of ``torch.profiler`` (peak of the running total), on CUDA
   from ``torch.cuda.max_memory_allocated``.
@@ -50,7 +50,11 @@ import torch
 from torch import nn
 
 from alpha_tuner import AlphaTunedOptimizer
-from alpha_tuner.drift import dense_drift_norms, drift_norms, drift_norms_grouped, lora_matrices
+from alpha_tuner.drift import drift_norms, lora_matrices
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from drift_reference import dense_drift_norms, drift_norms_grouped
+
 from alpha_tuner.measure import DriftMeter
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

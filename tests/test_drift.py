@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from drift_reference import dense_drift_norms, drift_norms_grouped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -14,9 +15,7 @@ from torch import Tensor
 from alpha_tuner.drift import (
     DriftNorms,
     compute_dtype,
-    dense_drift_norms,
     drift_norms,
-    drift_norms_grouped,
     drift_ratio,
     lora_matrices,
 )

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import lm_batch, make_convnet, randomize_lora_b, tiny_gpt2, tiny_llama
+from drift_reference import dense_drift_norms, drift_norms_grouped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from alpha_tuner import AlphaTunedOptimizer, ControlConfig
 from alpha_tuner.discovery import find_lora_targets
-from alpha_tuner.drift import dense_drift_norms, drift_norms_grouped, drift_ratio, lora_matrices
+from alpha_tuner.drift import drift_ratio, lora_matrices
 from alpha_tuner.measure import DriftMeter, Measurement
 
 
