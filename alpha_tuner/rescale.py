@@ -25,7 +25,14 @@ from torch import nn
 
 from .discovery import LoraTarget
 
-__all__ = ["STATE_EXPONENTS", "rescale_target_", "state_exponents", "update_adapter_config", "write_alpha"]
+__all__ = [
+    "STATE_EXPONENTS",
+    "group_map",
+    "rescale_target_",
+    "state_exponents",
+    "update_adapter_config",
+    "write_alpha",
+]
 
 _ADAM = {"exp_avg": -1, "exp_avg_sq": -2, "max_exp_avg_sq": -2, "step": 0, "mu_product": 0}
 
@@ -79,7 +86,8 @@ def state_exponents(
     return table
 
 
-def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, object]]:
+def group_map(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, object]]:
+    """Parameter id → its param group: build it once per batch of rescales, not per layer."""
     return {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
 
@@ -119,13 +127,20 @@ def write_alpha(target: LoraTarget, alpha: float) -> None:
     layer.scaling[target.adapter] = alpha / target.divisor
 
 
-def rescale_target_(target: LoraTarget, alpha: float, optimizer: torch.optim.Optimizer | None) -> float:
+def rescale_target_(
+    target: LoraTarget,
+    alpha: float,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    groups: Mapping[int, Mapping[str, object]] | None = None,
+) -> float:
     """Set ``target``'s α to ``alpha`` keeping ``s·B·A`` and the optimizer state consistent.
 
     Args:
         target: The LoRA layer/adapter to change.
         alpha: The new α, in the model's convention; finite and > 0.
         optimizer: The inner optimizer whose state for B is rewritten (``None``: no state).
+        groups: :func:`group_map` of ``optimizer``, when rescaling several layers in a row.
 
     Returns:
         The ratio ``m = s_old / s_new`` applied to B.
@@ -139,7 +154,8 @@ def rescale_target_(target: LoraTarget, alpha: float, optimizer: torch.optim.Opt
     new = alpha / target.divisor
     ratio = old / new
     if ratio != 1.0:
-        groups = _group_of(optimizer) if optimizer is not None else {}
+        if groups is None:
+            groups = group_map(optimizer) if optimizer is not None else {}
         with torch.no_grad():
             for param in target.factor_params():
                 param.mul_(ratio)

@@ -1,0 +1,341 @@
+"""The tuning engine: the tuner's state and what happens before and after each optimizer step.
+
+:class:`TuningEngine` owns everything the tuner decides and keeps: the LoRA targets, the α rule
+applied at construction, the drift meter and the controller. A training loop reaches it in one
+of two ways, both of which only call :meth:`TuningEngine.before_step` and
+:meth:`TuningEngine.after_step` around the inner optimizer's own ``step()``:
+
+* :class:`alpha_tuner.AlphaTunedOptimizer`, a thin ``torch.optim.Optimizer`` adapter that a
+  recipe builds and hands to the Trainer;
+* :func:`alpha_tuner.attach`, which registers the two calls as torch's step pre/post hooks on an
+  optimizer the recipe already built.
+
+State (:class:`TunerState`, a typed tuple): host counters (steps, phase) and device tensors
+(:class:`~alpha_tuner.control.ControlState`, the last ρ per layer). ``before_step`` snapshots
+the factors on measurement steps; ``after_step`` measures ρ, folds it into the controller and,
+on control steps, moves α through the function-preserving rescale. Steps that are not control
+steps never read a device value on the host; a control step makes one batched transfer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_int
+from .control import ControlConfig, ControlState, init_control, observe, update_alpha
+from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
+from .distributed import broadcast_state, unwrap_model
+from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
+from .measure import DriftMeter
+from .persistence import pack_tuner_state, unpack_tuner_state
+from .principled import principled_alphas
+from .rescale import group_map, rescale_target_, update_adapter_config, write_alpha
+from .rule import AlphaRule
+from .telemetry import summarize
+
+__all__ = ["EngineOptions", "TunerState", "TuningEngine"]
+
+#: Relative change of α below which a control step leaves a layer alone (float32 round-off).
+_ALPHA_RTOL = 1e-6
+_CLOSURE_OPTIMIZERS = ("LBFGS",)
+
+
+class TunerState(NamedTuple):
+    """What the engine keeps between steps.
+
+    Attributes:
+        steps: Optimizer steps taken (host int).
+        phase: The measurement phase the next measurement covers (host int).
+        control: Per-layer controller state, every field of shape (L,) on the device.
+        rho: Each layer's most recent ρ, shape (L,) float32 (NaN before its first measurement).
+        measured_once: Whether any measurement has been taken.
+    """
+
+    steps: int
+    phase: int
+    control: ControlState
+    rho: Tensor
+    measured_once: bool
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine's settings, validated once (see :class:`alpha_tuner.AlphaTunedOptimizer`)."""
+
+    init: Literal["principled", "keep"] = "principled"
+    adapt: bool = True
+    measure: bool | None = None
+    measure_every: int = 10
+    measure_phases: int = 4
+    control_every: int = 40
+    rule: AlphaRule | None = None
+    control: ControlConfig | None = None
+    head_lr: float | None = HEAD_LR
+
+    def __post_init__(self) -> None:
+        if self.init not in ("principled", "keep"):
+            raise ValueError(f"init must be 'principled' or 'keep', got {self.init!r}.")
+        check_int("measure_every", self.measure_every, 1)
+        check_int("measure_phases", self.measure_phases, 1)
+        check_int("control_every", self.control_every, 1)
+        cycle = self.measure_every * self.measure_phases
+        if self.control_every % cycle:
+            fix = -(-self.control_every // cycle) * cycle  # the next multiple
+            raise ValueError(
+                f"control_every ({self.control_every}) must be a multiple of measure_every × "
+                f"measure_phases ({self.measure_every} × {self.measure_phases} = {cycle}) so that every "
+                f"control decision sees a fresh measurement of every layer: use control_every={fix}, "
+                "or change measure_every or measure_phases."
+            )
+        if self.control is not None and not isinstance(self.control, ControlConfig):
+            got = type(self.control).__name__
+            raise TypeError(f"control must be an alpha_tuner.ControlConfig, got {got}.")
+        if self.rule is not None and not isinstance(self.rule, AlphaRule):
+            raise TypeError(f"rule must be an alpha_tuner.AlphaRule, got {type(self.rule).__name__}.")
+        if self.adapt and self.measure is False:
+            raise ValueError("adapt=True needs measure=True: the controller acts on measured drift ratios.")
+
+
+def check_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    """``optimizer`` if the engine can tune around it.
+
+    Raises:
+        TypeError: If it is not a constructed torch optimizer, or needs a closure (LBFGS).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a constructed torch.optim.Optimizer, got {type(optimizer).__name__}. "
+            "Example: AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)."
+        )
+    if type(optimizer).__name__ in _CLOSURE_OPTIMIZERS:
+        raise TypeError(
+            f"{type(optimizer).__name__} re-evaluates the loss through a closure several times per "
+            "step, so a step has no single LoRA update to measure or rescale. Use a first-order "
+            "optimizer such as torch.optim.AdamW."
+        )
+    return optimizer
+
+
+class TuningEngine:
+    """The tuner around one inner optimizer and one PEFT model.
+
+    Args:
+        optimizer: The inner optimizer (it does every parameter update).
+        model: The PEFT model (DDP wrappers are unwrapped).
+        options: The settings.
+
+    Raises:
+        TypeError: See :func:`check_optimizer`.
+        ValueError: For a model without trainable LoRA layers or LoRA parameters missing from
+            the optimizer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, options: EngineOptions) -> None:
+        self.optimizer = check_optimizer(optimizer)
+        self.options = options
+        self.rule = options.rule or AlphaRule()
+        self.control_config = options.control or ControlConfig()
+        self.adapt = bool(options.adapt)
+        self.measuring = self.adapt if options.measure is None else bool(options.measure)
+        self.model = model = unwrap_model(model)  # DDP's `module.` prefix would break state keys
+        self.targets: list[LoraTarget] = find_lora_targets(model)
+        self.names = display_names(self.targets)
+        self._check_in_optimizer()
+        heads = [] if options.head_lr is None else [p for _, p in find_head_parameters(model)]
+        #: How many parameters of ``modules_to_save`` had their learning rate raised to ``head_lr``.
+        self.head_params_lifted = (
+            0 if options.head_lr is None else lift_head_lr_(optimizer, heads, options.head_lr)
+        )
+        if options.init == "principled":
+            alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
+            groups = group_map(optimizer)
+            for target, alpha in zip(self.targets, alphas, strict=True):
+                rescale_target_(target, alpha, optimizer, groups=groups)
+        update_adapter_config(model, self.targets)
+
+        self.device = self.targets[0].weight_b.device
+        alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
+        self.meter = self._new_meter() if self.measuring else None
+        self._meter_params = self._factor_ids()
+        rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
+        self.state = TunerState(steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False)
+        self._measuring_now = False
+
+    # ------------------------------------------------------------------------ construction
+    def _new_meter(self) -> DriftMeter:
+        return DriftMeter(self.targets, self.device, phases=self.options.measure_phases)
+
+    def _factor_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for t in self.targets for p in (t.weight_a, t.weight_b))
+
+    def _check_in_optimizer(self) -> None:
+        in_opt = param_ids(p for g in self.optimizer.param_groups for p in g["params"])
+        missing = [
+            t.module_name
+            for t in self.targets
+            if id(t.weight_a) not in in_opt or id(t.weight_b) not in in_opt
+        ]
+        if missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise ValueError(
+                f"{len(missing)} trainable LoRA layer(s) have factors that the optimizer does not update "
+                f"({shown}). Build the optimizer from model.parameters() (or include every lora_A/lora_B "
+                "parameter), or freeze those adapters before wrapping."
+            )
+
+    # ---------------------------------------------------------------------------- hot path
+    def before_step(self) -> None:
+        """Snapshot the factors of this measurement's phase if the coming step is measured."""
+        options = self.options
+        self._measuring_now = self.meter is not None and (self.state.steps + 1) % options.measure_every == 0
+        if not self._measuring_now:
+            return
+        if self._factor_ids() != self._meter_params:
+            # Parameters were replaced after wrapping (FSDP2 via Accelerate): re-group.
+            self.meter = self._new_meter()
+            self._meter_params = self._factor_ids()
+        self.meter.snapshot(self.state.phase)  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Measure ρ of the step just taken (if snapshotted) and act on the control cadence."""
+        state = self.state
+        if self._measuring_now and self.meter is not None:
+            m = self.meter.measure()
+            state = state._replace(
+                control=observe(state.control, m.rho, self.control_config, mask=m.measured),
+                rho=torch.where(m.measured, m.rho, state.rho),
+                measured_once=True,
+                phase=(state.phase + 1) % self.meter.num_phases,
+            )
+            self._measuring_now = False
+        state = state._replace(steps=state.steps + 1)
+        self.state = state
+        if self.adapt and state.steps % self.options.control_every == 0:
+            self._control_step()
+
+    def _control_step(self) -> None:
+        # Multi-process: every rank takes rank 0's state (one collective; none on other steps).
+        control = broadcast_state(update_alpha(self.state.control, self.control_config))
+        self.state = self.state._replace(control=control)
+        # The one host transfer of a control interval: PEFT keeps its scalings as floats. The
+        # device log α already holds these values, so no host-to-device copy follows.
+        self._apply_alphas(torch.exp(control.log_alpha).tolist())
+
+    def _apply_alphas(self, alphas: Iterable[float]) -> None:
+        changed = [
+            (target, alpha)
+            for target, alpha in zip(self.targets, alphas, strict=True)
+            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL
+        ]
+        if not changed:
+            return
+        groups = group_map(self.optimizer)  # once per control step, not once per layer
+        for target, alpha in changed:
+            rescale_target_(target, alpha, self.optimizer, groups=groups)
+        update_adapter_config(self.model, self.targets)
+
+    def _sync_control_alpha(self) -> None:
+        """Make the host α the controller's α and reference α₀ (a host-to-device copy)."""
+        current = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
+        log_alpha = current.log()
+        control = self.state.control._replace(log_alpha=log_alpha, log_alpha0=log_alpha)
+        self.state = self.state._replace(control=control)
+
+    # ---------------------------------------------------------------------------- user API
+    def alphas(self) -> dict[str, float]:
+        """α of every tuned layer in the model's own convention, keyed by display name."""
+        return {name: t.alpha for name, t in zip(self.names, self.targets, strict=True)}
+
+    def rescale_(self, alpha: float | Mapping[str, float]) -> None:
+        """Set α (one value, or per layer) without changing the model; it becomes the new α₀.
+
+        Raises:
+            KeyError: For a name that is not a tuned LoRA layer.
+            ValueError: For a value that is not finite and positive.
+        """
+        if isinstance(alpha, Mapping):
+            lookup = {n: i for i, n in enumerate(self.names)}
+            lookup.update({t.key: i for i, t in enumerate(self.targets)})
+            unknown = [k for k in alpha if k not in lookup]
+            if unknown:
+                raise KeyError(
+                    f"Not tuned LoRA layers: {unknown[:3]}. Valid names are the keys of opt.alphas(), "
+                    f"e.g. {self.names[0]!r}."
+                )
+            values = [t.alpha for t in self.targets]
+            for name, value in alpha.items():
+                values[lookup[name]] = value
+        else:
+            values = [alpha] * len(self.targets)
+        groups = group_map(self.optimizer)
+        for target, value in zip(self.targets, values, strict=True):
+            rescale_target_(target, value, self.optimizer, groups=groups)
+        update_adapter_config(self.model, self.targets)
+        self._sync_control_alpha()
+
+    def drift_ratios(self) -> dict[str, float]:
+        """ρ of every layer at its most recent measurement (NaN before it). Synchronises."""
+        return dict(zip(self.names, self.state.rho.tolist(), strict=True))
+
+    def diagnostics(self, *, per_layer: bool = False) -> dict[str, float]:
+        """A flat summary for logging, read in one device-to-host transfer (see the adapter)."""
+        state = self.state
+        return summarize(
+            alphas=[t.alpha for t in self.targets],
+            steps=state.steps,
+            control=state.control,
+            rho=state.rho if state.measured_once else None,
+            names=self.names,
+            per_layer=per_layer,
+        )
+
+    # ------------------------------------------------------------------------- persistence
+    def pack(self) -> dict[str, Any]:
+        """The ``"alpha_tuner"`` entry of a state dict (plain tensors, numbers and strings)."""
+        state = self.state
+        return pack_tuner_state(
+            steps=state.steps,
+            phase=state.phase,
+            keys=[t.key for t in self.targets],
+            alphas=[t.alpha for t in self.targets],
+            control=state.control,
+            rho=state.rho,
+        )
+
+    def load(self, entry: object) -> None:
+        """Restore a :meth:`pack` entry: α is written into the model without rescaling B.
+
+        Raises:
+            ValueError: If the entry is of an unknown version or malformed.
+        """
+        state = self.state
+        restored = unpack_tuner_state(
+            entry, keys=[t.key for t in self.targets], control=state.control, rho=state.rho
+        )
+        if restored.missing:
+            warnings.warn(
+                f"{len(restored.missing)} LoRA layer(s) have no saved tuner state "
+                f"(e.g. {restored.missing[0]}); they keep their current alpha.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        for i, alpha in restored.alphas.items():
+            write_alpha(self.targets[i], alpha)
+        update_adapter_config(self.model, self.targets)
+        phases = self.meter.num_phases if self.meter else self.options.measure_phases
+        self.state = TunerState(
+            steps=state.steps if restored.steps is None else restored.steps,
+            # Checkpoints before measurement phases have none: the rotation starts at phase 0.
+            phase=restored.phase % phases,
+            control=restored.control,
+            rho=state.rho if restored.rho is None else restored.rho,
+            measured_once=state.measured_once or restored.rho is not None,
+        )
