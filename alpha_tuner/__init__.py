@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .attach import AttachedTuner, attach
 from .control import ControlConfig
 from .discovery import LoraTarget, find_lora_targets
 from .factory import create_alpha_tuned_optimizer
@@ -33,9 +34,11 @@ __all__ = [
     "AlphaRule",
     "AlphaTunedOptimizer",
     "AlphaTunerCallback",
+    "AttachedTuner",
     "ControlConfig",
     "LoraTarget",
     "__version__",
+    "attach",
     "collect_metrics",
     "create_alpha_tuned_optimizer",
     "find_head_parameters",

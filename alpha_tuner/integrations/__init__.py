@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .transformers import (
         AlphaTunerCallback,
+        attach_to_trainer,
         collect_metrics,
         find_alpha_tuned_optimizer,
         history_from_log_history,
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AlphaTunerCallback",
+    "attach_to_trainer",
     "collect_metrics",
     "find_alpha_tuned_optimizer",
     "history_from_log_history",

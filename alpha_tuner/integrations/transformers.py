@@ -38,10 +38,12 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
+from ..attach import AttachedTuner, attach, attached_tuner
 from ..optimizer import AlphaTunedOptimizer
 
 __all__ = [
     "AlphaTunerCallback",
+    "attach_to_trainer",
     "collect_metrics",
     "find_alpha_tuned_optimizer",
     "history_from_log_history",
@@ -66,8 +68,54 @@ _CONTEXT_KEYS = ("loss", "learning_rate", "grad_norm")
 _DEEPSPEED_WRAPPERS = ("DeepSpeedOptimizerWrapper", "DummyOptim")
 
 
-def find_alpha_tuned_optimizer(optimizer: object) -> AlphaTunedOptimizer | None:
-    """Return the :class:`AlphaTunedOptimizer` inside ``optimizer``, or ``None``.
+def attach_to_trainer(trainer: Any, **options: Any) -> Any:
+    """Tune the optimizer a ``Trainer`` builds itself (``alpha_tuner.attach(trainer)``).
+
+    The engine is attached by :func:`alpha_tuner.attach` right after the Trainer's
+    ``create_optimizer()``, so before its LR scheduler exists and before it loads a
+    checkpoint's optimizer state (whose ``"alpha_tuner"`` entry then restores α). When the
+    Trainer resumes, the adapter weights it loaded first were trained at the saved α, so the
+    engine starts from ``init="keep"`` and the saved α is written back without touching them.
+
+    Args:
+        trainer: A ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
+        **options: Options of :class:`AlphaTunedOptimizer`.
+
+    Returns:
+        ``trainer``.
+
+    Raises:
+        TypeError: If the trainer is already attached.
+    """
+    if getattr(trainer, "_alpha_tuner_options", None) is not None:
+        raise TypeError("alpha_tuner.attach() was already called on this Trainer.")
+    trainer._alpha_tuner_options = dict(options)
+    create_optimizer = trainer.create_optimizer
+    load_from_checkpoint = trainer._load_from_checkpoint
+    resumed = []
+
+    def _load_from_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        resumed.append(True)
+        return load_from_checkpoint(*args, **kwargs)
+
+    def _create_optimizer(*args: Any, **kwargs: Any) -> Any:
+        optimizer = create_optimizer(*args, **kwargs)
+        inner = trainer.optimizer
+        if find_alpha_tuned_optimizer(inner) is None:
+            settings = dict(options)
+            if resumed:
+                settings["init"] = "keep"
+            attach(inner, trainer.model, **settings)
+        return optimizer
+
+    trainer._load_from_checkpoint = _load_from_checkpoint
+    trainer.create_optimizer = _create_optimizer
+    return trainer
+
+
+def find_alpha_tuned_optimizer(optimizer: object) -> AlphaTunedOptimizer | AttachedTuner | None:
+    """Return the :class:`AlphaTunedOptimizer` inside ``optimizer`` (or the handle that
+    :func:`alpha_tuner.attach` left on it), or ``None``.
 
     The Trainer hands callbacks Accelerate's ``AcceleratedOptimizer``; DeepSpeed and other
     back-ends add their own wrappers. All of them keep the wrapped optimizer in an
@@ -83,6 +131,9 @@ def find_alpha_tuned_optimizer(optimizer: object) -> AlphaTunedOptimizer | None:
     for _ in range(_MAX_UNWRAP):
         if isinstance(current, AlphaTunedOptimizer):
             return current
+        handle = attached_tuner(current)
+        if handle is not None:
+            return handle
         # AlphaTunedOptimizer forwards unknown attributes; others simply may not have one.
         current = getattr(current, "optimizer", None)
         if current is None:
@@ -157,7 +208,7 @@ def _uses_deepspeed(args: TrainingArguments, optimizer: object) -> bool:
     return False
 
 
-def _swapped_parameters(tuner: AlphaTunedOptimizer) -> bool:
+def _swapped_parameters(tuner: AlphaTunedOptimizer | AttachedTuner) -> bool:
     """Whether some live LoRA factor of the model is not among the optimizer's parameters."""
     live = {id(p) for group in tuner.param_groups for p in group["params"]}
     return any(id(t.weight_a) not in live or id(t.weight_b) not in live for t in tuner.targets)
