@@ -13,7 +13,6 @@ LR scheduler and before it loads a checkpoint's optimizer state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from .engine import EngineOptions, TuningEngine
 from .optimizer import AlphaTunedOptimizer, resolve_rule
+from .readout import TunerReadout
 
 __all__ = ["ATTACHED", "AttachedTuner", "attach", "attached_tuner"]
 
@@ -29,7 +29,7 @@ ATTACHED = "alpha_tuner_attached"
 _STATE_KEY = "alpha_tuner"
 
 
-class AttachedTuner:
+class AttachedTuner(TunerReadout):
     """The handle of an engine attached to an optimizer: read-outs, and :meth:`detach`.
 
     Attributes:
@@ -70,37 +70,6 @@ class AttachedTuner:
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups."""
         return self.optimizer.param_groups
-
-    @property
-    def targets(self) -> list[Any]:
-        """The tuned LoRA layers."""
-        return self.engine.targets
-
-    @property
-    def adapt(self) -> bool:
-        """Whether α is adapted online."""
-        return self.engine.adapt
-
-    @property
-    def measuring(self) -> bool:
-        """Whether ρ is measured."""
-        return self.engine.measuring
-
-    def alphas(self) -> dict[str, float]:
-        """α of every tuned layer (see :meth:`AlphaTunedOptimizer.alphas`)."""
-        return self.engine.alphas()
-
-    def rescale_(self, alpha: float | Mapping[str, float]) -> None:
-        """Set α without changing the model (see :meth:`AlphaTunedOptimizer.rescale_`)."""
-        self.engine.rescale_(alpha)
-
-    def drift_ratios(self) -> dict[str, float]:
-        """ρ per layer at its last measurement. Synchronises."""
-        return self.engine.drift_ratios()
-
-    def diagnostics(self, *, per_layer: bool = False) -> dict[str, float]:
-        """A flat summary for logging (see :meth:`AlphaTunedOptimizer.diagnostics`)."""
-        return self.engine.diagnostics(per_layer=per_layer)
 
     def detach(self) -> None:
         """Remove the hooks: the optimizer steps and saves as if never attached (α stays)."""

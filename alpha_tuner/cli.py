@@ -109,12 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", choices=("minilm", "smollm2", "tiny"), default="minilm")
     sweep.add_argument("--ranks", type=_ints, default=None, help="e.g. 4,16,64")
     sweep.add_argument("--lrs", type=_floats, default=None, help="e.g. 2e-5,8e-5,3.2e-4")
+    sweep.add_argument("--coefficients", type=_floats, default=None, help="grid g: alpha = g*sqrt(r)")
     sweep.add_argument(
-        "--coefficients", type=_floats, default=None,
-        help="grid values g of alpha = g*sqrt(r) (the grid's spacing, not the rule's c)",
-    )  # fmt: skip
-    sweep.add_argument(
-        "--coefficient-lr-shift", type=float, default=None, help="c grid × (lrs[0]/lr)**shift (default 0.5)"
+        "--coefficient-lr-shift", type=float, default=None, help="g grid × (lrs[0]/lr)**shift (default 0.5)"
     )
     sweep.add_argument("--seeds", type=_ints, default=None, help="selection seeds of the grid")
     sweep.add_argument("--heldout-seeds", type=_ints, default=None, help="seeds of the bar runs")
@@ -148,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the sub-command; returns the exit code."""
     args = _parser().parse_args(argv)
     if args.command == "inspect":
-        from .inspect import main as inspect_main
+        from .inspection import main as inspect_main
 
         return inspect_main(args.path, lr=args.lr, as_json=args.json)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,8 +1,11 @@
 """Per-layer control law that moves each LoRA layer's scaling factor α online.
 
 Every layer starts at a principled α₀. Each ``measure_every`` optimizer steps the caller measures
-every layer's *drift ratio* ρ = ‖dB·dA‖ / ‖dB·A + B·dA‖ for that step: how large the second-order
-(product) part of the update is compared with the first-order part. ρ is the sentinel for the edge
+the *drift ratio* ρ = ‖dB·dA‖ / ‖dB·A + B·dA‖ of that step for one phase of the layers (a
+``mask`` says which; with ``measure_phases`` phases each layer is measured every
+``measure_every·measure_phases`` steps, so a control decision sees a fresh ρ of every layer).
+ρ says how large the second-order (product) part of the update is compared with the first-order
+part. ρ is the sentinel for the edge
 of the stable regime: while ρ stays near its own long-run level, α is fine (and may grow back), but
 when a layer's recent ρ climbs well above that level, or above an absolute ceiling, the layer is
 about to leave the regime where the update behaves linearly, so its α is backed off
@@ -57,7 +60,6 @@ from torch import Tensor
 __all__ = [
     "ControlConfig",
     "ControlState",
-    "alpha",
     "control_error",
     "init_control",
     "observe",
@@ -263,8 +265,3 @@ def update_alpha(state: ControlState, config: ControlConfig) -> ControlState:
         log_alpha=new,
         n_backoffs=state.n_backoffs + (new < state.log_alpha).to(torch.int64),
     )
-
-
-def alpha(state: ControlState) -> Tensor:
-    """Returns the current α = exp(log α) of every layer, shape (L,) float32."""
-    return torch.exp(state.log_alpha)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import check_int
 from .discovery import LoraTarget
 from .distributed import gather_full, is_sharded, layout, local_tensor
 from .drift import DriftNorms, compute_dtype, drift_ratio, lora_grams, lora_matrices, norms_from_grams
@@ -166,8 +167,7 @@ class DriftMeter:
         keep_snapshot: bool | None = None,
         phases: int = 1,
     ) -> None:
-        if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
-            raise ValueError(f"phases must be a positive integer, got {phases!r}.")
+        check_int("phases", phases, 1)
         self.device = device
         self.num_layers = len(targets)
         self.num_phases = phases
@@ -182,8 +182,7 @@ class DriftMeter:
         sizes = [(a.numel() + b.numel()) * dt.itemsize for (a, b), dt in zip(views, dtypes, strict=True)]
         if chunk_bytes is None:
             chunk_bytes = _default_chunk_bytes(sum(sizes), factor_device)
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}.")
+        check_int("chunk_bytes", chunk_bytes, 1)
         self.chunk_bytes = chunk_bytes
         self.keep_snapshot = factor_device.type == "cpu" if keep_snapshot is None else bool(keep_snapshot)
         self._num_groups = len(groups)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .control import ControlConfig, ControlState
-from .discovery import LoraTarget
 from .engine import EngineOptions, TuningEngine
 from .heads import HEAD_LR
 from .measure import DriftMeter
+from .readout import TunerReadout
 from .rule import AlphaRule
 
 __all__ = ["AlphaTunedOptimizer", "resolve_rule"]
@@ -43,7 +43,7 @@ def resolve_rule(rule: AlphaRule | None, **fields: float | None) -> AlphaRule | 
     return rule
 
 
-class AlphaTunedOptimizer(torch.optim.Optimizer):
+class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
     """Wrap a ``torch.optim.Optimizer`` so that every LoRA layer trains at a tuned α.
 
     Update rule: the inner optimizer's step, unchanged. Around it, at construction each
@@ -154,67 +154,6 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
         self.state = self.optimizer.state
         self.defaults = self.optimizer.defaults
 
-    # --------------------------------------------------------------- the engine's settings
-    @property
-    def model(self) -> nn.Module:
-        """The PEFT model (DDP wrappers removed)."""
-        return self.engine.model
-
-    @property
-    def targets(self) -> list[LoraTarget]:
-        """The tuned LoRA layers, in the order of every per-layer vector."""
-        return self.engine.targets
-
-    @property
-    def rule(self) -> AlphaRule:
-        """The α rule applied at construction."""
-        return self.engine.rule
-
-    @property
-    def control_config(self) -> ControlConfig:
-        """The control law's parameters."""
-        return self.engine.control_config
-
-    @property
-    def adapt(self) -> bool:
-        """Whether α is adapted online."""
-        return self.engine.adapt
-
-    @property
-    def measuring(self) -> bool:
-        """Whether ρ is measured."""
-        return self.engine.measuring
-
-    @property
-    def measure_every(self) -> int:
-        """Steps between measurements."""
-        return self.engine.options.measure_every
-
-    @property
-    def measure_phases(self) -> int:
-        """Subsets of the layers measured in turn."""
-        return self.engine.options.measure_phases
-
-    @property
-    def control_every(self) -> int:
-        """Steps between control decisions."""
-        return self.engine.options.control_every
-
-    @property
-    def head_lr(self) -> float | None:
-        """The least learning rate of ``modules_to_save`` (``None``: left alone)."""
-        return self.engine.options.head_lr
-
-    @property
-    def head_params_lifted(self) -> int:
-        """How many parameters of ``modules_to_save`` had their learning rate raised."""
-        return self.engine.head_params_lifted
-
-    @property
-    def device(self) -> torch.device:
-        """Where the tuner's tensors live."""
-        return self.engine.device
-
     @property
     def _control(self) -> ControlState:
         return self.engine.state.control
@@ -253,51 +192,6 @@ class AlphaTunedOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         self.optimizer.add_param_group(param_group)
-
-    # ------------------------------------------------------------------------ user API
-    def alphas(self) -> dict[str, float]:
-        """The effective α of every tuned LoRA layer, in the model's own convention.
-
-        Keys are module names, with ``[adapter]`` appended when several adapters train.
-        """
-        return self.engine.alphas()
-
-    def rescale_(self, alpha: float | Mapping[str, float]) -> None:
-        """Set α (one value for all layers, or per layer) without changing the model.
-
-        B, B's bias and their optimizer state are rescaled so that ``s·B·A`` and the next
-        steps stay consistent. The new values also become the controller's reference α₀.
-
-        Args:
-            alpha: A positive number, or a mapping from the names of :meth:`alphas` (or
-                state keys ``"module::adapter"``) to positive numbers.
-
-        Raises:
-            KeyError: For a name that is not a tuned LoRA layer.
-            ValueError: For a value that is not finite and positive.
-        """
-        self.engine.rescale_(alpha)
-
-    def drift_ratios(self) -> dict[str, float]:
-        """ρ of every layer at its most recent measurement (NaN before it). Synchronises.
-
-        With ``measure_phases`` > 1 the layers were last measured at different steps, up to
-        ``measure_every·measure_phases`` steps apart.
-        """
-        return self.engine.drift_ratios()
-
-    def diagnostics(self, *, per_layer: bool = False) -> dict[str, float]:
-        """A flat summary for logging, read in one device-to-host transfer.
-
-        Args:
-            per_layer: Also return ``rho[<layer>]`` for every layer (names as in :meth:`alphas`).
-
-        Returns:
-            ``alpha_mean/min/max`` (α lives on the host), ``steps``, ``measurements``,
-            ``skipped``, ``backoffs`` (summed over layers) and, after the first measurement,
-            ``rho_mean/min/max`` over the layers whose most recent ρ is finite.
-        """
-        return self.engine.diagnostics(per_layer=per_layer)
 
     # ---------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:

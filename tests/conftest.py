@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -152,3 +153,22 @@ def llama() -> nn.Module:
 @pytest.fixture
 def convnet() -> nn.Module:
     return make_convnet()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models: one thread is several times faster than two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps process-wide singletons; give every test a clean slate."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import lm_batch, tiny_llama
-from test_trainer import EAGER, LR, _one_thread, rows, trainer_args, wrap
+from test_trainer import EAGER, LR, rows, trainer_args, wrap
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
@@ -24,7 +24,7 @@ from alpha_tuner.integrations import (
     history_from_log_history,
 )
 
-pytestmark = pytest.mark.usefixtures(_one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUMMARY = {
     "alpha/mean": "alpha_mean",

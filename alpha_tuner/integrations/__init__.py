@@ -16,15 +16,10 @@ if TYPE_CHECKING:
         collect_metrics,
         find_alpha_tuned_optimizer,
         history_from_log_history,
-    )
+    )  # fmt: skip
 
-__all__ = [
-    "AlphaTunerCallback",
-    "attach_to_trainer",
-    "collect_metrics",
-    "find_alpha_tuned_optimizer",
-    "history_from_log_history",
-]
+__all__ = ["AlphaTunerCallback", "attach_to_trainer", "collect_metrics", "find_alpha_tuned_optimizer",
+           "history_from_log_history"]  # fmt: skip
 
 _LAZY = {name: ".transformers" for name in __all__}
 

@@ -15,12 +15,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,10 +28,9 @@ from alpha_tuner.demo.data import batches
 from alpha_tuner.demo.models import attach_lora, load_base
 from alpha_tuner.demo.train import evaluate, make_task
 from research.fit import record_loss
-from research.runner import pending_runs
-from research.sweep import SweepSpec, append_line, finite_json, read_records
+from research.sweep import SweepSpec, read_records
 
-from ._options import add_arguments, ints, shard
+from ._options import ints, parse, probe_parser, run_custom
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -94,31 +92,22 @@ def report(path: Path, ranks: list[int], seeds: list[int], lr: float, a_lr: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser, out=RESULTS / "a_lr_probe.jsonl", ranks="4,16,64")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser = probe_parser(__doc__, out=RESULTS / "a_lr_probe.jsonl", ranks="4,16,64")
     parser.add_argument("--a-lr", type=float, default=3.2e-4)
     parser.add_argument("--alphas", default="256,512", help="values of α = c")
-    args = parser.parse_args(argv)
+    args, spec = parse(parser, argv)
     ranks, seeds = ints(args.ranks), ints(args.seeds)
     cs = [float(x) for x in args.alphas.split(",")]
-    spec = SweepSpec(model=args.model, steps=args.steps)
     if not args.report:
-        torch.set_num_threads(args.threads)
-        todo = [(r, c, s) for s in seeds for r in ranks for c in cs]
-        pending = pending_runs(
-            todo,
-            args.out,
-            key=lambda t: key(spec.model, t[0], args.lr, args.a_lr, t[1], t[2]),
-            shard=shard(args),
-        )
-        if pending:
+
+        def execute(pending: Sequence[tuple[int, float, int]]) -> Iterator[dict[str, Any]]:
             base = load_base(spec.model)
             task = make_task(base, spec.eval_size)
             for r, c, s in pending:
-                record = train(base, task, spec, r, args.lr, args.a_lr, c, s)
-                append_line(args.out, json.dumps(finite_json(record), sort_keys=True))
-                print(f"{record['key']}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
+                yield train(base, task, spec, r, args.lr, args.a_lr, c, s)
+
+        todo = [(r, c, s) for s in seeds for r in ranks for c in cs]
+        run_custom(args, todo, lambda t: key(spec.model, t[0], args.lr, args.a_lr, t[1], t[2]), execute)
     print(report(args.out, ranks, seeds, args.lr, args.a_lr, cs))
     return 0
 

@@ -20,21 +20,16 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from alpha_tuner.demo.train import RunConfig
 from alpha_tuner.heads import HEAD_LR
 from research.fit import cell_table, grid_oracle, record_loss
-from research.runner import pending_runs
-from research.sweep import SweepSpec, read_records, rule_tag, run_configs
+from research.sweep import SweepSpec, read_records, rule_tag
 
-from ._options import add_arguments, ints, shard
+from ._options import ints, parse, probe_parser, run_sweep_configs
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -101,9 +96,7 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser, out=RESULTS / "head_ablation.jsonl", ranks="4,16,64")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser = probe_parser(__doc__, out=RESULTS / "head_ablation.jsonl", ranks="4,16,64")
     parser.add_argument(
         "--sweep", type=Path, default=RESULTS / "sweep_minilm.jsonl", help="grid results (oracle)"
     )
@@ -112,16 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"report the runs under this rule (default: the library's; {LEGACY_RULE} was the first)",
     )
-    args = parser.parse_args(argv)
+    args, spec = parse(parser, argv)
     ranks, seeds = ints(args.ranks), ints(args.seeds)
-    spec = SweepSpec(model=args.model, steps=args.steps)
     if not args.report:
-        torch.set_num_threads(args.threads)
-        todo = configs(spec, ranks, seeds, args.lr)
-        options = {c.key(): VARIANTS[v] for c, v in todo}
-        pending = pending_runs([c for c, _ in todo], args.out, key=RunConfig.key, shard=shard(args))
-        for record in run_configs(pending, args.out, progress=False, tuner_options=options):
-            print(f"{record['key']}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
+        run_sweep_configs(args, ((c, VARIANTS[v]) for c, v in configs(spec, ranks, seeds, args.lr)))
     print(report(args.out, args.sweep, spec, ranks, seeds, args.lr, args.rule or rule_tag()))
     return 0
 

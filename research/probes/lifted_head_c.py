@@ -17,21 +17,16 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 from pathlib import Path
-
-import torch
 
 from alpha_tuner.demo.train import RunConfig
 from alpha_tuner.heads import HEAD_LR
 from alpha_tuner.principled import LR_EXPONENT, REFERENCE_LR
 from research.fit import cell_table, grid_oracle, record_loss
-from research.runner import pending_runs
-from research.sweep import SweepSpec, read_records, run_configs
+from research.sweep import SweepSpec, read_records
 
-from ._options import add_arguments, ints, shard
+from ._options import ints, parse, probe_parser, run_sweep_configs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -104,24 +99,17 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser, out=RESULTS / "lifted_head_c.jsonl", ranks="4,16,64,256")
-    parser.add_argument("--lr", type=float, default=REFERENCE_LR)
+    parser = probe_parser(__doc__, out=RESULTS / "lifted_head_c.jsonl", ranks="4,16,64,256", lr=REFERENCE_LR)
     parser.add_argument("--coefficients", default="512,1130,2048", help="values of c to try")
     parser.add_argument(
         "--sweep", type=Path, default=RESULTS / "sweep_minilm.jsonl", help="grid results (oracle)"
     )
-    args = parser.parse_args(argv)
+    args, spec = parse(parser, argv)
     ranks, seeds = ints(args.ranks), ints(args.seeds)
     coefficients = [float(x) for x in args.coefficients.split(",")]
-    spec = SweepSpec(model=args.model, steps=args.steps)
     if not args.report:
-        torch.set_num_threads(args.threads)
         todo = configs(spec, ranks, seeds, args.lr, coefficients)
-        options = {cfg.key(): tuner_options(c) for cfg, c in todo}
-        pending = pending_runs([cfg for cfg, _ in todo], args.out, key=RunConfig.key, shard=shard(args))
-        for record in run_configs(pending, args.out, progress=False, tuner_options=options):
-            print(f"{record['key']}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
+        run_sweep_configs(args, ((cfg, tuner_options(c)) for cfg, c in todo))
     print(report(args.out, args.sweep, spec, ranks, seeds, args.lr, coefficients))
     return 0
 
