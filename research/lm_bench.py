@@ -188,6 +188,7 @@ def execute(run: LMRun) -> dict[str, Any]:
         train_s = time.perf_counter() - start
         eval_loss = float(trainer.evaluate()["eval_loss"])
     curve = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
+    moved = sum(float(p.detach().float().norm()) for n, p in model.named_parameters() if "lora_B" in n)
     return {
         "key": run.key(),
         "config": asdict(run),
@@ -196,6 +197,7 @@ def execute(run: LMRun) -> dict[str, Any]:
         "train_curve": curve,
         "step_s": timer.median(),
         "train_s": train_s,
+        "lora_b_norm": moved,
         "alpha_start": alpha_start,
         "alpha_end": _mean_alpha(peer.tuner),
         "threads": torch.get_num_threads(),
