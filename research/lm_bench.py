@@ -232,6 +232,23 @@ def grid(
     return runs
 
 
+def report(out: Path, *, seeds: Sequence[int]) -> int:
+    """Write ``<out>.md`` (tables) and ``<out>_curves.png`` (loss curves at lr 1e-4, first seed)."""
+    from .bench_report import format_report, plot_curves, table
+    from .runner import read_records
+
+    records = [r for r in read_records(out) if r["config"]["model"] == "smollm2"]
+    if not records:
+        print(f"lm_bench: no SmolLM2 records in {out} yet")
+        return 1
+    result = table(records, seeds=seeds, selection_seeds=SELECTION_SEEDS)
+    text = format_report(result, seeds=seeds, title="Causal LM: SmolLM2-135M on the 2012 convention speeches")
+    out.with_suffix(".md").write_text(text, encoding="utf-8")
+    plot_curves(records, out.with_name(out.stem + "_curves.png"), seed=seeds[0], lr=1e-4)
+    print(text)
+    return 0
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -248,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32"
     )
+    parser.add_argument("--report", action="store_true", help="write the tables and the figure, run nothing")
     add_runner_arguments(parser, out=RESULTS)
     args = parser.parse_args(argv)
+    if args.report:
+        return report(args.out, seeds=args.seeds or list(SELECTION_SEEDS))
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)
     runs = grid(

@@ -57,3 +57,31 @@ def test_the_grid_runs_each_lr_free_method_once_per_rank_and_seed() -> None:
         assert sum(r.method == method for r in runs) == 4
     assert {r.alpha for r in runs if r.method == "lora" and r.rank == 8} == {16.0, 64.0, 256.0}
     assert {r.lr for r in runs if r.method == "rslora"} == {1e-5, 1e-4, 1e-3}
+
+
+def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
+    from research.bench_report import format_report, oracle_cells, table
+
+    def rec(method: str, rank: int, lr: float, seed: int, loss: float, alpha: float | None = None) -> dict:
+        run = LMRun(method, rank, lr, seed, alpha=alpha)
+        return {"key": run.key(), "config": vars(run) | {}, "eval_loss": loss, "step_s": 1.0}
+
+    records = []
+    for seed in (0, 1, 100, 101):
+        for lr in (1e-5, 1e-4):
+            for alpha in (8.0, 16.0, 32.0):
+                # the grid's best cell is alpha 32 at lr 1e-4 on every seed
+                records.append(rec("lora", 4, lr, seed, 3.0 - (lr == 1e-4) * 0.2 - alpha / 320, alpha))
+            records.append(rec("loraplus", 4, lr, seed, 2.9 + (seed % 2) * 1e-3))
+        records.append(rec("prodigy", 4, 1.0, seed, 2.95))
+    assert oracle_cells(records, [0, 1]) == {4: (32.0, 1e-4)}
+    result = table(records, seeds=[100, 101], selection_seeds=[0, 1])
+    cell = result["rows"][(4, 1e-5)]
+    assert cell["lora α=2r"][0] == pytest.approx(3.0 - 8 / 320)
+    assert cell["oracle (α=32, lr=0.0001)"][0] == pytest.approx(2.7)
+    assert cell["prodigy"] == (2.95, 0.0, 2)  # the LR-free run stands in every LR column
+    assert cell["loraplus"][1] == pytest.approx(0.0005)  # SE of {2.900, 2.901}
+    # lr 1e-5: LoRA+ is best (2.9005 < 2.95); lr 1e-4: plain LoRA at α=16 (2.75) beats it
+    assert result["wins"] == {"loraplus": 1, "lora α=16": 1} and result["cells"] == 2
+    text = format_report(result, seeds=[100, 101], title="t")
+    assert "| oracle (α=32, lr=0.0001) | 2.7000 ± 0.0000 | 2.7000 ± 0.0000 |" in text
