@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .rule import AlphaRule
 
-__all__ = ["inspect_adapters", "main"]
+__all__ = ["PathNotFoundError", "checkpoint_lr", "inspect_adapters", "main"]
 
 # Saved A factors: "...query.lora_A.weight" (linear, conv) and "...embed.lora_embedding_A" (embedding),
 # optionally with the adapter name before the suffix. The first dimension is the rank in both.
@@ -61,6 +62,10 @@ def _factor_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
+class PathNotFoundError(FileNotFoundError):
+    """The path is neither a folder nor a model id in the local Hugging Face cache (a bad argument)."""
+
+
 def _resolve(path: str) -> Path:
     folder = Path(path)
     if folder.is_dir():
@@ -69,10 +74,30 @@ def _resolve(path: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id=path, local_files_only=True))
-    except Exception as err:  # any hub error means: not a local folder and not cached
-        raise FileNotFoundError(
-            f"{path!r} is neither an adapter folder nor a model id in the local Hugging Face cache ({err})."
-        ) from err
+    except Exception:  # any hub error means: not a local folder and not cached (nothing is downloaded)
+        raise PathNotFoundError(
+            f"{path!r} is not a folder, nor a model id in the local Hugging Face cache "
+            "(inspect never downloads): pass an adapter folder, e.g. the output of save_pretrained()"
+        ) from None
+
+
+def checkpoint_lr(folder: Path) -> float | None:
+    """The peak learning rate a Trainer logged in ``folder/trainer_state.json``, or ``None``.
+
+    Plain JSON: the largest ``learning_rate`` of its ``log_history``, which is the base LR of the
+    usual warm-up + decay schedules up to one logging interval (``training_args.bin`` is a pickle
+    and is never read from a folder a user points at).
+    """
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    rates = [float(e["learning_rate"]) for e in history if isinstance(e, dict) and "learning_rate" in e]
+    rates = [r for r in rates if math.isfinite(r) and r > 0]
+    return max(rates) if rates else None
 
 
 def inspect_adapters(path: str, *, lr: float | None = None, rule: AlphaRule | None = None) -> dict[str, Any]:
@@ -80,7 +105,8 @@ def inspect_adapters(path: str, *, lr: float | None = None, rule: AlphaRule | No
 
     Args:
         path: An adapter folder or a cached model id.
-        lr: The learning rate of the recommendation (default: the rule's reference LR).
+        lr: The learning rate of the recommendation (default: the peak LR of a Trainer
+            checkpoint's ``trainer_state.json``, else the rule's reference LR, said as assumed).
         rule: The α rule (default: the library's).
 
     Raises:
@@ -88,7 +114,12 @@ def inspect_adapters(path: str, *, lr: float | None = None, rule: AlphaRule | No
     """
     root = _resolve(path)
     rule = rule or AlphaRule()
-    lr = rule.reference_lr if lr is None else lr
+    if lr is not None:
+        lr_source = "given"
+    elif (read := checkpoint_lr(root)) is not None:
+        lr, lr_source = read, "trainer_state.json"
+    else:
+        lr, lr_source = rule.reference_lr, "assumed"
     folders = sorted({p.parent for p in root.rglob("adapter_config.json")}, key=lambda p: (len(p.parts), p))
     if not folders:
         raise FileNotFoundError(f"No adapter_config.json under {root}: not a PEFT adapter folder.")
@@ -118,6 +149,7 @@ def inspect_adapters(path: str, *, lr: float | None = None, rule: AlphaRule | No
     return {
         "path": str(root),
         "lr": lr,
+        "lr_source": lr_source,
         "rule": rule.to_dict(),
         "recommended_coefficient": rule.coefficient(lr),
         "recommended_rank_exponent": rule.exponent(lr),
@@ -127,7 +159,12 @@ def inspect_adapters(path: str, *, lr: float | None = None, rule: AlphaRule | No
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as an aligned text table per adapter."""
-    lines = [f"{report['path']}"]
+    source = {
+        "given": "given with --lr",
+        "trainer_state.json": "the peak learning_rate logged in trainer_state.json",
+        "assumed": "ASSUMED: the rule's reference LR; pass --lr with the LR the adapter trained at",
+    }[report.get("lr_source", "given")]
+    lines = [f"{report['path']}: recommendations at lr = {report['lr']:g} ({source})"]
     for ad in report["adapters"]:
         conv = "α/√r (rsLoRA)" if ad["use_rslora"] else "α/r"
         lines += [
@@ -157,9 +194,16 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def main(path: str, *, lr: float | None = None, as_json: bool = False) -> int:
-    """Print the report of ``path`` (text or JSON); exit code 1 when nothing is found."""
+    """Print the report of ``path`` (text or JSON).
+
+    Returns:
+        0; 2 (with a one-line error) when ``path`` does not exist; 1 when it holds no adapter.
+    """
     try:
         report = inspect_adapters(path, lr=lr)
+    except PathNotFoundError as err:
+        print(f"alpha-tuner inspect: error: argument path: {err}", file=sys.stderr)
+        return 2
     except FileNotFoundError as err:
         print(f"alpha-tuner inspect: {err}")
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,8 +70,81 @@ def test_inspect_text_is_a_table(saved_adapter, capsys) -> None:
 def test_inspect_reports_what_is_missing(tmp_path, capsys) -> None:
     assert main(["inspect", str(tmp_path)]) == 1
     assert "No adapter_config.json" in capsys.readouterr().out
-    assert main(["inspect", "no-such-org/no-such-model"]) == 1
-    assert "local Hugging Face cache" in capsys.readouterr().out
+    # A path that does not exist is a bad argument: exit 2, one line, no hub advice.
+    for missing in ("no-such-org/no-such-model", str(tmp_path / "nowhere")):
+        assert main(["inspect", missing]) == 2
+        err = capsys.readouterr().err
+        assert "local Hugging Face cache" in err and "argument path" in err
+        assert len(err.strip().splitlines()) == 1 and "repo_type" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["demo", "--steps", "-5"], ("--steps", ">= 1")),
+        (["demo", "--rank", "-4"], ("--rank", ">= 1")),
+        (["demo", "--lr", "fast"], ("--lr", "> 0")),
+        (["demo", "--lr", "0"], ("--lr", "> 0")),
+        (["demo", "--model", "gpt5"], ("--model", "minilm")),
+        (["demo", "--methods", "lora,dora"], ("--methods", "alphatuned")),
+        (["demo", "--threads", "0"], ("--threads", ">= 1")),
+        (["demo", "--device", "gpu7"], ("--device", "cuda:0")),
+        (["inspect", ".", "--lr", "-1"], ("--lr", "> 0")),
+        (["sweep", "--steps", "x"], ("--steps", ">= 1")),
+    ],
+)
+def test_bad_arguments_get_one_line_and_exit_2(argv: list[str], names: tuple[str, ...], tmp_path, capsys) -> None:  # noqa: E501
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "demo" else [])])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: usage line, then the error
+    assert all(name in err for name in names), err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_demo_refuses_an_output_folder_it_cannot_write(tmp_path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--model", "tiny", "--out", str(blocker / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --out" in err and "cannot write" in err
+
+
+def test_an_interrupted_demo_leaves_no_output_files(tmp_path, capsys, monkeypatch) -> None:
+    import alpha_tuner.demo.figure as figure
+
+    def interrupted(*args: object, **kwargs: object) -> None:  # Ctrl-C while the figure is drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figure, "plot_demo", interrupted)
+    threads = torch.get_num_threads()
+    try:
+        code = main(["demo", "--model", "tiny", "--steps", "2", "--eval-size", "8", "--out", str(tmp_path),
+                     "--no-progress", "--threads", "1"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # not demo.json alone, not a temporary file
+
+
+def test_inspect_reads_the_lr_of_a_trainer_checkpoint(saved_adapter, tmp_path, capsys) -> None:
+    folder, _ = saved_adapter
+    assert main(["inspect", str(folder)]) == 0
+    assert "ASSUMED" in capsys.readouterr().out.splitlines()[0]  # no LR anywhere: said so in the title
+    checkpoint = tmp_path / "checkpoint-30"
+    shutil.copytree(folder, checkpoint)
+    log = [{"learning_rate": 5e-4, "step": 10}, {"learning_rate": 1e-3, "step": 20},
+           {"loss": 1.0, "step": 20}, {"learning_rate": 4e-4, "step": 30}]  # fmt: skip
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    assert main(["inspect", str(checkpoint), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["lr"], report["lr_source"]) == (1e-3, "trainer_state.json")
+    assert report["adapters"][0]["layers"][0]["recommended_alpha"] == pytest.approx(principled_alpha(4, 1e-3))
+    assert main(["inspect", str(checkpoint), "--lr", "2e-4", "--json"]) == 0  # --lr wins
+    assert json.loads(capsys.readouterr().out)["lr"] == 2e-4
 
 
 def test_demo_on_the_tiny_model_writes_table_and_figure(tmp_path, capsys) -> None:

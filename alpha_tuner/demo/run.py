@@ -3,14 +3,19 @@
 Every method gets the same base model, the same LoRA rank, the same seed (hence the same
 LoRA and head initialisation and the same batches), the same base learning rate and the
 same held-out examples. It prints a table of held-out loss, accuracy and time per method
-and writes ``demo.png`` (training loss, α and drift ratio ρ over training) and
-``demo.json`` (the full records) to the output folder.
+and writes ``demo.png`` (training loss, α and drift ratio ρ over training), ``demo.json`` (the
+full records) and ``demo.md`` (the table) to the output folder, all three or none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,11 +147,30 @@ def main(args: Any) -> int:
         device=args.device,
     )
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
-    plot_demo(result, out / "demo.png", labels=LABELS)
     table = format_table(result)
-    (out / "demo.md").write_text(table + "\n", encoding="utf-8")
+    with staged_outputs(out, ("demo.json", "demo.png", "demo.md")) as staged:
+        staged["demo.json"].write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
+        plot_demo(result, staged["demo.png"], labels=LABELS)
+        staged["demo.md"].write_text(table + "\n", encoding="utf-8")
     print(table)
     print(f"\nwrote {out / 'demo.png'}, {out / 'demo.json'} and {out / 'demo.md'}")
     return 0
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: Path, names: tuple[str, ...]) -> Iterator[dict[str, Path]]:
+    """Paths to write ``names`` to, moved into ``folder`` together only if the block completes.
+
+    The files are written under temporary names in ``folder`` and renamed at the end (each
+    rename is atomic); an exception or Ctrl-C inside the block removes them, so the folder never
+    holds a half-written or partial set of outputs.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder))
+    staged = {name: tmp / name for name in names}
+    try:
+        yield staged
+        for name, path in staged.items():
+            os.replace(path, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
