@@ -22,27 +22,62 @@ def pyplot() -> Any:
     return plt
 
 
+#: One look per method, in the order the demo runs them: colour, line style and marker all differ,
+#: so two methods with equal values stay apart (vanilla LoRA and LoRA+ share α = 2r).
+_LOOKS = (
+    ("tab:blue", "-", "o"),
+    ("tab:orange", "--", "s"),
+    ("tab:green", "-.", "^"),
+    ("tab:red", ":", "D"),
+    ("tab:purple", (0, (5, 1, 1, 1)), "v"),
+)
+
+
 def plot_demo(result: Mapping[str, Any], path: Path, *, labels: Mapping[str, str]) -> None:
-    """Training loss, mean α and mean drift ratio ρ over the steps of every demo method."""
+    """Training loss, held-out loss, mean α and mean drift ratio ρ of every demo method.
+
+    Four panels and one legend for all of them; the held-out losses are bars with their values
+    written out, so equal results cannot hide each other.
+    """
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)))  # methods with equal α stay visible
-    for i, rec in enumerate(result["records"]):
-        label = labels.get(rec["config"]["method"], rec["config"]["method"])
-        curve = np.array(rec["train_curve"], dtype=float).reshape(-1, 2)
-        (line,) = axes[0].plot(curve[:, 0], curve[:, 1], label=label, ls=styles[i % len(styles)])
-        if rec["eval_loss"] is not None and math.isfinite(rec["eval_loss"]):
-            axes[0].scatter([curve[-1, 0]], [rec["eval_loss"]], marker="*", s=120, color=line.get_color())
-        tele = np.array(rec["telemetry"], dtype=float).reshape(-1, 3)
-        if len(tele):
-            axes[1].plot(tele[:, 0], tele[:, 1], label=label, color=line.get_color(), ls=line.get_linestyle())
-            axes[2].plot(tele[:, 0], tele[:, 2], label=label, color=line.get_color(), ls=line.get_linestyle())
-    s = result["settings"]
-    axes[0].set(title="training loss, mean of 10 steps (★ held-out loss)", xlabel="step", ylabel="loss")
-    axes[1].set(title="mean α over LoRA layers", xlabel="step", ylabel="α", yscale="log")
-    axes[2].set(title="mean drift ratio ρ = ‖dB·dA‖/‖dB·A+B·dA‖", xlabel="step", ylabel="ρ", yscale="log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{s['model']}, r={s['rank']}, lr={s['lr']:g}, batch {s['batch_size']}, seed {s['seed']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with plt.rc_context({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 11}):
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+        (loss_ax, held_ax), (alpha_ax, rho_ax) = axes
+        names, held = [], []
+        every = max(3, len(result["records"]))
+        for i, rec in enumerate(result["records"]):
+            color, ls, marker = _LOOKS[i % len(_LOOKS)]
+            label = labels.get(rec["config"]["method"], rec["config"]["method"])
+            # Markers at staggered steps: a line hidden under another still shows its own markers.
+            style = {"color": color, "ls": ls, "marker": marker, "markevery": (i % every, every), "ms": 7, "lw": 1.8}
+            curve = np.array(rec["train_curve"], dtype=float).reshape(-1, 2)
+            loss_ax.plot(curve[:, 0], curve[:, 1], label=label, **style)
+            tele = np.array(rec["telemetry"], dtype=float).reshape(-1, 3)
+            if len(tele):
+                alpha_ax.plot(tele[:, 0], tele[:, 1], **style)
+                rho_ax.plot(tele[:, 0], tele[:, 2], **style)
+            loss = rec["eval_loss"]
+            names.append(label)
+            held.append(loss if loss is not None and math.isfinite(loss) else math.nan)
+        y = np.arange(len(names))
+        colors = [_LOOKS[i % len(_LOOKS)][0] for i in range(len(names))]
+        held_ax.barh(y, np.nan_to_num(held, nan=0.0), color=colors)
+        for yi, value in zip(y, held, strict=True):
+            text = "diverged" if math.isnan(value) else f"{value:.3f}"
+            held_ax.text(0.01, yi, f" {text}", va="center", color="white", fontweight="bold",
+                         transform=held_ax.get_yaxis_transform())  # fmt: skip
+        held_ax.set_yticks(y, names)
+        held_ax.invert_yaxis()
+        held_ax.set(title="held-out loss after training (lower is better)", xlabel="loss")
+        loss_ax.set(title="training loss (mean of 10 steps)", xlabel="step", ylabel="loss")
+        alpha_ax.set(title="mean α over the LoRA layers", xlabel="step", ylabel="α", yscale="log")
+        rho_ax.set(title="mean drift ratio ρ = ‖dB·dA‖ / ‖dB·A + B·dA‖", xlabel="step", ylabel="ρ")
+        rho_ax.set_yscale("log")
+        s = result["settings"]
+        fig.suptitle(f"{s['model']}, r = {s['rank']}, lr = {s['lr']:g}, batch {s['batch_size']}, "
+                     f"seed {s['seed']}")  # fmt: skip
+        handles, legend_labels = loss_ax.get_legend_handles_labels()
+        fig.legend(handles, legend_labels, loc="lower center", ncol=min(len(names), 2), frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
