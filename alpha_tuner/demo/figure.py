@@ -49,8 +49,8 @@ def plot_demo(result: Mapping[str, Any], path: Path, *, labels: Mapping[str, str
             color, ls, marker = _LOOKS[i % len(_LOOKS)]
             label = labels.get(rec["config"]["method"], rec["config"]["method"])
             # Markers at staggered steps: a line hidden under another still shows its own markers.
-            style = {"color": color, "ls": ls, "marker": marker, "markevery": (i % every, every)}
-            style.update(ms=7, lw=1.8)
+            style: dict[str, Any] = {"color": color, "ls": ls, "marker": marker, "ms": 7, "lw": 1.8}
+            style["markevery"] = (i % every, every)
             curve = np.array(rec["train_curve"], dtype=float).reshape(-1, 2)
             loss_ax.plot(curve[:, 0], curve[:, 1], label=label, **style)
             tele = np.array(rec["telemetry"], dtype=float).reshape(-1, 3)
