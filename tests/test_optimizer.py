@@ -318,3 +318,30 @@ def test_load_state_dict_rekeys_by_module_and_refuses_newer_versions() -> None:
     torch.testing.assert_close(fresh._control.log_alpha[1:], saved_log[1:])
     with pytest.raises(ValueError, match="newer alpha_tuner"):
         fresh.load_state_dict({**opt.state_dict(), "alpha_tuner": {**tuner, "version": 99}})
+
+
+def test_a_scheduler_attached_before_wrapping_is_harmless_without_heads() -> None:
+    """README: only a head lift needs the wrapper before the scheduler; otherwise the order is free."""
+    runs = []
+    for scheduler_first in (False, True):
+        model = tiny_llama(seed=2)
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        if scheduler_first:
+            scheduler = torch.optim.lr_scheduler.LinearLR(inner, start_factor=0.25, total_iters=4)
+            opt = AlphaTunedOptimizer(inner, model)
+        else:
+            opt = AlphaTunedOptimizer(inner, model)
+            scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=4)
+        lrs = []
+        for i in range(6):
+            model(**lm_batch(seed=i)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            scheduler.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        runs.append((opt.alphas(), lrs, _lora(model)))
+    (alphas_a, lrs_a, lora_a), (alphas_b, lrs_b, lora_b) = runs
+    assert alphas_a == alphas_b and lrs_a == lrs_b
+    assert lrs_a[0] < lrs_a[-1] == pytest.approx(1e-3)  # the schedule acted in both
+    for name in lora_a:
+        torch.testing.assert_close(lora_a[name], lora_b[name], rtol=0, atol=0)
