@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["AlphaTunerCallback", "attach_to_trainer", "collect_metrics", "find_alpha_tuned_optimizer",
            "history_from_log_history"]  # fmt: skip
 
-_LAZY = {name: ".transformers" for name in __all__}
+# collect_metrics and its helpers need no transformers; the callback and attach_to_trainer do.
+_LAZY = {name: ".transformers" for name in __all__} | {
+    name: ".metrics" for name in ("collect_metrics", "find_alpha_tuned_optimizer", "history_from_log_history")
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -28,18 +28,25 @@ floats). Nothing is read between logging steps.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-from ..attach import AttachedTuner, attach, attached_tuner
+from ..attach import AttachedTuner
 from ..optimizer import AlphaTunedOptimizer
+from .metrics import (
+    _CONTEXT_KEYS,
+    _MAX_UNWRAP,
+    _SUMMARY_KEYS,
+    collect_metrics,
+    find_alpha_tuned_optimizer,
+    history_from_log_history,
+)
+from .trainer_attach import attach_to_trainer
 
 __all__ = [
     "AlphaTunerCallback",
@@ -51,145 +58,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: PEFT's prefix of module names inside a ``PeftModel``; dropped from per-layer keys.
-_PEFT_PREFIX = "base_model.model."
-#: How many ``.optimizer`` attributes to follow (Accelerate, DeepSpeed and SageMaker wrappers).
-_MAX_UNWRAP = 8
-#: The summary keys of :func:`collect_metrics` (everything but the per-layer values).
-_SUMMARY_KEYS = frozenset(
-    {
-        *("alpha/mean", "alpha/min", "alpha/max", "rho/mean", "rho/min", "rho/max"),
-        *("alpha/backoffs", "alpha/measurements", "alpha/skipped"),
-    }
-)
-#: Trainer log entries that :attr:`AlphaTunerCallback.history` keeps next to α and ρ.
-_CONTEXT_KEYS = ("loss", "learning_rate", "grad_norm")
 #: Accelerate's stand-ins for an optimizer that DeepSpeed owns.
 _DEEPSPEED_WRAPPERS = ("DeepSpeedOptimizerWrapper", "DummyOptim")
-
-
-def attach_to_trainer(trainer: Any, **options: Any) -> Any:
-    """Tune the optimizer a ``Trainer`` builds itself (``alpha_tuner.attach(trainer)``).
-
-    The engine is attached by :func:`alpha_tuner.attach` right after the Trainer's
-    ``create_optimizer()``, so before its LR scheduler exists and before it loads a
-    checkpoint's optimizer state (whose ``"alpha_tuner"`` entry then restores α). When the
-    Trainer resumes, the adapter weights it loaded first were trained at the saved α, so the
-    engine starts from ``init="keep"`` and the saved α is written back without touching them.
-
-    Args:
-        trainer: A ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
-        **options: Options of :class:`AlphaTunedOptimizer`.
-
-    Returns:
-        ``trainer``.
-
-    Raises:
-        TypeError: If the trainer is already attached.
-    """
-    if getattr(trainer, "_alpha_tuner_options", None) is not None:
-        raise TypeError("alpha_tuner.attach() was already called on this Trainer.")
-    trainer._alpha_tuner_options = dict(options)
-    create_optimizer = trainer.create_optimizer
-    load_from_checkpoint = trainer._load_from_checkpoint
-    resumed = []
-
-    def _load_from_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        resumed.append(True)
-        return load_from_checkpoint(*args, **kwargs)
-
-    def _create_optimizer(*args: Any, **kwargs: Any) -> Any:
-        optimizer = create_optimizer(*args, **kwargs)
-        inner = trainer.optimizer
-        if find_alpha_tuned_optimizer(inner) is None:
-            settings = dict(options)
-            if resumed:
-                settings["init"] = "keep"
-            attach(inner, trainer.model, **settings)
-        return optimizer
-
-    trainer._load_from_checkpoint = _load_from_checkpoint
-    trainer.create_optimizer = _create_optimizer
-    return trainer
-
-
-def find_alpha_tuned_optimizer(optimizer: object) -> AlphaTunedOptimizer | AttachedTuner | None:
-    """Return the :class:`AlphaTunedOptimizer` inside ``optimizer`` (or the handle that
-    :func:`alpha_tuner.attach` left on it), or ``None``.
-
-    The Trainer hands callbacks Accelerate's ``AcceleratedOptimizer``; DeepSpeed and other
-    back-ends add their own wrappers. All of them keep the wrapped optimizer in an
-    ``optimizer`` attribute, which this follows.
-
-    Args:
-        optimizer: Any optimizer or optimizer wrapper (``None`` is fine).
-
-    Returns:
-        The first :class:`AlphaTunedOptimizer` along the ``.optimizer`` chain, if any.
-    """
-    current = optimizer
-    for _ in range(_MAX_UNWRAP):
-        if isinstance(current, AlphaTunedOptimizer):
-            return current
-        handle = attached_tuner(current)
-        if handle is not None:
-            return handle
-        # AlphaTunedOptimizer forwards unknown attributes; others simply may not have one.
-        current = getattr(current, "optimizer", None)
-        if current is None:
-            return None
-    return None
-
-
-def _short_name(name: str) -> str:
-    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
-
-
-def collect_metrics(optimizer: object, *, per_layer: bool = False) -> dict[str, float]:
-    """Read the tuner's telemetry as a flat ``{key: float}`` dict, in one device transfer.
-
-    Args:
-        optimizer: An :class:`AlphaTunedOptimizer`, or a wrapper around one (e.g. Accelerate's
-            ``AcceleratedOptimizer``).
-        per_layer: Also return ``alpha/<layer>`` and ``rho/<layer>`` for every tuned layer
-            (layer names as in ``opt.alphas()``, without PEFT's ``base_model.model.`` prefix).
-
-    Returns:
-        The keys listed in this module's docstring; ``rho/*`` only after the first measurement.
-
-    Raises:
-        TypeError: If no :class:`AlphaTunedOptimizer` is found inside ``optimizer``.
-
-    Example:
-        >>> accelerator.log(collect_metrics(opt), step=step)  # doctest: +SKIP
-    """
-    opt = find_alpha_tuned_optimizer(optimizer)
-    if opt is None:
-        raise TypeError(
-            f"No AlphaTunedOptimizer found in {type(optimizer).__name__}; pass the optimizer built as "
-            "AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=...), model)."
-        )
-    diag = opt.diagnostics(per_layer=per_layer)  # the one device transfer
-    metrics = {
-        "alpha/mean": diag["alpha_mean"],
-        "alpha/min": diag["alpha_min"],
-        "alpha/max": diag["alpha_max"],
-    }
-    if "rho_mean" in diag:
-        metrics.update({"rho/mean": diag["rho_mean"], "rho/min": diag["rho_min"], "rho/max": diag["rho_max"]})
-    metrics.update(
-        {
-            "alpha/backoffs": diag["backoffs"],
-            "alpha/measurements": diag["measurements"],
-            "alpha/skipped": diag["skipped"],
-        }
-    )
-    if per_layer:
-        for name, alpha in opt.alphas().items():  # host floats: PEFT stores scalings as numbers
-            metrics[f"alpha/{_short_name(name)}"] = alpha
-            if f"rho[{name}]" in diag:
-                metrics[f"rho/{_short_name(name)}"] = diag[f"rho[{name}]"]
-    return metrics
 
 
 def _uses_deepspeed(args: TrainingArguments, optimizer: object) -> bool:
@@ -384,24 +254,3 @@ class AlphaTunerCallback(TrainerCallback):
                 "None) or optimizer_cls_and_kwargs=(create_alpha_tuned_optimizer, {...}).",
                 type(optimizer).__name__,
             )
-
-
-def history_from_log_history(log_history: list[Mapping[str, Any]]) -> list[dict[str, float]]:
-    """Extract the logged α/ρ entries from ``trainer.state.log_history`` (or a loaded ``trainer_state.json``).
-
-    Args:
-        log_history: The Trainer's list of logged dicts.
-
-    Returns:
-        One dict per training log that carries α, shaped like the entries of
-        :attr:`AlphaTunerCallback.history` (per-layer values only where they were logged).
-    """
-    out = []
-    for record in log_history:
-        if "alpha/mean" not in record:
-            continue
-        entry = {"step": float(record.get("step", math.nan))}
-        entry.update({k: float(record[k]) for k in _CONTEXT_KEYS if k in record})
-        entry.update({k: float(v) for k, v in record.items() if k.startswith(("alpha/", "rho/"))})
-        out.append(entry)
-    return out
