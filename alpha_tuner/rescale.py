@@ -133,34 +133,50 @@ def rescale_target_(
     optimizer: torch.optim.Optimizer | None,
     *,
     groups: Mapping[int, Mapping[str, object]] | None = None,
+    balance: float = 1.0,
 ) -> float:
     """Set ``target``'s α to ``alpha`` keeping ``s·B·A`` and the optimizer state consistent.
+
+    With multiplier ratio ``m = s_new / s_old`` and ``balance`` μ the factors become
+    ``A/μ``, ``B·μ/m`` (B's bias ``/m``): ``s·B·A`` and so the model's function do not change.
+    Under Adam (ε → 0, weight decay 0) training then continues as if A's learning rate were
+    multiplied by μ and B's by ``m/μ`` (DESIGN-NOTES, "Two knobs"). ``balance=1`` moves only B:
+    raising α by k is then raising B's learning rate by k.
 
     Args:
         target: The LoRA layer/adapter to change.
         alpha: The new α, in the model's convention; finite and > 0.
-        optimizer: The inner optimizer whose state for B is rewritten (``None``: no state).
+        optimizer: The inner optimizer whose state for the rescaled factors is rewritten
+            (``None``: no state).
         groups: :func:`group_map` of ``optimizer``, when rescaling several layers in a row.
+        balance: μ, finite and > 0: how much of the change A takes.
 
     Returns:
-        The ratio ``m = s_old / s_new`` applied to B.
+        The ratio ``1/m = s_old / s_new`` (B's bias is multiplied by it; B by ``μ/m``).
 
     Raises:
-        ValueError: If ``alpha`` is not finite and positive.
+        ValueError: If ``alpha`` or ``balance`` is not finite and positive.
     """
     if not (isinstance(alpha, (int, float)) and alpha == alpha and 0 < alpha < float("inf")):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r} for {target.module_name}.")
-    old = target.scaling
-    new = alpha / target.divisor
-    ratio = old / new
-    if ratio != 1.0:
+    if not (isinstance(balance, (int, float)) and balance == balance and 0 < balance < float("inf")):
+        raise ValueError(f"balance must be a finite number > 0, got {balance!r} for {target.module_name}.")
+    ratio = target.scaling / (alpha / target.divisor)
+    factors = [(target.weight_b, ratio * balance)]
+    if target.bias_b is not None:
+        factors.append((target.bias_b, ratio))
+    if balance != 1.0:
+        factors.append((target.weight_a, 1.0 / balance))
+    if any(k != 1.0 for _, k in factors):
         if groups is None:
             groups = group_map(optimizer) if optimizer is not None else {}
         with torch.no_grad():
-            for param in target.factor_params():
-                param.mul_(ratio)
+            for param, k in factors:
+                if k == 1.0:
+                    continue
+                param.mul_(k)
                 if optimizer is not None:
-                    _rescale_state_(optimizer, param, ratio, groups.get(id(param), {}))
+                    _rescale_state_(optimizer, param, k, groups.get(id(param), {}))
     write_alpha(target, float(alpha))
     return ratio
 

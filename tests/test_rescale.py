@@ -210,3 +210,61 @@ def test_alpha_reported_in_model_convention(rank_exponent: float, alpha_rs: floa
     for t in opt.targets:
         assert t.alpha == pytest.approx(alpha_rs)
         assert t.scaling == pytest.approx(10.0 * 4 ** (rank_exponent - 1))
+
+
+# ------------------------------------------------------------------------- balance (A/μ, B·μ/m)
+balances = st.floats(min_value=1e-3, max_value=1e3)
+
+
+@given(kind=st.sampled_from(sorted(KINDS)), alpha=alphas, mu=balances)
+def test_a_balanced_rescale_preserves_the_function_and_is_a_group_action(
+    kind: str, alpha: float, mu: float
+) -> None:
+    model, opt = _cached(kind)
+    before = _forward(model)
+    params0, state0 = _snapshot(model, opt)
+    old = [t.alpha for t in opt.targets]
+    for target in opt.targets:
+        rescale_target_(target, alpha, opt.optimizer, balance=mu)
+    assert all(t.alpha == alpha for t in opt.targets)
+    torch.testing.assert_close(_forward(model), before, rtol=1e-9, atol=1e-12)
+    for target, a in zip(opt.targets, old, strict=True):  # back: α as it was, A and B by 1/μ
+        rescale_target_(target, a, opt.optimizer, balance=1.0 / mu)
+    params1, state1 = _snapshot(model, opt)
+    for x, y in zip(params0 + state0, params1 + state1, strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(("m", "mu"), [(16.0, 1.0), (16.0, 16.0), (4.0, 0.5), (1.0, 100.0)])
+def test_under_adam_the_balance_sets_both_learning_rates(m: float, mu: float) -> None:
+    """(s, A, B) → (m·s, A/μ, B·μ/m) trains as if η_A = μ·η and η_B = (m/μ)·η (DESIGN-NOTES)."""
+    lr, runs = 1e-3, []
+    for reparametrize in (True, False):
+        model = tiny_llama(seed=4).double()
+        targets = find_lora_targets(model)
+        a_params = [t.weight_a for t in targets]
+        b_params = [t.weight_b for t in targets]
+        # eps far below √v and no weight decay: Adam's step is then exactly scale-free
+        groups = [{"params": a_params}, {"params": b_params}]
+        opt = torch.optim.AdamW(groups, lr=lr, eps=1e-30, weight_decay=0.0)
+        for i in range(8):
+            if i == 3:  # B has left zero and the moments are warm: the change is not free any more
+                if reparametrize:
+                    for t in targets:
+                        rescale_target_(t, t.alpha * m, opt, balance=mu)
+                else:
+                    opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = mu * lr, m / mu * lr
+            model(**lm_batch(seed=i)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append([t.scaling * (t.weight_b @ t.weight_a).detach() for t in targets])
+    for tuned, plain in zip(*runs, strict=True):
+        torch.testing.assert_close(tuned, plain, rtol=1e-9, atol=1e-12)
+    assert any(not torch.equal(x, torch.zeros_like(x)) for x in runs[0])
+
+
+def test_balance_must_be_positive() -> None:
+    model = tiny_llama()
+    target = find_lora_targets(model)[0]
+    with pytest.raises(ValueError, match="balance must be a finite number > 0"):
+        rescale_target_(target, 4.0, None, balance=0.0)
