@@ -22,7 +22,7 @@ from .engine import EngineOptions, TuningEngine
 from .optimizer import AlphaTunedOptimizer, resolve_rule
 from .readout import TunerReadout
 
-__all__ = ["ATTACHED", "AttachedTuner", "attach", "attached_tuner"]
+__all__ = ["ATTACHED", "AttachedTuner", "attach", "attach_to_trainer", "attached_tuner"]
 
 #: The attribute of an optimizer that holds its :class:`AttachedTuner`.
 ATTACHED = "alpha_tuner_attached"
@@ -111,8 +111,6 @@ def attach(target: Any, model: nn.Module | None = None, **options: Any) -> Any:
     """
     if not isinstance(target, torch.optim.Optimizer):
         if callable(getattr(target, "create_optimizer", None)) and hasattr(target, "model"):
-            from .integrations.transformers import attach_to_trainer
-
             return attach_to_trainer(target, **options)
         raise TypeError(
             f"attach() takes a torch.optim.Optimizer or a transformers.Trainer, got {type(target).__name__}."
@@ -128,3 +126,48 @@ def attach(target: Any, model: nn.Module | None = None, **options: Any) -> Any:
     rule = resolve_rule(options.pop("rule", None), **rule_fields)
     engine = TuningEngine(target, model, EngineOptions(rule=rule, **options))
     return AttachedTuner(target, engine)
+
+
+def attach_to_trainer(trainer: Any, **options: Any) -> Any:
+    """Tune the optimizer a ``Trainer`` builds itself (``alpha_tuner.attach(trainer)``).
+
+    The engine is attached by :func:`alpha_tuner.attach` right after the Trainer's
+    ``create_optimizer()``, so before its LR scheduler exists and before it loads a
+    checkpoint's optimizer state (whose ``"alpha_tuner"`` entry then restores α). When the
+    Trainer resumes, the adapter weights it loaded first were trained at the saved α, so the
+    engine starts from ``init="keep"`` and the saved α is written back without touching them.
+
+    Args:
+        trainer: A ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
+        **options: Options of :class:`AlphaTunedOptimizer`.
+
+    Returns:
+        ``trainer``.
+
+    Raises:
+        TypeError: If the trainer is already attached.
+    """
+    if getattr(trainer, "_alpha_tuner_options", None) is not None:
+        raise TypeError("alpha_tuner.attach() was already called on this Trainer.")
+    trainer._alpha_tuner_options = dict(options)
+    create_optimizer = trainer.create_optimizer
+    load_from_checkpoint = trainer._load_from_checkpoint
+    resumed = []
+
+    def _load_from_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        resumed.append(True)
+        return load_from_checkpoint(*args, **kwargs)
+
+    def _create_optimizer(*args: Any, **kwargs: Any) -> Any:
+        optimizer = create_optimizer(*args, **kwargs)
+        inner = trainer.optimizer  # not yet wrapped by Accelerate at this point
+        if not isinstance(inner, AlphaTunedOptimizer) and attached_tuner(inner) is None:
+            settings = dict(options)
+            if resumed:
+                settings["init"] = "keep"
+            attach(inner, trainer.model, **settings)
+        return optimizer
+
+    trainer._load_from_checkpoint = _load_from_checkpoint
+    trainer.create_optimizer = _create_optimizer
+    return trainer

@@ -36,7 +36,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-from ..attach import AttachedTuner
+from ..attach import AttachedTuner, attach_to_trainer
 from ..optimizer import AlphaTunedOptimizer
 from .metrics import (
     _CONTEXT_KEYS,
@@ -46,7 +46,6 @@ from .metrics import (
     find_alpha_tuned_optimizer,
     history_from_log_history,
 )
-from .trainer_attach import attach_to_trainer
 
 __all__ = [
     "AlphaTunerCallback",
