@@ -17,33 +17,47 @@ record keeps the training-loss curve (every 10 steps) and the median step time.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from .corpus import BlockDataset, lm_blocks, load_speeches, split
 from .peers import LR_FREE, build_peer, lora_alpha, uses_rslora
 from .runner import add_runner_arguments, run_pending
+from .tasks import TASKS, collator, fresh_model, task_data
 
 __all__ = ["LMRun", "execute", "grid", "main"]
 
 RESULTS = Path("benchmarks/results/lm_bench.jsonl")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """What a task's runs use unless the command line says otherwise."""
+
+    results: Path
+    ranks: tuple[int, ...]
+    steps: int
+    batch_size: int
+    block: int
+    schedule: str
+
+
+TASK_DEFAULTS = {
+    "smollm2": TaskDefaults(RESULTS, (8, 32), 300, 4, 128, "linear"),
+    "minilm": TaskDefaults(Path("benchmarks/results/minilm_bench.jsonl"), (4, 16, 64), 600, 8, 64, "cosine"),
+    "tiny": TaskDefaults(Path("benchmarks/results/tiny_bench.jsonl"), (4,), 20, 4, 128, "linear"),
+}
 LRS = (1e-5, 1e-4, 1e-3)
 RANKS = (8, 32, 128)
 SELECTION_SEEDS = (0, 1)
 HELD_OUT_SEEDS = (100, 101, 102, 103)
-EVAL_BLOCKS = 96
 PEERS = ("rslora", "loraplus", "schedulefree")
 
 
@@ -78,47 +92,6 @@ class LMRun:
             f"|steps={self.steps}|bs={self.batch_size}x{self.block}|{self.schedule}+warmup{self.warmup:g}"
             f"|{self.precision}" + (f"|{self.tag}" if self.tag else "")
         )
-
-
-class _ByteTokenizer:
-    """Bytes as token ids 3…258 and EOS = 2: the tiny smoke-test model's tokenizer."""
-
-    eos_token_id = 2
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        del add_special_tokens
-        return {"input_ids": [b + 3 for b in text.encode("utf-8")]}
-
-
-@cache
-def _base(model: str) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if model == "tiny":
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-        )  # fmt: skip
-        return LlamaForCausalLM(config), _ByteTokenizer()
-    if model != "smollm2":
-        raise ValueError(f"Unknown model {model!r}; choose smollm2 or tiny.")
-    from alpha_tuner.demo import assets
-
-    path = assets.smollm2_path()
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
-@cache
-def _data(model: str, block: int) -> tuple[BlockDataset, BlockDataset]:
-    _, tokenizer = _base(model)
-    train, held_out = split(load_speeches())
-    train_blocks = lm_blocks(tokenizer, [s.text for s in train], block)
-    held = lm_blocks(tokenizer, [s.text for s in held_out], block)
-    pick = torch.linspace(0, held.shape[0] - 1, min(EVAL_BLOCKS, held.shape[0])).round().long()
-    return BlockDataset(train_blocks), BlockDataset(held[pick])
 
 
 class _StepTimer:
@@ -157,14 +130,17 @@ def execute(run: LMRun) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    base, _ = _base(run.model)
-    train_ds, eval_ds = _data(run.model, run.block)
+    task = TASKS[run.model]
+    train_ds, eval_ds = task_data(run.model, run.block)
+    base = fresh_model(run.model, run.seed)
+    targets = task.target_modules if isinstance(task.target_modules, str) else list(task.target_modules)
     torch.manual_seed(run.seed)  # LoRA's A initialisation
     model = get_peft_model(
-        copy.deepcopy(base),
+        base,
         LoraConfig(
             r=run.rank, lora_alpha=lora_alpha(run.method, run.rank, run.alpha), lora_dropout=0.0,  # type: ignore[arg-type]
-            use_rslora=uses_rslora(run.method), target_modules=list(TARGETS), task_type="CAUSAL_LM",
+            use_rslora=uses_rslora(run.method), target_modules=targets, task_type=task.task_type,
+            modules_to_save=list(task.modules_to_save) or None,
         ),
     )  # fmt: skip
     warmup_steps = round(run.warmup * run.steps)
@@ -182,6 +158,7 @@ def execute(run: LMRun) -> dict[str, Any]:
         trainer = Trainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
             optimizers=(peer.optimizer, None), callbacks=[_callback(timer)],
+            data_collator=collator(run.model),
         )  # fmt: skip
         start = time.perf_counter()
         trainer.train()
@@ -232,17 +209,21 @@ def grid(
     return runs
 
 
-def report(out: Path, *, seeds: Sequence[int]) -> int:
+def report(out: Path, *, seeds: Sequence[int], model: str = "smollm2") -> int:
     """Write ``<out>.md`` (tables) and ``<out>_curves.png`` (loss curves at lr 1e-4, first seed)."""
     from .bench_report import format_report, plot_curves, table
     from .runner import read_records
 
-    records = [r for r in read_records(out) if r["config"]["model"] == "smollm2"]
+    records = [r for r in read_records(out) if r["config"]["model"] == model]
     if not records:
-        print(f"lm_bench: no SmolLM2 records in {out} yet")
+        print(f"lm_bench: no {model} records in {out} yet")
         return 1
     result = table(records, seeds=seeds, selection_seeds=SELECTION_SEEDS)
-    text = format_report(result, seeds=seeds, title="Causal LM: SmolLM2-135M on the 2012 convention speeches")
+    titles = {
+        "smollm2": "Causal LM: SmolLM2-135M on the 2012 convention speeches",
+        "minilm": "MiniLM review sentiment, 600 steps, warm-up + cosine",
+    }
+    text = format_report(result, seeds=seeds, title=titles.get(model, model))
     out.with_suffix(".md").write_text(text, encoding="utf-8")
     plot_curves(records, out.with_name(out.stem + "_curves.png"), seed=seeds[0], lr=1e-4)
     print(text)
@@ -258,30 +239,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m research.lm_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("selection", "heldout"), default="selection")
     parser.add_argument("--seeds", type=_ints, help="override the stage's seeds")
-    parser.add_argument("--ranks", type=_ints, default=list(RANKS[:2]), help="default 8,32")
+    parser.add_argument("--ranks", type=_ints, help="default 8,32 (smollm2) or 4,16,64 (minilm)")
     parser.add_argument("--methods", type=lambda s: s.split(","), help="default: oracle grid + peers")
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--model", default="smollm2", choices=sorted(TASK_DEFAULTS),
+        help="smollm2: causal LM; minilm: the sweep's task at 600 steps, warm-up + cosine; tiny: smoke test",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, help="default 300 (smollm2), 600 (minilm)")
     parser.add_argument(
         "--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32"
     )
     parser.add_argument("--report", action="store_true", help="write the tables and the figure, run nothing")
-    add_runner_arguments(parser, out=RESULTS)
+    add_runner_arguments(parser, out=None)
     args = parser.parse_args(argv)
+    d = TASK_DEFAULTS[args.model]
+    out = args.out or d.results
     if args.report:
-        return report(args.out, seeds=args.seeds or list(SELECTION_SEEDS))
+        return report(out, seeds=args.seeds or list(SELECTION_SEEDS), model=args.model)
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)
     runs = grid(
-        seeds, args.ranks, methods=args.methods, steps=args.steps, model=args.model, precision=args.precision
-    )
+        seeds, args.ranks or d.ranks, methods=args.methods, steps=args.steps or d.steps, model=args.model,
+        precision=args.precision, batch_size=d.batch_size, block=d.block, schedule=d.schedule,
+    )  # fmt: skip
     if args.dry_run:
         from .runner import pending
 
-        todo = pending(runs, args.out, args.shard)
+        todo = pending(runs, out, args.shard)
         print("\n".join(r.key() for r in todo) + f"\n{len(todo)} pending of {len(runs)}")
         return 0
-    run_pending(runs, args.out, execute, shard=args.shard)
+    run_pending(runs, out, execute, shard=args.shard)
     return 0
 
 

@@ -108,9 +108,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def add_runner_arguments(parser: argparse.ArgumentParser, *, out: Path) -> None:
-    """``--out --shard --threads --dry-run`` with this default results file."""
-    parser.add_argument("--out", type=Path, default=out, help=f"results file (default {out})")
+def add_runner_arguments(parser: argparse.ArgumentParser, *, out: Path | None) -> None:
+    """``--out --shard --threads --dry-run`` with this default results file (``None``: the caller's)."""
+    parser.add_argument("--out", type=Path, default=out, help=f"results file (default {out or 'per task'})")
     parser.add_argument(
         "--shard", type=parse_shard, default=(0, 1), help="K/N: every N-th pending run from K"
     )

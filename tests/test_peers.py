@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from alpha_tuner import AlphaRule
 from alpha_tuner.demo.assets import missing_reason
@@ -85,3 +86,13 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     assert result["wins"] == {"loraplus": 1, "lora α=16": 1} and result["cells"] == 2
     text = format_report(result, seeds=[100, 101], title="t")
     assert "| oracle (α=32, lr=0.0001) | 2.7000 ± 0.0000 | 2.7000 ± 0.0000 |" in text
+
+
+def test_the_minilm_task_trains_the_adapter_and_the_fresh_head() -> None:
+    from research.tasks import fresh_model
+
+    record = execute(LMRun("alphatuned", 4, 1e-4, seed=0, steps=3, model="minilm", batch_size=4, block=32))
+    assert math.isfinite(record["eval_loss"]) and record["lora_b_norm"] > 0
+    heads = [fresh_model("minilm", seed).classifier.weight for seed in (0, 1)]
+    assert not torch.equal(*heads)  # the head is drawn from the run's seed
+    assert torch.equal(fresh_model("minilm", 0).classifier.weight, heads[0])
