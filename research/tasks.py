@@ -77,7 +77,7 @@ def _base(model: str) -> tuple[nn.Module, Any]:
     if model == "minilm":
         from alpha_tuner.demo.models import load_base
 
-        base = load_base("minilm")
+        base = _cached_base(load_base, "minilm")
         return base.model, base.tokenizer
     if model != "smollm2":
         raise ValueError(f"Unknown model {model!r}; choose one of {sorted(TASKS)}.")
@@ -127,16 +127,16 @@ def task_data(model: str, block: int) -> tuple[torch.utils.data.Dataset, torch.u
 
 def fresh_model(model: str, seed: int) -> nn.Module:
     """A copy of the base model; a classification head re-initialised from ``seed``."""
-    base, _ = _base(model)
-    fresh = copy.deepcopy(base)
-    head = getattr(fresh, "classifier", None)
-    if isinstance(head, nn.Linear):
-        gen = torch.Generator().manual_seed(seed)
-        std = float(getattr(fresh.config, "initializer_range", 0.02))
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * std)
-            head.bias.zero_()
-    return fresh
+    if model == "minilm":
+        from alpha_tuner.demo.models import load_base
+
+        return _cached_base(load_base, "minilm").fresh(seed)
+    return copy.deepcopy(_base(model)[0])
+
+
+@cache
+def _cached_base(load: Any, name: str) -> Any:
+    return load(name)
 
 
 def collator(model: str) -> Any:

@@ -119,13 +119,7 @@ def test_an_interrupted_demo_leaves_no_output_files(tmp_path, capsys, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(figure, "plot_demo", interrupted)
-    threads = torch.get_num_threads()
-    try:
-        code = main(["demo", "--model", "tiny", "--steps", "2", "--eval-size", "8", "--out", str(tmp_path),
-                     "--no-progress", "--threads", "1"])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 130
+    assert _tiny_demo(tmp_path, steps=2, eval_size=8) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # not demo.json alone, not a temporary file
 
@@ -147,14 +141,18 @@ def test_inspect_reads_the_lr_of_a_trainer_checkpoint(saved_adapter, tmp_path, c
     assert json.loads(capsys.readouterr().out)["lr"] == 2e-4
 
 
-def test_demo_on_the_tiny_model_writes_table_and_figure(tmp_path, capsys) -> None:
+def _tiny_demo(out: Path, *, steps: int, eval_size: int) -> int:
+    """``alpha-tuner demo`` on the tiny model, one thread (restored after)."""
     threads = torch.get_num_threads()
     try:
-        code = main(["demo", "--model", "tiny", "--steps", "3", "--eval-size", "16", "--out", str(tmp_path),
-                     "--no-progress", "--threads", "1"])  # fmt: skip
+        return main(["demo", "--model", "tiny", "--steps", str(steps), "--eval-size", str(eval_size),
+                     "--out", str(out), "--no-progress", "--threads", "1"])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    assert code == 0
+
+
+def test_demo_on_the_tiny_model_writes_table_and_figure(tmp_path, capsys) -> None:
+    assert _tiny_demo(tmp_path, steps=3, eval_size=16) == 0
     out = capsys.readouterr().out
     for label in ("vanilla LoRA (α=2r)", "rsLoRA (α=16)", "LoRA+", "AlphaTuned (defaults)"):
         assert label in out
