@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# The tests from a fresh clone: set-up (scripts/setup.sh), then the linters and the test suite.
-# Extra arguments go to pytest. CI runs exactly this (.ci/run, in its own environment).
+# The tests from a fresh clone: set-up, linters and `python -m pytest -q`, exactly as CI runs them
+# (.ci/run), in the user's environment .venv/. Extra arguments go to pytest.
 #
 #   bash scripts/test.sh
 #   bash scripts/test.sh -k attach -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck disable=SC1091
-source scripts/setup.sh
-export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
-ruff check alpha_tuner tests examples research benchmarks
-mypy
-python -m pytest -q "$@"
+VENV="${VENV:-.venv}" exec bash .ci/run "$@"
