@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .engine import EngineOptions, TuningEngine
-from .optimizer import AlphaTunedOptimizer, resolve_rule
+from .optimizer import AlphaTunedOptimizer
 from .readout import TunerReadout
+from .rule import pop_rule
 
 __all__ = ["ATTACHED", "AttachedTuner", "attach", "attach_to_trainer", "attached_tuner"]
 
@@ -121,9 +122,7 @@ def attach(target: Any, model: nn.Module | None = None, **options: Any) -> Any:
         raise TypeError("An alpha_tuner engine is already attached to this optimizer; detach() it first.")
     if model is None:
         raise TypeError("attach(optimizer, model): pass the PEFT model whose LoRA layers it trains.")
-    rule_fields = {k: options.pop(k) for k in ("c", "reference_lr", "lr_exponent", "rank_exponent",
-                                               "rank_exponent_slope") if k in options}  # fmt: skip
-    rule = resolve_rule(options.pop("rule", None), **rule_fields)
+    rule = pop_rule(options)
     engine = TuningEngine(target, model, EngineOptions(rule=rule, **options))
     return AttachedTuner(target, engine)
 

@@ -19,28 +19,9 @@ from .engine import EngineOptions, TuningEngine
 from .heads import HEAD_LR
 from .measure import DriftMeter
 from .readout import TunerReadout
-from .rule import AlphaRule
+from .rule import AlphaRule, resolve_rule
 
-__all__ = ["AlphaTunedOptimizer", "resolve_rule"]
-
-
-def resolve_rule(rule: AlphaRule | None, **fields: float | None) -> AlphaRule | None:
-    """``rule``, or a rule from the keyword shorthand (``None`` fields are left at their defaults).
-
-    Raises:
-        TypeError: If both are given, or ``rule`` is not an :class:`AlphaRule`.
-    """
-    given = {k: v for k, v in fields.items() if v is not None}
-    if rule is None:
-        return AlphaRule(**given) if given else None
-    if not isinstance(rule, AlphaRule):
-        raise TypeError(f"rule must be an alpha_tuner.AlphaRule, got {type(rule).__name__}.")
-    if given:
-        raise TypeError(
-            f"Pass either rule= or the rule's fields ({', '.join(sorted(given))}), not both: "
-            "e.g. rule=dataclasses.replace(rule, c=...)."
-        )
-    return rule
+__all__ = ["AlphaTunedOptimizer"]
 
 
 class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):

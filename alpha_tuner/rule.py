@@ -31,6 +31,8 @@ __all__ = [
     "RANK_EXPONENT_SLOPE",
     "REFERENCE_LR",
     "AlphaRule",
+    "pop_rule",
+    "resolve_rule",
     "rule_alpha",
 ]
 
@@ -168,3 +170,29 @@ class AlphaRule:
         if unknown:
             raise TypeError(f"Unknown rule parameter(s) {unknown}; the rule's are {sorted(names)}.")
         return cls(**params)
+
+
+def resolve_rule(rule: AlphaRule | None, **fields: float | None) -> AlphaRule | None:
+    """``rule``, or one built from the keyword shorthand (``None`` fields stay at their defaults).
+
+    ``None`` when neither is given: the engine then uses the default rule. The type of ``rule``
+    is checked where the options are validated (:class:`alpha_tuner.engine.EngineOptions`).
+
+    Raises:
+        TypeError: If both ``rule`` and fields are given.
+    """
+    given = {k: v for k, v in fields.items() if v is not None}
+    if rule is None:
+        return AlphaRule(**given) if given else None
+    if given:
+        raise TypeError(
+            f"Pass either rule= or the rule's fields ({', '.join(sorted(given))}), not both: "
+            "e.g. rule=dataclasses.replace(rule, c=...)."
+        )
+    return rule
+
+
+def pop_rule(options: dict[str, Any]) -> AlphaRule | None:
+    """Take ``rule`` and the rule's fields out of keyword ``options`` and resolve them."""
+    fields_given = {f.name: options.pop(f.name) for f in fields(AlphaRule) if f.name in options}
+    return resolve_rule(options.pop("rule", None), **fields_given)

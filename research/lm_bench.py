@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .peers import LR_FREE, build_peer, lora_alpha, uses_rslora
-from .runner import add_runner_arguments, run_pending
+from .runner import add_runner_arguments, ints, run_pending
 from .tasks import TASKS, collator, fresh_model, task_data
 
 __all__ = ["LMRun", "execute", "grid", "main"]
@@ -94,33 +94,24 @@ class LMRun:
         )
 
 
-class _StepTimer:
-    """A Trainer callback that keeps the wall time of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-    def median(self) -> float:
-        steady = self.times[5:] or self.times
-        return statistics.median(steady) if steady else math.nan
-
-
-def _callback(timer: _StepTimer) -> Any:
+def _step_timer() -> Any:
+    """A Trainer callback that keeps the wall time of every optimizer step (``.median()``)."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.start = 0.0
+
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            timer.on_step_begin()
+            self.start = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            timer.on_step_end()
+            self.times.append(time.perf_counter() - self.start)
+
+        def median(self) -> float:
+            steady = self.times[5:] or self.times  # the first steps pay one-time start-up
+            return statistics.median(steady) if steady else math.nan
 
     return StepTimer()
 
@@ -146,7 +137,7 @@ def execute(run: LMRun) -> dict[str, Any]:
     warmup_steps = round(run.warmup * run.steps)
     peer = build_peer(run.method, model, lr=run.lr, schedule=run.schedule, warmup_steps=warmup_steps)
     alpha_start = _mean_alpha(peer.tuner)
-    timer = _StepTimer()
+    timer = _step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, max_steps=run.steps, per_device_train_batch_size=run.batch_size,
@@ -157,7 +148,7 @@ def execute(run: LMRun) -> dict[str, Any]:
         )  # fmt: skip
         trainer = Trainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-            optimizers=(peer.optimizer, None), callbacks=[_callback(timer)],
+            optimizers=(peer.optimizer, None), callbacks=[timer],
             data_collator=collator(run.model),
         )  # fmt: skip
         start = time.perf_counter()
@@ -230,16 +221,12 @@ def report(out: Path, *, seeds: Sequence[int], model: str = "smollm2") -> int:
     return 0
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run (or list, with ``--dry-run``) the pending runs of a stage."""
     parser = argparse.ArgumentParser(prog="python -m research.lm_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("selection", "heldout"), default="selection")
-    parser.add_argument("--seeds", type=_ints, help="override the stage's seeds")
-    parser.add_argument("--ranks", type=_ints, help="default 8,32 (smollm2) or 4,16,64 (minilm)")
+    parser.add_argument("--seeds", type=ints, help="override the stage's seeds")
+    parser.add_argument("--ranks", type=ints, help="default 8,32 (smollm2) or 4,16,64 (minilm)")
     parser.add_argument("--methods", type=lambda s: s.split(","), help="default: oracle grid + peers")
     parser.add_argument(
         "--model", default="smollm2", choices=sorted(TASK_DEFAULTS),

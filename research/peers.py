@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from alpha_tuner.demo.models import LORAPLUS_RATIO, RSLORA_ALPHA
+
 __all__ = ["LR_FREE", "METHODS", "PeerOptimizer", "build_peer", "lora_alpha", "uses_rslora"]
 
-RSLORA_ALPHA = 16.0
-LORAPLUS_RATIO = 16.0
 #: Methods that ignore the base LR (their step size is estimated).
 LR_FREE = frozenset({"prodigy", "dadapt"})
 METHODS = (

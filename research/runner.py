@@ -23,6 +23,7 @@ __all__ = [
     "append_line",
     "end_with_newline",
     "finite_json",
+    "ints",
     "parse_shard",
     "pending",
     "pending_runs",
@@ -91,6 +92,11 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ints(text: str) -> list[int]:
+    """``"4,16"`` → ``[4, 16]`` (an argparse type for lists of ranks or seeds)."""
+    return [int(x) for x in text.split(",") if x]
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -75,9 +75,7 @@ def _base(model: str) -> tuple[nn.Module, Any]:
         )  # fmt: skip
         return LlamaForCausalLM(config), _ByteTokenizer()
     if model == "minilm":
-        from alpha_tuner.demo.models import load_base
-
-        base = _cached_base(load_base, "minilm")
+        base = _minilm()
         return base.model, base.tokenizer
     if model != "smollm2":
         raise ValueError(f"Unknown model {model!r}; choose one of {sorted(TASKS)}.")
@@ -128,15 +126,16 @@ def task_data(model: str, block: int) -> tuple[torch.utils.data.Dataset, torch.u
 def fresh_model(model: str, seed: int) -> nn.Module:
     """A copy of the base model; a classification head re-initialised from ``seed``."""
     if model == "minilm":
-        from alpha_tuner.demo.models import load_base
-
-        return _cached_base(load_base, "minilm").fresh(seed)
+        return _minilm().fresh(seed)
     return copy.deepcopy(_base(model)[0])
 
 
 @cache
-def _cached_base(load: Any, name: str) -> Any:
-    return load(name)
+def _minilm() -> Any:
+    """The demo's MiniLM base (:class:`alpha_tuner.demo.models.BaseModel`), loaded once."""
+    from alpha_tuner.demo.models import load_base
+
+    return load_base("minilm")
 
 
 def collator(model: str) -> Any:

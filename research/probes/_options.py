@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from alpha_tuner.demo.train import RunConfig
-from research.runner import append_line, finite_json, pending_runs
+from research.runner import append_line, finite_json, parse_shard, pending_runs
 from research.sweep import SweepSpec, run_configs
 
 
@@ -33,22 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, out: Path, ranks: str) -> 
     parser.add_argument("--ranks", default=ranks)
     parser.add_argument("--seeds", default="0,1", help="selection seeds (not the bar's held-out ones)")
     parser.add_argument("--out", type=Path, default=out)
-    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th pending run from the K-th")
+    parser.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), help="K/N: run every N-th pending run from the K-th"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="minilm", help="minilm, or tiny for a smoke test")
     parser.add_argument("--steps", type=int, default=SweepSpec.steps)
     parser.add_argument("--report", action="store_true", help="only print the table")
-
-
-def ints(text: str) -> list[int]:
-    """``"4,16"`` → ``[4, 16]``."""
-    return [int(x) for x in text.split(",")]
-
-
-def shard(args: argparse.Namespace) -> tuple[int, int]:
-    """``--shard K/N`` as ``(K, N)``."""
-    k, n = (int(x) for x in args.shard.split("/"))
-    return k, n
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, SweepSpec]:
@@ -63,7 +54,7 @@ def run_sweep_configs(args: argparse.Namespace, todo: Iterable[tuple[RunConfig, 
     """Run this shard's pending ``(config, tuner options)`` pairs through the sweep's loop."""
     todo = list(todo)
     options = {cfg.key(): opts for cfg, opts in todo}
-    pending = pending_runs([cfg for cfg, _ in todo], args.out, key=RunConfig.key, shard=shard(args))
+    pending = pending_runs([cfg for cfg, _ in todo], args.out, key=RunConfig.key, shard=args.shard)
     for record in run_configs(pending, args.out, progress=False, tuner_options=options):
         print(f"{record['key']}: {record['eval_loss']:.4f}", file=sys.stderr, flush=True)
 
@@ -75,7 +66,7 @@ def run_custom(
     execute: Callable[[Sequence[Any]], Iterable[dict[str, Any]]],
 ) -> None:
     """Run this shard's pending items with the probe's own loop; one JSON line per record."""
-    pending = pending_runs(todo, args.out, key=key, shard=shard(args))
+    pending = pending_runs(todo, args.out, key=key, shard=args.shard)
     if not pending:
         return
     for record in execute(pending):

@@ -28,9 +28,10 @@ from alpha_tuner.demo.data import batches
 from alpha_tuner.demo.models import attach_lora, load_base
 from alpha_tuner.demo.train import evaluate, make_task
 from research.fit import record_loss
+from research.runner import ints
 from research.sweep import SweepSpec, read_records
 
-from ._options import ints, parse, probe_parser, run_custom
+from ._options import parse, probe_parser, run_custom
 
 RESULTS = Path(__file__).parent / "results"
 

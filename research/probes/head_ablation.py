@@ -27,9 +27,10 @@ from typing import Any
 from alpha_tuner.demo.train import RunConfig
 from alpha_tuner.heads import HEAD_LR
 from research.fit import cell_table, grid_oracle, record_loss
+from research.runner import ints
 from research.sweep import SweepSpec, read_records, rule_tag
 
-from ._options import ints, parse, probe_parser, run_sweep_configs
+from ._options import parse, probe_parser, run_sweep_configs
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -24,9 +24,10 @@ from alpha_tuner.demo.train import RunConfig
 from alpha_tuner.heads import HEAD_LR
 from alpha_tuner.principled import LR_EXPONENT, REFERENCE_LR
 from research.fit import cell_table, grid_oracle, record_loss
+from research.runner import ints
 from research.sweep import SweepSpec, read_records
 
-from ._options import ints, parse, probe_parser, run_sweep_configs
+from ._options import parse, probe_parser, run_sweep_configs
 
 RESULTS = Path(__file__).parent / "results"
 
