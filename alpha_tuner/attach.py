@@ -133,8 +133,9 @@ def attach_to_trainer(trainer: Any, **options: Any) -> Any:
     The engine is attached by :func:`alpha_tuner.attach` right after the Trainer's
     ``create_optimizer()``, so before its LR scheduler exists and before it loads a
     checkpoint's optimizer state (whose ``"alpha_tuner"`` entry then restores α). When the
-    Trainer resumes, the adapter weights it loaded first were trained at the saved α, so the
-    engine starts from ``init="keep"`` and the saved α is written back without touching them.
+    Trainer resumes, it has loaded the trained adapter before the engine exists; loading the
+    checkpoint's tuner state puts those weights back as loaded, as for the factory path
+    (:meth:`alpha_tuner.engine.TuningEngine.load`).
 
     Args:
         trainer: A ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
@@ -150,23 +151,13 @@ def attach_to_trainer(trainer: Any, **options: Any) -> Any:
         raise TypeError("alpha_tuner.attach() was already called on this Trainer.")
     trainer._alpha_tuner_options = dict(options)
     create_optimizer = trainer.create_optimizer
-    load_from_checkpoint = trainer._load_from_checkpoint
-    resumed = []
-
-    def _load_from_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        resumed.append(True)
-        return load_from_checkpoint(*args, **kwargs)
 
     def _create_optimizer(*args: Any, **kwargs: Any) -> Any:
         optimizer = create_optimizer(*args, **kwargs)
         inner = trainer.optimizer  # not yet wrapped by Accelerate at this point
         if not isinstance(inner, AlphaTunedOptimizer) and attached_tuner(inner) is None:
-            settings = dict(options)
-            if resumed:
-                settings["init"] = "keep"
-            attach(inner, trainer.model, **settings)
+            attach(inner, trainer.model, **options)
         return optimizer
 
-    trainer._load_from_checkpoint = _load_from_checkpoint
     trainer.create_optimizer = _create_optimizer
     return trainer

@@ -153,18 +153,20 @@ class TuningEngine:
         self.head_params_lifted = (
             0 if options.head_lr is None else lift_head_lr_(optimizer, heads, options.head_lr)
         )
-        # The α each layer had before init, kept while its B was already trained (non-zero): a
-        # checkpoint loaded before the first step then restores B as saved (see load()).
-        self._alpha_before_init: list[float] | None = None
+        # When B is already trained (an adapter loaded before wrapping), init's rescale changes it:
+        # keep the weights as they were, so that a checkpoint loaded before the first step can
+        # put them back exactly (see load()). Freed at the first step or load of a checkpoint.
+        self._before_init: list[tuple[nn.Parameter, Tensor]] | None = None
         if options.init == "principled":
             alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
-            before = [t.alpha for t in self.targets]
-            trained = any(bool(t.weight_b.detach().ne(0).any()) for t in self.targets)  # construction time
+            factors = [p for t in self.targets for p in t.factor_params()]
+            with torch.no_grad():  # construction time: one host read for all layers
+                trained = bool(torch.stack([p.detach().ne(0).any() for p in factors]).any())
+                if trained:
+                    self._before_init = [(p, p.detach().clone()) for p in factors]
             groups = group_map(optimizer)
             for target, alpha in zip(self.targets, alphas, strict=True):
                 rescale_target_(target, alpha, optimizer, groups=groups)
-            if trained:
-                self._alpha_before_init = before
         # In-place writes to B since init (load_state_dict of the adapter bumps this counter).
         self._b_versions = [t.weight_b._version for t in self.targets]
         update_adapter_config(model, self.targets)
@@ -227,6 +229,7 @@ class TuningEngine:
             self._measuring_now = False
         state = state._replace(steps=state.steps + 1)
         self.state = state
+        self._before_init = None  # only a load before the first step may need it
         if self.adapt and state.steps % self.options.control_every == 0:
             self._control_step()
 
@@ -337,16 +340,17 @@ class TuningEngine:
                 stacklevel=3,
             )
         untouched = [t.weight_b._version for t in self.targets] == self._b_versions
-        if restored.steps and state.steps == 0 and self._alpha_before_init is not None and untouched:
+        if restored.steps and state.steps == 0 and self._before_init is not None and untouched:
             # A resume that loaded the trained adapter *before* this engine was built (the Trainer's
-            # optimizer_cls_and_kwargs path) and did not load it again since: init rescaled those
-            # weights, so undo that on the weights alone (the optimizer state just loaded is the
-            # checkpoint's) before writing the saved α. Weights loaded after wrapping (the README's
-            # order) have a newer version counter and are left as loaded.
-            for target, alpha in zip(self.targets, self._alpha_before_init, strict=True):
-                rescale_target_(target, alpha, None)
-        if restored.steps:  # a fresh entry (Accelerate's save → load at prepare) keeps the undo
-            self._alpha_before_init = None
+            # optimizer_cls_and_kwargs path) and did not load it again since: put back the weights
+            # init rescaled (the optimizer state just loaded is the checkpoint's), then write the
+            # saved α. Weights loaded after wrapping (the README's order) have a newer version
+            # counter and are left as loaded.
+            with torch.no_grad():
+                for param, saved in self._before_init:
+                    param.copy_(saved)
+        if restored.steps:  # a fresh entry (Accelerate's save → load at prepare) keeps the copy
+            self._before_init = None
         for i, alpha in restored.alphas.items():
             write_alpha(self.targets[i], alpha)
         update_adapter_config(self.model, self.targets)
