@@ -20,6 +20,7 @@ from .heads import HEAD_LR, find_head_parameters
 from .optimizer import AlphaTunedOptimizer
 from .principled import principled_alpha, principled_coefficient
 from .rule import C_REF, LR_EXPONENT, REFERENCE_LR, AlphaRule
+from .steplaw import StepLaw
 
 if TYPE_CHECKING:
     from .integrations import AlphaTunerCallback, collect_metrics
@@ -37,6 +38,7 @@ __all__ = [
     "AttachedTuner",
     "ControlConfig",
     "LoraTarget",
+    "StepLaw",
     "__version__",
     "attach",
     "collect_metrics",

@@ -27,13 +27,14 @@ require anyway; a control step on one rank waits for the others.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .control import ControlState
+from .steplaw import StepState
 
 __all__ = [
     "broadcast_state",
@@ -76,14 +77,18 @@ def unpack_tensors(buffer: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return [c.clone().view(t.dtype).reshape(t.shape) for c, t in zip(chunks, like, strict=True)]
 
 
-def broadcast_state(state: ControlState, *, group: Any = None) -> ControlState:
+_State = TypeVar("_State", ControlState, StepState)
+
+
+def broadcast_state(state: _State, *, group: Any = None) -> _State:
     """Give every rank the first rank's copy of ``state``, bit for bit, in one collective.
 
     Without an initialised process group of two or more ranks, ``state`` is returned as is
     and nothing is communicated. The call does not read tensor values on the host.
 
     Args:
-        state: The controller state, with the same field shapes and dtypes on every rank.
+        state: A tuner state tuple (:class:`ControlState` or :class:`StepState`), with the same
+            field shapes and dtypes on every rank.
         group: The process group (``None``: the default group); its first rank is the source.
 
     Returns:
@@ -95,7 +100,7 @@ def broadcast_state(state: ControlState, *, group: Any = None) -> ControlState:
     buffer = pack_tensors(fields)
     src = 0 if group is None else dist.get_global_rank(group, 0)
     dist.broadcast(buffer, src=src, group=group)
-    return ControlState(*unpack_tensors(buffer, fields))
+    return type(state)(*unpack_tensors(buffer, fields))
 
 
 def unwrap_model(model: Any) -> Any:

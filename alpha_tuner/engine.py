@@ -32,12 +32,14 @@ from ._checks import check_int
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
+from .drift import lora_matrices
 from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import principled_alphas
 from .rescale import group_map, rescale_target_, update_adapter_config, write_alpha
 from .rule import AlphaRule
+from .steplaw import StepLaw, StepState, decide_steps, init_steps, observe_steps, placement
 from .telemetry import summarize
 
 __all__ = ["EngineOptions", "TunerState", "TuningEngine"]
@@ -56,6 +58,7 @@ class TunerState(NamedTuple):
         control: Per-layer controller state, every field of shape (L,) on the device.
         rho: Each layer's most recent ρ, shape (L,) float32 (NaN before its first measurement).
         measured_once: Whether any measurement has been taken.
+        law: The step law's per-layer state (``None`` when the step law is off).
     """
 
     steps: int
@@ -63,6 +66,7 @@ class TunerState(NamedTuple):
     control: ControlState
     rho: Tensor
     measured_once: bool
+    law: StepState | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class EngineOptions:
     rule: AlphaRule | None = None
     control: ControlConfig | None = None
     head_lr: float | None = HEAD_LR
+    steps: StepLaw | None = None
 
     def __post_init__(self) -> None:
         if self.init not in ("principled", "keep"):
@@ -97,6 +102,8 @@ class EngineOptions:
         if self.control is not None and not isinstance(self.control, ControlConfig):
             got = type(self.control).__name__
             raise TypeError(f"control must be an alpha_tuner.ControlConfig, got {got}.")
+        if self.steps is not None and not isinstance(self.steps, StepLaw):
+            raise TypeError(f"steps must be an alpha_tuner.StepLaw or None, got {type(self.steps).__name__}.")
         if self.rule is not None and not isinstance(self.rule, AlphaRule):
             raise TypeError(f"rule must be an alpha_tuner.AlphaRule, got {type(self.rule).__name__}.")
         if self.adapt and self.measure is False:
@@ -123,6 +130,20 @@ def check_optimizer(optimizer: object) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _adam_family(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every group steps like Adam (``betas`` and a second-moment state): the step law's
+    placement and response model assume that each element moves by about its learning rate."""
+    return all("betas" in group for group in optimizer.param_groups)
+
+
+def _weight_norm(target: LoraTarget) -> Tensor:
+    """``‖W₀‖_F`` of the frozen weight the layer adapts (NaN when it is not a float tensor)."""
+    weight = getattr(target.layer.get_base_layer(), "weight", None)
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        return torch.tensor(math.nan)  # quantised or absent: the law leaves the layer alone
+    return weight.detach().float().norm()
+
+
 class TuningEngine:
     """The tuner around one inner optimizer and one PEFT model.
 
@@ -142,6 +163,14 @@ class TuningEngine:
         self.options = options
         self.rule = options.rule or AlphaRule()
         self.control_config = options.control or ControlConfig()
+        self.step_law = options.steps if options.steps is not None and _adam_family(optimizer) else None
+        if options.steps is not None and self.step_law is None:
+            warnings.warn(
+                f"The step law needs an Adam-family optimizer (its placement assumes Adam's step), got "
+                f"{type(optimizer).__name__}; the tuner uses the alpha rule and the back-off law instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.adapt = bool(options.adapt)
         self.measuring = self.adapt if options.measure is None else bool(options.measure)
         self.model = model = unwrap_model(model)  # DDP's `module.` prefix would break state keys
@@ -159,14 +188,17 @@ class TuningEngine:
         self._before_init: list[tuple[nn.Parameter, Tensor]] | None = None
         if options.init == "principled":
             alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
+            balances = [1.0] * len(self.targets)
+            if self.step_law is not None:
+                alphas, balances = self._placements()
             factors = [p for t in self.targets for p in t.factor_params()]
             with torch.no_grad():  # construction time: one host read for all layers
                 trained = bool(torch.stack([p.detach().ne(0).any() for p in factors]).any())
                 if trained:
                     self._before_init = [(p, p.detach().clone()) for p in factors]
             groups = group_map(optimizer)
-            for target, alpha in zip(self.targets, alphas, strict=True):
-                rescale_target_(target, alpha, optimizer, groups=groups)
+            for target, alpha, balance in zip(self.targets, alphas, balances, strict=True):
+                rescale_target_(target, alpha, optimizer, groups=groups, balance=balance)
         # In-place writes to B since init (load_state_dict of the adapter bumps this counter).
         self._b_versions = [t.weight_b._version for t in self.targets]
         update_adapter_config(model, self.targets)
@@ -175,11 +207,40 @@ class TuningEngine:
         alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         self.meter = self._new_meter() if self.measuring else None
         self._meter_params = self._factor_ids()
+        self._lora_ids = frozenset(self._meter_params)
         rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
-        self.state = TunerState(steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False)
+        law = None
+        if self.step_law is not None:
+            law = init_steps(alpha0)
+            divisors = [t.divisor for t in self.targets]
+            self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
+            self._weight_norms = torch.stack([_weight_norm(t).to(self.device) for t in self.targets])
+        self.state = TunerState(
+            steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False, law=law
+        )
         self._measuring_now = False
 
     # ------------------------------------------------------------------------ construction
+    def _placements(self) -> tuple[list[float], list[float]]:
+        """α and balance of every layer from :func:`~alpha_tuner.steplaw.placement` (one host read)."""
+        assert self.step_law is not None  # only called with the step law on
+        lr_of = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
+        with torch.no_grad():
+            norms = torch.stack(
+                [torch.stack((t.weight_a.detach().float().norm(), _weight_norm(t))) for t in self.targets]
+            ).tolist()
+        alphas, balances = [], []
+        for t, (a_norm, w_norm) in zip(self.targets, norms, strict=True):
+            a2d, b2d = lora_matrices(t.weight_a, t.weight_b)
+            m, mu = placement(
+                lr_a=lr_of[id(t.weight_a)], lr_b=lr_of[id(t.weight_b)],
+                scaling=t.scaling, rank=t.rank, fan_in=a2d.shape[1], fan_out=b2d.shape[0],
+                a_norm=a_norm, weight_norm=w_norm, config=self.step_law,
+            )  # fmt: skip
+            alphas.append(t.alpha * m)
+            balances.append(mu)
+        return alphas, balances
+
     def _new_meter(self) -> DriftMeter:
         return DriftMeter(self.targets, self.device, phases=self.options.measure_phases)
 
@@ -220,6 +281,12 @@ class TuningEngine:
         state = self.state
         if self._measuring_now and self.meter is not None:
             m = self.meter.measure()
+            if state.law is not None and self.step_law is not None:
+                scaling = torch.exp(state.law.log_alpha) / self._divisors
+                update = scaling * m.signal / self._weight_norms
+                factor = self._schedule_factor()
+                law = observe_steps(state.law, m.a_step, update, factor, self.step_law, m.measured)
+                state = state._replace(law=law)
             state = state._replace(
                 control=observe(state.control, m.rho, self.control_config, mask=m.measured),
                 rho=torch.where(m.measured, m.rho, state.rho),
@@ -233,13 +300,39 @@ class TuningEngine:
         if self.adapt and state.steps % self.options.control_every == 0:
             self._control_step()
 
+    def _schedule_factor(self) -> float:
+        """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler)."""
+        for group in self.optimizer.param_groups:
+            if any(id(p) in self._lora_ids for p in group["params"]):
+                initial = group.get("initial_lr", group["lr"])
+                return float(group["lr"]) / float(initial) if initial else 0.0
+        return 1.0
+
     def _control_step(self) -> None:
+        if self.state.law is not None and self.step_law is not None:
+            self._law_step(self.state.law, self.step_law)
+            return
         # Multi-process: every rank takes rank 0's state (one collective; none on other steps).
         control = broadcast_state(update_alpha(self.state.control, self.control_config))
         self.state = self.state._replace(control=control)
         # The one host transfer of a control interval: PEFT keeps its scalings as floats. The
         # device log α already holds these values, so no host-to-device copy follows.
         self._apply_alphas(torch.exp(control.log_alpha).tolist())
+
+    def _law_step(self, law: StepState, config: StepLaw) -> None:
+        new, d_a = decide_steps(law, config)
+        new = broadcast_state(new)  # every rank takes rank 0's decision
+        # The one host transfer of a control interval: PEFT's scalings and the rescale take floats.
+        values = torch.stack((torch.exp(new.log_alpha), torch.exp(d_a))).tolist()
+        self.state = self.state._replace(law=new)
+        groups = group_map(self.optimizer)
+        changed = False
+        for target, alpha, balance in zip(self.targets, *values, strict=True):
+            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL or abs(balance - 1.0) > _ALPHA_RTOL:
+                rescale_target_(target, alpha, self.optimizer, groups=groups, balance=balance)
+                changed = True
+        if changed:
+            update_adapter_config(self.model, self.targets)
 
     def _apply_alphas(self, alphas: Iterable[float]) -> None:
         changed = [
@@ -259,7 +352,10 @@ class TuningEngine:
         current = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         log_alpha = current.log()
         control = self.state.control._replace(log_alpha=log_alpha, log_alpha0=log_alpha)
-        self.state = self.state._replace(control=control)
+        law = self.state.law
+        if law is not None:
+            law = law._replace(log_alpha=log_alpha, log_alpha0=log_alpha)
+        self.state = self.state._replace(control=control, law=law)
 
     # ---------------------------------------------------------------------------- user API
     def alphas(self) -> dict[str, float]:
@@ -320,6 +416,7 @@ class TuningEngine:
             alphas=[t.alpha for t in self.targets],
             control=state.control,
             rho=state.rho,
+            law=state.law,
         )
 
     def load(self, entry: object) -> None:
@@ -330,7 +427,7 @@ class TuningEngine:
         """
         state = self.state
         restored = unpack_tuner_state(
-            entry, keys=[t.key for t in self.targets], control=state.control, rho=state.rho
+            entry, keys=[t.key for t in self.targets], control=state.control, rho=state.rho, law=state.law
         )
         if restored.missing:
             warnings.warn(
@@ -362,4 +459,5 @@ class TuningEngine:
             control=restored.control,
             rho=state.rho if restored.rho is None else restored.rho,
             measured_once=state.measured_once or restored.rho is not None,
+            law=restored.law,
         )

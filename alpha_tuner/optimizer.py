@@ -20,6 +20,7 @@ from .heads import HEAD_LR
 from .measure import DriftMeter
 from .readout import TunerReadout
 from .rule import AlphaRule, resolve_rule
+from .steplaw import StepLaw
 
 __all__ = ["AlphaTunedOptimizer"]
 
@@ -81,6 +82,11 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
             (groups at a higher rate keep it; a group mixing them with other parameters is
             split, once, at construction). ``None`` leaves their learning rate alone. Wrap
             the optimizer before creating its LR scheduler.
+        steps: The step law (:class:`alpha_tuner.StepLaw`): the tuner places and holds both
+            effective step sizes of every layer (A's relative step and the weight's relative
+            update) instead of α alone, whatever the base LR and ``lora_alpha``; the rule and
+            ``control`` are then not used. Adam-family optimizers only (others warn and keep
+            the rule). ``None``: the rule and the back-off law.
 
     Raises:
         TypeError: If ``optimizer`` is not a torch optimizer, needs a closure (LBFGS), or
@@ -111,13 +117,14 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         rank_exponent_slope: float | None = None,
         control: ControlConfig | None = None,
         head_lr: float | None = HEAD_LR,
+        steps: StepLaw | None = None,
     ) -> None:
         if isinstance(optimizer, AlphaTunedOptimizer):
             raise TypeError("optimizer is already an AlphaTunedOptimizer; wrap the inner optimizer once.")
         options = EngineOptions(
             init=init, adapt=adapt, measure=measure, measure_every=measure_every,
             measure_phases=measure_phases, control_every=control_every, control=control, head_lr=head_lr,
-            rule=resolve_rule(
+            steps=steps, rule=resolve_rule(
                 rule, c=c, reference_lr=reference_lr, lr_exponent=lr_exponent,
                 rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope,
             ),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .control import ControlState
+from .steplaw import StepState
 
 __all__ = ["STATE_VERSION", "RestoredState", "pack_tuner_state", "unpack_tuner_state"]
 
@@ -32,6 +33,8 @@ class RestoredState(NamedTuple):
         rho: The last-ρ vector with the saved rows written in (``None`` if not saved).
         steps: The saved step counter (``None`` if not saved).
         phase: The saved measurement phase (0 for checkpoints from before phases).
+        law: The step law's state with the saved rows written in (``None`` when the tuner has
+            none; the current one when the entry has none).
     """
 
     alphas: dict[int, float]
@@ -40,6 +43,7 @@ class RestoredState(NamedTuple):
     rho: Tensor | None
     steps: int | None
     phase: int
+    law: StepState | None = None
 
 
 def pack_tuner_state(
@@ -50,9 +54,10 @@ def pack_tuner_state(
     alphas: Sequence[float],
     control: ControlState,
     rho: Tensor,
+    law: StepState | None = None,
 ) -> dict[str, Any]:
     """Build the ``"alpha_tuner"`` entry (copies of the tensors, plain Python otherwise)."""
-    return {
+    entry = {
         "version": STATE_VERSION,
         "steps": steps,
         "phase": phase,
@@ -61,6 +66,9 @@ def pack_tuner_state(
         "control": {k: v.detach().clone() for k, v in control._asdict().items()},
         "rho": rho.detach().clone(),
     }
+    if law is not None:
+        entry["law"] = {k: v.detach().clone() for k, v in law._asdict().items()}
+    return entry
 
 
 def _merge_rows(current: Tensor, saved: object, dst: Tensor, src: Tensor) -> Tensor:
@@ -69,7 +77,7 @@ def _merge_rows(current: Tensor, saved: object, dst: Tensor, src: Tensor) -> Ten
 
 
 def unpack_tuner_state(
-    tuner: object, *, keys: Sequence[str], control: ControlState, rho: Tensor
+    tuner: object, *, keys: Sequence[str], control: ControlState, rho: Tensor, law: StepState | None = None
 ) -> RestoredState:
     """Check a saved entry and align its rows with the current layers ``keys``.
 
@@ -79,6 +87,7 @@ def unpack_tuner_state(
         control: The current controller state; fields the entry lacks (written by an older
             version) keep their current values.
         rho: The current last-ρ vector.
+        law: The current step-law state (``None``: the tuner has none, a saved one is ignored).
 
     Raises:
         ValueError: If the entry is not a mapping or comes from a newer version.
@@ -94,13 +103,15 @@ def unpack_tuner_state(
     device = control.log_alpha.device
     dst = torch.tensor(here, dtype=torch.long, device=device)
     src = torch.tensor(there, dtype=torch.long, device=device)
-    saved_control = tuner.get("control", {})
-    fields = {
-        name: current
-        if saved_control.get(name) is None
-        else _merge_rows(current, saved_control[name], dst, src)
-        for name, current in control._asdict().items()
-    }
+    def merge(state: Any, saved_fields: Mapping[str, Any]) -> dict[str, Tensor]:
+        return {
+            name: current
+            if saved_fields.get(name) is None
+            else _merge_rows(current, saved_fields[name], dst, src)
+            for name, current in state._asdict().items()
+        }
+
+    fields = merge(control, tuner.get("control", {}))
     saved_rho = tuner.get("rho")
     steps = tuner.get("steps")
     return RestoredState(
@@ -110,4 +121,5 @@ def unpack_tuner_state(
         rho=None if saved_rho is None else _merge_rows(rho, saved_rho, dst, src),
         steps=None if steps is None else int(steps),
         phase=int(tuner.get("phase", 0)),
+        law=None if law is None else StepState(**merge(law, tuner.get("law") or {})),
     )

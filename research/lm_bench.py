@@ -135,7 +135,10 @@ def execute(run: LMRun) -> dict[str, Any]:
         ),
     )  # fmt: skip
     warmup_steps = round(run.warmup * run.steps)
-    peer = build_peer(run.method, model, lr=run.lr, schedule=run.schedule, warmup_steps=warmup_steps)
+    peer = build_peer(
+        run.method, model, lr=run.lr, schedule=run.schedule, warmup_steps=warmup_steps,
+        tuner_options=_tuner_options(run),
+    )  # fmt: skip
     alpha_start = _mean_alpha(peer.tuner)
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,8 +171,31 @@ def execute(run: LMRun) -> dict[str, Any]:
         "lora_b_norm": moved,
         "alpha_start": alpha_start,
         "alpha_end": _mean_alpha(peer.tuner),
+        **_law_readout(peer.tuner),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+    }
+
+
+def _tuner_options(run: LMRun) -> dict[str, Any] | None:
+    """Step-law targets from a ``steps*`` run's tag ``a=<a_step>,u=<update>`` (none: defaults)."""
+    if not run.method.startswith("steps") or not run.tag:
+        return None
+    from alpha_tuner import StepLaw
+
+    fields = dict(item.split("=") for item in run.tag.split(","))
+    return {"steps": StepLaw(a_step=float(fields["a"]), update=float(fields["u"]))}
+
+
+def _law_readout(tuner: Any) -> dict[str, float]:
+    """Geometric means over the layers of the step law's measured a and u, and its balance."""
+    law = None if tuner is None else tuner.engine.state.law
+    if law is None or not bool((law.n_measured > 0).all()):
+        return {}
+    return {
+        "a_step_end": float(law.log_a_step.mean().exp()),
+        "update_end": float(law.log_update.mean().exp()),
+        "balance_end": float(law.log_balance.mean().exp()),
     }
 
 
@@ -181,12 +207,19 @@ def _mean_alpha(tuner: Any) -> float | None:
 
 
 def grid(
-    seeds: Iterable[int], ranks: Sequence[int], *, methods: Sequence[str] | None = None, **fields: Any
+    seeds: Iterable[int],
+    ranks: Sequence[int],
+    *,
+    methods: Sequence[str] | None = None,
+    recipe_alphas: Sequence[str] = ("2r",),
+    **fields: Any,
 ) -> list[LMRun]:
     """The oracle grid and the peers, seed by seed and rank by rank (the order of the work).
 
     ``methods=None``: the oracle grid (``lora`` at every α of :func:`oracle_alphas` and LR),
     the peers of :data:`PEERS` at every LR and the LR-free methods once per rank.
+    ``recipe_alphas``: the recipe's ``lora_alpha`` for every method but the oracle grid
+    (``"2r"`` or a number; ``lora`` runs the oracle grid only when ``methods`` is ``None``).
     """
     runs: list[LMRun] = []
     for seed in seeds:
@@ -195,7 +228,9 @@ def grid(
                 if method in LR_FREE:
                     runs.append(LMRun(method, rank, 1.0, seed, **fields))
                     continue
-                alphas: list[float | None] = oracle_alphas(rank) if method == "lora" else [None]  # type: ignore[assignment]
+                recipe = [None if a == "2r" else float(a) for a in recipe_alphas]
+                oracle = method == "lora" and methods is None
+                alphas: list[float | None] = oracle_alphas(rank) if oracle else recipe  # type: ignore[assignment]
                 runs += [LMRun(method, rank, lr, seed, alpha, **fields) for lr in LRS for alpha in alphas]
     return runs
 
@@ -234,6 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--steps", type=int, help="default 300 (smollm2), 600 (minilm)")
     parser.add_argument(
+        "--schedule", choices=("constant", "linear", "cosine"),
+        help="the Trainer's schedule after warm-up; default linear (smollm2), cosine (minilm)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=float, help="warm-up fraction of the steps (default 0.1)")
+    parser.add_argument("--tag", default="", help="steps* methods: step-law targets a=<a_step>,u=<update>")
+    parser.add_argument(
+        "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],
+        help="the recipe's lora_alpha for the listed methods: 2r and/or numbers (default 2r)",
+    )  # fmt: skip
+    parser.add_argument(
         "--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32"
     )
     parser.add_argument("--report", action="store_true", help="write the tables and the figure, run nothing")
@@ -247,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)
     runs = grid(
         seeds, args.ranks or d.ranks, methods=args.methods, steps=args.steps or d.steps, model=args.model,
-        precision=args.precision, batch_size=d.batch_size, block=d.block, schedule=d.schedule,
+        precision=args.precision, batch_size=d.batch_size, block=d.block,
+        schedule=args.schedule or d.schedule, recipe_alphas=args.recipe_alphas, tag=args.tag,
+        **({} if args.warmup is None else {"warmup": args.warmup}),
     )  # fmt: skip
     if args.dry_run:
         from .runner import pending

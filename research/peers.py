@@ -15,7 +15,10 @@ its own (rsLoRA: 16) ignores the recipe's.
   warm-up and a constant Trainer schedule (it replaces the decay); the Trainer calls its
   ``train()``/``eval()``;
 * ``alphatuned`` / ``alphatuned-static``: :class:`alpha_tuner.AlphaTunedOptimizer` around AdamW
-  at the base LR, with its defaults (adaptive) or ``adapt=False``.
+  at the base LR, with its defaults (adaptive) or ``adapt=False``;
+* ``steps`` / ``steps-static``: the same with the step law (``steps=StepLaw()``), adaptive or
+  placed at wrap time only; ``steps-up16`` / ``steps-down16``: adaptive, started from a
+  deliberately wrong α (the placement's α × 16 or ÷ 16, B's step moved by the same factor).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ METHODS = (
     "schedulefree",
     "alphatuned",
     "alphatuned-static",
+    "steps",
+    "steps-static",
+    "steps-up16",
+    "steps-down16",
+    "lora-metered",
 )
 
 
@@ -100,6 +108,11 @@ def build_peer(
         "schedulefree": lambda: _schedulefree(params, lr, warmup_steps, schedule),
         "alphatuned": lambda: _alphatuned(model, params, lr, schedule, True, tuner_options),
         "alphatuned-static": lambda: _alphatuned(model, params, lr, schedule, False, tuner_options),
+        "lora-metered": lambda: _metered(model, params, lr, schedule),
+        "steps": lambda: _steps(model, params, lr, schedule, True, 1.0, tuner_options),
+        "steps-static": lambda: _steps(model, params, lr, schedule, False, 1.0, tuner_options),
+        "steps-up16": lambda: _steps(model, params, lr, schedule, True, 16.0, tuner_options),
+        "steps-down16": lambda: _steps(model, params, lr, schedule, True, 1 / 16, tuner_options),
     }
     if method not in builders:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
@@ -153,4 +166,33 @@ def _alphatuned(
     opt = AlphaTunedOptimizer(
         torch.optim.AdamW(params, lr=lr, weight_decay=0.0), model, adapt=adapt, **(options or {})
     )
+    return PeerOptimizer(opt, schedule, tuner=opt)
+
+
+def _steps(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    lr: float,
+    schedule: str,
+    adapt: bool,
+    wrong: float,
+    options: dict[str, Any] | None,
+) -> PeerOptimizer:
+    from alpha_tuner import AlphaTunedOptimizer, StepLaw
+
+    options = {"steps": StepLaw(), **(options or {})}
+    inner = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = AlphaTunedOptimizer(inner, model, adapt=adapt, **options)
+    if wrong != 1.0:
+        opt.rescale_({name: alpha * wrong for name, alpha in opt.alphas().items()})
+    return PeerOptimizer(opt, schedule, tuner=opt)
+
+
+def _metered(model: nn.Module, params: list[nn.Parameter], lr: float, schedule: str) -> PeerOptimizer:
+    """Plain LoRA (AdamW at the base LR, the recipe's α, no head lift) with the step law's meter."""
+    from alpha_tuner import AlphaTunedOptimizer, StepLaw
+
+    inner = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    law = StepLaw()
+    opt = AlphaTunedOptimizer(inner, model, init="keep", adapt=False, measure=True, head_lr=None, steps=law)
     return PeerOptimizer(opt, schedule, tuner=opt)

@@ -74,7 +74,8 @@ def tiny_llama(*, seed: int = 0, r: int = 4, **kw: object) -> nn.Module:
     )
     base = LlamaForCausalLM(cfg)
     kw.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
-    config = LoraConfig(r=r, lora_alpha=2 * r, task_type="CAUSAL_LM", **kw)  # type: ignore[arg-type]
+    kw.setdefault("lora_alpha", 2 * r)
+    config = LoraConfig(r=r, task_type="CAUSAL_LM", **kw)  # type: ignore[arg-type]
     return get_peft_model(base, config)
 
 

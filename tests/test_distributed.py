@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from conftest import lm_batch, tiny_llama
 from torch import nn
 
-from alpha_tuner import AlphaTunedOptimizer, ControlConfig
+from alpha_tuner import AlphaTunedOptimizer, ControlConfig, StepLaw
 from alpha_tuner.distributed import (
     broadcast_state,
     gather_full,
@@ -123,6 +123,27 @@ def _run_ddp(rank: int, *, perturb: bool) -> dict[str, Any]:
     return {**_summary(opt, model), "lora": _lora_state(model), "collectives": counts}
 
 
+def _run_ddp_law(rank: int) -> dict[str, Any]:
+    """The step law under DDP; rank 1's law state is perturbed before the first control step."""
+    model = tiny_llama(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(ddp.parameters(), lr=LR), ddp, steps=StepLaw(), **TUNER)
+    for step in range(STEPS):
+        ddp(**_local_batch(step, rank)).loss.backward()
+        law = opt.engine.state.law
+        if rank == 1 and step == 1 and law is not None:
+            opt.engine.state = opt.engine.state._replace(law=law._replace(log_update=law.log_update + 3.0))
+        opt.step()
+        opt.zero_grad()
+    law = opt.engine.state.law
+    assert law is not None
+    return {
+        "alphas": opt.alphas(),
+        "lora": _lora_state(model),
+        "law": {k: v.clone() for k, v in law._asdict().items()},
+    }
+
+
 def _run_fsdp(rank: int, adapter_dir: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -190,6 +211,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {
             "ddp": _run_ddp(rank, perturb=False),
             "perturbed": _run_ddp(rank, perturb=True),
+            "law": _run_ddp_law(rank),
             "fsdp": _run_fsdp(rank, Path(out) / "adapter"),
         }
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -283,6 +305,19 @@ def test_rank_with_perturbed_controller_state_ends_identical(ranks: tuple[dict[s
         torch.testing.assert_close(r1["lora"][name], value, rtol=0, atol=1e-7, msg=name)
     # Rank 0's (unperturbed) state won: the run is the unperturbed one.
     assert r0["alphas"] == ranks[0]["ddp"]["alphas"]
+
+
+def test_ddp_step_law_state_and_factors_are_identical_on_every_rank(
+    ranks: tuple[dict[str, Any], ...],
+) -> None:
+    """The broadcast carries the step law's state (balance, EMAs): a perturbed rank ends identical."""
+    r0, r1 = (r["law"] for r in ranks)
+    assert r0["alphas"] == r1["alphas"]
+    for name, value in r0["law"].items():
+        assert torch.equal(r1["law"][name], value), name
+    for name, value in r0["lora"].items():
+        torch.testing.assert_close(r1["lora"][name], value, rtol=0, atol=1e-7, msg=name)
+    assert float(r0["law"]["log_balance"].abs().max()) > 0  # the law acted
 
 
 # -------------------------------------------------------------------------- FSDP2, 2 ranks

@@ -32,7 +32,7 @@ from torch import nn
 
 import alpha_tuner.measure
 import alpha_tuner.optimizer
-from alpha_tuner import AlphaTunedOptimizer, ControlConfig
+from alpha_tuner import AlphaTunedOptimizer, ControlConfig, StepLaw
 
 SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
 
@@ -209,6 +209,28 @@ def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: st
     # 16 measurements, rotating through the four phases: 4 of every layer.
     assert opt.diagnostics()["measurements"] == 4 * len(opt.targets)
     assert (opt.alphas() != alphas0) == backing_off
+
+
+@pytest.mark.parametrize("inner", list(INNER))
+def test_step_law_syncs_once_per_control_step(guard: SyncGuard, inner: str) -> None:
+    """The step law at the default cadence: one ``tolist`` per control step, nothing else.
+
+    Its placement reads the factor norms once, at construction (outside the guard); each
+    control step moves α and the balance of every layer with no host-to-device copy.
+    """
+    model, opt = _wrapped(guard, inner, steps=StepLaw())
+    law0 = opt.engine.state.law
+    assert law0 is not None
+    for i in range(2 * opt.control_every):
+        _random_grads(model, i)
+        control_step = (i + 1) % opt.control_every == 0
+        with guard.armed_for(("tolist",) if control_step else ()) as calls:
+            opt.step()
+        assert calls == (Counter(tolist=1) if control_step else Counter()), f"step {i}"
+        if control_step or inner != "fused":
+            assert guard.host_to_device == Counter(), f"step {i}"
+    law = opt.engine.state.law
+    assert law is not None and not torch.equal(law.log_balance, law0.log_balance)  # the law acted
 
 
 @pytest.mark.parametrize("inner", list(INNER))

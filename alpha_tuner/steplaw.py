@@ -1,0 +1,239 @@
+"""The step law: the tuner owns both effective step sizes of every LoRA layer.
+
+Under Adam (ε → 0, weight decay 0) the reparametrisation ``(s, A, B) → (m·s, A/μ, B·μ/m)``
+leaves ``s·B·A`` unchanged and continues training as if A's learning rate were multiplied by μ
+and B's by ``m/μ`` (:func:`alpha_tuner.rescale.rescale_target_`, DESIGN-NOTES "Two knobs"). So
+the magnitude α (``m``) and where its changes are absorbed (the balance μ) span the whole
+``(η_A, η_B)`` plane from any base LR and any ``lora_alpha``. This law puts each layer at two
+dimensionless targets per optimizer step, at the schedule's peak:
+
+* A's relative step ``a = ‖dA‖_F / ‖A‖_F`` (the sweep's best cells sit at a drift ratio, which
+  tracks it, of about 1e-2 whatever the rank; at a small LR A never leaves its random start);
+* the relative update ``u = s·‖dB·A + B·dA‖_F / ‖W₀‖_F`` of the layer's weight, the first-order
+  change the step makes to the frozen weight it adapts.
+
+Both are ratios of a step to the tensor it changes, so neither depends on the base LR, on α or
+on the width the way a learning rate does.
+
+**At wrap time** (B = 0, so any balance is free) each layer is placed from Adam's first steps,
+whose elements have size η: ``a ≈ η_A·√(r·k) / ‖A‖_F`` and ``u ≈ s·η_B·√d·‖A‖_F / ‖W₀‖_F`` for a
+``d × k`` layer of rank r (:func:`placement`). **Online** (``adapt=True``) each measurement
+folds the measured ``log a`` and ``log u``, divided by the schedule's factor ``lr / initial_lr``,
+into an EMA; each control step moves, per layer,
+
+    δ_A = clamp(gain·(log a* − log ā), ±log max_change)        (A's step: μ ← μ·e^{δ_A})
+    δ_B = clamp(gain·(log u* − log ū), ±log max_change)        (B's step: m/μ ← e^{δ_B})
+    log α ← log α + δ_A + δ_B,    log ā ← log ā + δ_A,    log ū ← log ū + δ_B
+
+within ``[start/bound, start·bound]`` for both multipliers, and zero until ``warmup``
+measurements. ``a`` responds to μ exactly (Adam's step does not depend on the factor's scale),
+and ``u`` to ``m/μ`` while B's term dominates, so the EMAs are moved by the expected response
+and the next step does not apply the same correction twice. Dividing by the schedule's factor
+means a warm-up or a decay still acts as the user set it: the law fixes the peak, never the
+shape.
+
+Every function is pure and reads no tensor value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepLaw", "StepState", "decide_steps", "init_steps", "observe_steps", "placement"]
+
+_FLOOR = 1e-30
+
+# field -> (lower bound (exclusive), upper bound (exclusive), readable range)
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "a_step": (0.0, math.inf, "0 < a_step < inf"),
+    "update": (0.0, math.inf, "0 < update < inf"),
+    "gain": (0.0, math.inf, "0 < gain < inf"),
+    "max_change": (1.0, math.inf, "1 < max_change < inf"),
+    "bound": (1.0, math.inf, "1 < bound < inf"),
+    "beta": (-1e-300, 1.0, "0 <= beta < 1"),
+    "warmup": (-1e-300, math.inf, "warmup an integer >= 0"),
+}
+
+
+@dataclass(frozen=True)
+class StepLaw:
+    """Targets and gains of the step law (the module docstring has the equations).
+
+    Attributes:
+        a_step: Target relative step of A per optimizer step at the schedule's peak, > 0.
+        update: Target relative first-order update of the adapted weight per step, > 0.
+        gain: Proportional gain on the log-errors, > 0 (1: correct the whole error at once).
+        max_change: Largest factor one control step applies to either step size, > 1.
+        bound: Each multiplier stays within ``[start/bound, start·bound]``, > 1.
+        beta: EMA factor of the log measurements, per measurement, in [0, 1).
+        warmup: Valid measurements a layer needs before the law moves it, integer ≥ 0.
+
+    Raises:
+        ValueError: If a field is not a real number in its range; the message names it.
+    """
+
+    a_step: float = 1e-2
+    update: float = 3e-4
+    gain: float = 1.0
+    max_change: float = 4.0
+    bound: float = 1e4
+    beta: float = 0.5
+    warmup: int = 1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            lo, hi, valid = _RANGES[f.name]
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if f.name == "warmup":
+                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not (ok and lo < float(value) < hi):
+                raise ValueError(f"StepLaw.{f.name} must satisfy {valid}, got {value!r}")
+
+
+class StepState(NamedTuple):
+    """Per-layer state of the step law; every field has shape (L,) on one device.
+
+    Attributes:
+        log_alpha: Current log α, float32.
+        log_alpha0: Log α at the start (after placement), float32.
+        log_balance: Log of the balance μ applied online so far (A divided by e^it), float32.
+        log_a_step: EMA of log(a / schedule factor), float32 (0 before a measurement).
+        log_update: EMA of log(u / schedule factor), float32 (0 before a measurement).
+        n_measured: Valid measurements so far, int64.
+        n_skipped: Non-finite, non-positive or unscaled measurements skipped, int64.
+    """
+
+    log_alpha: Tensor
+    log_alpha0: Tensor
+    log_balance: Tensor
+    log_a_step: Tensor
+    log_update: Tensor
+    n_measured: Tensor
+    n_skipped: Tensor
+
+
+def init_steps(alpha0: Tensor) -> StepState:
+    """The state of L layers starting at α = ``alpha0`` (shape (L,), positive), unmeasured.
+
+    Raises:
+        ValueError: If ``alpha0`` is not 1-D.
+    """
+    if alpha0.ndim != 1:
+        raise ValueError(f"alpha0 must be 1-D with shape (L,), got shape {tuple(alpha0.shape)}")
+    log_alpha0 = torch.log(alpha0.detach().to(torch.float32))
+    zeros = torch.zeros_like(log_alpha0)
+    counts = torch.zeros(log_alpha0.shape, dtype=torch.int64, device=log_alpha0.device)
+    return StepState(log_alpha0.clone(), log_alpha0, zeros, zeros, zeros, counts, counts)
+
+
+def observe_steps(
+    state: StepState,
+    a_step: Tensor,
+    update: Tensor,
+    scale: float,
+    config: StepLaw,
+    mask: Tensor | None = None,
+) -> StepState:
+    """Fold one measurement of ``a`` and ``u`` (shape (L,)) taken at schedule factor ``scale``.
+
+    Args:
+        state: Current state.
+        a_step: ``‖dA‖/‖A‖`` per layer; NaN where not measured.
+        update: ``s·‖dB·A + B·dA‖/‖W₀‖`` per layer; NaN where not measured.
+        scale: The schedule's factor ``lr / initial_lr`` of the measured step (a host float).
+        config: The law (uses ``beta``).
+        mask: Bool (L,): the layers this measurement covered (``None``: all).
+
+    Returns:
+        The new state. A layer whose ``a`` or ``u`` is not finite and positive, or any layer
+        when ``scale`` is not positive (a step at LR 0), is skipped and counted.
+    """
+    shape = state.log_a_step.shape
+    if a_step.shape != shape or update.shape != shape:
+        raise ValueError(f"a_step and update must have shape {tuple(shape)}, got {tuple(a_step.shape)}")
+    observed = torch.ones_like(state.n_measured, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    a, u = a_step.detach().to(torch.float32), update.detach().to(torch.float32)
+    valid = observed & torch.isfinite(a) & torch.isfinite(u) & (a > 0) & (u > 0)
+    if not (scale > 0 and math.isfinite(scale)):
+        valid = torch.zeros_like(valid)
+    log_scale = math.log(scale) if scale > 0 and math.isfinite(scale) else 0.0
+    weight = (1.0 - 1.0 / (state.n_measured + 1).to(torch.float32)).clamp(max=config.beta)
+
+    def ema(old: Tensor, x: Tensor) -> Tensor:
+        new = torch.log(torch.where(valid, x, 1.0).clamp(min=_FLOOR)) - log_scale
+        return torch.where(valid, weight * old + (1.0 - weight) * new, old)
+
+    return state._replace(
+        log_a_step=ema(state.log_a_step, a),
+        log_update=ema(state.log_update, u),
+        n_measured=state.n_measured + valid.to(torch.int64),
+        n_skipped=state.n_skipped + (observed & ~valid).to(torch.int64),
+    )
+
+
+def decide_steps(state: StepState, config: StepLaw) -> tuple[StepState, Tensor]:
+    """One control step of every layer.
+
+    Returns:
+        The new state and ``δ_A`` (shape (L,)): the caller divides A by ``e^{δ_A}`` and sets α to
+        ``e^{log_alpha}`` (B then takes ``e^{δ_A}·α_old/α_new``), which changes A's step by
+        ``e^{δ_A}`` and B's by ``e^{δ_B}``.
+    """
+    ready = state.n_measured >= max(config.warmup, 1)
+    cap = math.log(config.max_change)
+    d_a = torch.clamp(config.gain * (math.log(config.a_step) - state.log_a_step), -cap, cap)
+    d_b = torch.clamp(config.gain * (math.log(config.update) - state.log_update), -cap, cap)
+    d_a, d_b = torch.where(ready, d_a, 0.0), torch.where(ready, d_b, 0.0)
+    # Bounds: μ within ±log bound of its start; α (= m·α₀) likewise around α₀·e^{log μ}.
+    span = math.log(config.bound)
+    balance = torch.clamp(state.log_balance + d_a, -span, span)
+    d_a = balance - state.log_balance
+    log_alpha = state.log_alpha + d_a + d_b
+    lo, hi = state.log_alpha0 - 2 * span, state.log_alpha0 + 2 * span
+    log_alpha = torch.minimum(torch.maximum(log_alpha, lo), hi)
+    d_b = log_alpha - state.log_alpha - d_a
+    new = state._replace(
+        log_alpha=log_alpha,
+        log_balance=balance,
+        log_a_step=state.log_a_step + d_a,
+        log_update=state.log_update + d_b,
+    )
+    return new, d_a
+
+
+def placement(
+    *,
+    lr_a: float,
+    lr_b: float,
+    scaling: float,
+    rank: int,
+    fan_in: int,
+    fan_out: int,
+    a_norm: float,
+    weight_norm: float,
+    config: StepLaw,
+) -> tuple[float, float]:
+    """The wrap-time ``(m, μ)`` that put a fresh layer (B = 0) at the law's targets under Adam.
+
+    Adam's first steps move every element by about its learning rate, so a step of A is
+    ``a ≈ lr_a·√(rank·fan_in)/a_norm`` and one of B changes the weight by
+    ``u ≈ scaling·lr_b·√fan_out·a_norm/weight_norm``. With μ = a*/a and ``m/μ = u*/u`` both
+    are on target.
+
+    Returns:
+        ``(m, μ)``: multiply α by ``m`` and divide A by ``μ`` (:func:`rescale_target_`'s
+        ``balance``). ``(1, 1)`` when a quantity is zero or not finite (nothing to place).
+    """
+    a = lr_a * math.sqrt(rank * fan_in) / a_norm if a_norm > 0 else math.nan
+    u = scaling * lr_b * math.sqrt(fan_out) * a_norm / weight_norm if weight_norm > 0 else math.nan
+    if not all(math.isfinite(x) and x > 0 for x in (a, u)):
+        return 1.0, 1.0
+    mu = config.a_step / a
+    return mu * config.update / u, mu

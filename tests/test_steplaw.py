@@ -1,0 +1,205 @@
+"""The step law: its maths (pure functions) and the engine running it on real PEFT models."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alpha_tuner import AlphaTunedOptimizer, StepLaw
+from alpha_tuner.drift import lora_matrices
+from alpha_tuner.steplaw import decide_steps, init_steps, observe_steps, placement
+from tests.conftest import lm_batch, tiny_llama
+
+positive = st.floats(min_value=1e-6, max_value=1e2)
+
+
+def _observed(a: float, u: float, *, n: int = 3, law: StepLaw | None = None, scale: float = 1.0):
+    law = law or StepLaw()
+    state = init_steps(torch.tensor([8.0, 8.0]))
+    for _ in range(n):
+        state = observe_steps(state, torch.tensor([a, a]), torch.tensor([u, u]), scale, law)
+    return state
+
+
+# ------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("a_step", 0.0), ("update", -1.0), ("gain", math.inf), ("max_change", 1.0), ("bound", 0.5),
+     ("beta", 1.0), ("warmup", 1.5), ("a_step", True)],
+)  # fmt: skip
+def test_bad_settings_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"StepLaw.{field} must satisfy"):
+        StepLaw(**{field: value})  # type: ignore[arg-type]
+
+
+def test_wrapper_rejects_a_non_law() -> None:
+    model = tiny_llama()
+    with pytest.raises(TypeError, match=r"steps must be an alpha_tuner\.StepLaw"):
+        AlphaTunedOptimizer(torch.optim.AdamW(model.parameters()), model, steps=1e-2)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------- maths
+def test_on_target_nothing_moves() -> None:
+    law = StepLaw()
+    new, d_a = decide_steps(_observed(law.a_step, law.update), law)
+    torch.testing.assert_close(d_a, torch.zeros(2))
+    torch.testing.assert_close(new.log_alpha, torch.full((2,), math.log(8.0)))
+
+
+@given(a=positive, u=positive)
+@settings(max_examples=60, deadline=None)
+def test_a_control_step_moves_each_step_toward_its_target_within_the_cap(a: float, u: float) -> None:
+    law = StepLaw(max_change=4.0)
+    state = _observed(a, u)
+    new, d_a = decide_steps(state, law)
+    d_b = new.log_alpha - state.log_alpha - d_a
+    cap = math.log(4.0) + 1e-5
+    e_a, e_b = math.log(law.a_step / a), math.log(law.update / u)
+    for d, e in ((d_a, e_a), (d_b, e_b)):
+        assert float(d.abs().max()) <= cap
+        assert float(d[0]) == pytest.approx(max(-math.log(4.0), min(math.log(4.0), e)), abs=1e-4)
+    # The EMAs move by the predicted response: one more step applies what is left of the error.
+    torch.testing.assert_close(new.log_a_step, state.log_a_step + d_a)
+    torch.testing.assert_close(new.log_balance, d_a)
+
+
+def test_bounds_hold_however_long_the_error_lasts() -> None:
+    law = StepLaw(bound=10.0)
+    state = _observed(1e-8, 1e-8)
+    for _ in range(20):
+        state, _ = decide_steps(state, law)
+        state = state._replace(
+            log_a_step=torch.full((2,), math.log(1e-8)), log_update=torch.full((2,), -18.0)
+        )
+    assert float(state.log_balance.max()) == pytest.approx(math.log(10.0), rel=1e-5)
+    assert float((state.log_alpha - state.log_alpha0).max()) == pytest.approx(2 * math.log(10.0), rel=1e-5)
+
+
+def test_the_schedule_factor_is_divided_out() -> None:
+    """A step at half the LR that moved half as far reads as the same peak-LR step: a decay is kept."""
+    full, half = _observed(2e-3, 1e-4), _observed(1e-3, 5e-5, scale=0.5)
+    torch.testing.assert_close(full.log_a_step, half.log_a_step)
+    torch.testing.assert_close(full.log_update, half.log_update)
+
+
+def test_invalid_measurements_are_skipped_and_counted() -> None:
+    law = StepLaw()
+    state = init_steps(torch.tensor([8.0, 8.0, 8.0]))
+    a = torch.tensor([1e-2, math.nan, 0.0])
+    state = observe_steps(state, a, torch.tensor([1e-4, 1e-4, 1e-4]), 1.0, law)
+    assert state.n_measured.tolist() == [1, 0, 0] and state.n_skipped.tolist() == [0, 1, 1]
+    state = observe_steps(state, a, torch.tensor([1e-4] * 3), 0.0, law)  # LR 0: nothing is a step
+    assert state.n_measured.tolist() == [1, 0, 0] and state.n_skipped.tolist() == [1, 2, 2]
+    masked = observe_steps(state, a, a, 1.0, law, mask=torch.tensor([False, False, False]))
+    assert masked.n_skipped.tolist() == state.n_skipped.tolist()
+    _, d_a = decide_steps(state, law)
+    assert d_a[1] == 0 and d_a[2] == 0  # never measured: never moved
+
+
+def test_placement_puts_the_first_adam_steps_on_target() -> None:
+    law = StepLaw(a_step=1e-2, update=3e-4)
+    m, mu = placement(
+        lr_a=1e-4, lr_b=2e-4, scaling=2.0, rank=4, fan_in=64, fan_out=32,
+        a_norm=0.5, weight_norm=4.0, config=law,
+    )  # fmt: skip
+    a_after = 1e-4 * math.sqrt(4 * 64) / (0.5 / mu)  # A is divided by μ, its step is not
+    u_after = 2.0 * m * 2e-4 * math.sqrt(32) * (0.5 / mu) / 4.0
+    assert a_after == pytest.approx(1e-2) and u_after == pytest.approx(3e-4)
+    assert placement(
+        lr_a=1e-4, lr_b=1e-4, scaling=1.0, rank=4, fan_in=8, fan_out=8,
+        a_norm=0.0, weight_norm=1.0, config=law,
+    ) == (1.0, 1.0)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the engine
+def _train(
+    lr: float, *, steps: int = 12, alpha: float | None = None, **kw: object
+) -> tuple[torch.nn.Module, AlphaTunedOptimizer]:
+    model = tiny_llama(seed=3, lora_alpha=alpha) if alpha else tiny_llama(seed=3)
+    model = model.double()
+    inner = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-30, weight_decay=0.0)
+    opt = AlphaTunedOptimizer(inner, model, steps=StepLaw(), head_lr=None, **kw)  # type: ignore[arg-type]
+    for i in range(steps):
+        model(**lm_batch(seed=i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _delta(model: torch.nn.Module, opt: AlphaTunedOptimizer) -> list[torch.Tensor]:
+    return [t.scaling * (lora_matrices(t.weight_a, t.weight_b)[1] @ lora_matrices(t.weight_a, t.weight_b)[0])
+            for t in opt.targets]  # fmt: skip
+
+
+@pytest.mark.parametrize("adapt", [False, True], ids=["static", "adaptive"])
+def test_the_run_does_not_depend_on_the_base_lr_or_the_recipe_alpha(adapt: bool) -> None:
+    """From any base LR and lora_alpha the law trains the same adapter (Adam, ε → 0, no decay)."""
+    kw = {"adapt": adapt, "measure_every": 1, "measure_phases": 1, "control_every": 4}
+    runs = [_train(lr, alpha=alpha, **kw) for lr, alpha in ((1e-5, None), (1e-3, None), (1e-4, 64.0))]
+    deltas = [_delta(*run) for run in runs]
+    for other in deltas[1:]:  # Adam's first steps are signs: round-off flips a few near-zero ones
+        worst = max(float((y - x).norm() / x.norm()) for x, y in zip(deltas[0], other, strict=True))
+        assert worst < 1e-5
+    assert all(float(d.norm()) > 0 for d in deltas[0])
+    moved = [runs[0][1].engine.state.law.log_balance.abs().max()]  # type: ignore[union-attr]
+    assert (float(moved[0]) > 0) == adapt  # the online part acted (or did not)
+
+
+def test_the_online_part_corrects_a_wrong_start() -> None:
+    """α × 16 at wrap time (B's step 16× off target): the law brings u back near its target."""
+    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 4}
+    model, opt = _train(1e-4, steps=0, **kw)
+    opt.rescale_({name: a * 16 for name, a in opt.alphas().items()})
+    start = dict(opt.alphas())
+    for i in range(24):
+        model(**lm_batch(seed=i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    law = opt.engine.state.law
+    assert law is not None
+    ratio = [opt.alphas()[n] / start[n] for n in start]
+    assert max(ratio) < 1.0  # every layer's α went down
+    assert float((law.log_update - math.log(StepLaw().update)).abs().max()) < math.log(4.0)
+
+
+def test_non_adam_optimizers_keep_the_rule_with_a_warning() -> None:
+    model = tiny_llama()
+    with pytest.warns(RuntimeWarning, match="step law needs an Adam-family optimizer"):
+        opt = AlphaTunedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), model, steps=StepLaw()
+        )
+    assert opt.engine.step_law is None and opt.engine.state.law is None
+    other = tiny_llama()
+    reference = AlphaTunedOptimizer(torch.optim.SGD(other.parameters(), lr=1e-2), other)
+    assert list(opt.alphas().values()) == pytest.approx(list(reference.alphas().values()))
+
+
+def test_state_dict_round_trip_resumes_exactly() -> None:
+    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 3}
+    model, opt = _train(1e-4, steps=7, **kw)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # the live dict holds the moments themselves
+    for i in range(7, 12):
+        model(**lm_batch(seed=i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    straight = _delta(model, opt)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model2, opt2 = _train(1e-4, steps=0, **kw)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for i in range(7, 12):
+        model2(**lm_batch(seed=i)).loss.backward()
+        opt2.step()
+        opt2.zero_grad()
+    for x, y in zip(straight, _delta(model2, opt2), strict=True):
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+    assert opt2.alphas() == opt.alphas()
