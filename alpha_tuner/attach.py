@@ -77,6 +77,7 @@ class AttachedTuner(TunerReadout):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.engine.close()
         if getattr(self.optimizer, ATTACHED, None) is self:
             delattr(self.optimizer, ATTACHED)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -33,11 +33,12 @@ from .control import ControlConfig, ControlState, init_control, observe, update_
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
 from .drift import lora_matrices
+from .gradunits import GradUnits
 from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import principled_alphas
-from .rescale import group_map, rescale_target_, update_adapter_config, write_alpha
+from .rescale import group_map, rescale_state_, rescale_target_, update_adapter_config, write_alpha
 from .rule import AlphaRule
 from .steplaw import StepLaw, StepState, decide_steps, init_steps, observe_steps, placement
 from .telemetry import summarize
@@ -136,11 +137,16 @@ def _adam_family(optimizer: torch.optim.Optimizer) -> bool:
     return all("betas" in group for group in optimizer.param_groups)
 
 
+def _all_factors(targets: Iterable[LoraTarget]) -> list[nn.Parameter]:
+    """A, B and B's bias of every target."""
+    return [p for t in targets for p in (t.weight_a, *t.factor_params())]
+
+
 def _weight_norm(target: LoraTarget) -> Tensor:
     """``‖W₀‖_F`` of the frozen weight the layer adapts (NaN when it is not a float tensor)."""
     weight = getattr(target.layer.get_base_layer(), "weight", None)
-    if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        return torch.tensor(math.nan)  # quantised or absent: the law leaves the layer alone
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.is_meta:
+        return torch.tensor(math.nan)  # quantised, absent or not materialised: the law leaves it alone
     return weight.detach().float().norm()
 
 
@@ -186,6 +192,9 @@ class TuningEngine:
         # keep the weights as they were, so that a checkpoint loaded before the first step can
         # put them back exactly (see load()). Freed at the first step or load of a checkpoint.
         self._before_init: list[tuple[nn.Parameter, Tensor]] | None = None
+        recipe_alphas = [t.alpha for t in self.targets]
+        # With the step law, gradients of the rescaled factors are reported in the recipe's units.
+        self._units = GradUnits(_all_factors(self.targets)) if self.step_law is not None else None
         if options.init == "principled":
             alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
             balances = [1.0] * len(self.targets)
@@ -198,7 +207,7 @@ class TuningEngine:
                     self._before_init = [(p, p.detach().clone()) for p in factors]
             groups = group_map(optimizer)
             for target, alpha, balance in zip(self.targets, alphas, balances, strict=True):
-                rescale_target_(target, alpha, optimizer, groups=groups, balance=balance)
+                self._rescale(target, alpha, groups, balance)
         # In-place writes to B since init (load_state_dict of the adapter bumps this counter).
         self._b_versions = [t.weight_b._version for t in self.targets]
         update_adapter_config(model, self.targets)
@@ -211,7 +220,9 @@ class TuningEngine:
         rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
         law = None
         if self.step_law is not None:
-            law = init_steps(alpha0)
+            as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
+            balance0 = as_tensor(balances) if options.init == "principled" else None
+            law = init_steps(alpha0, balance0=balance0, alpha_recipe=as_tensor(recipe_alphas))
             divisors = [t.divisor for t in self.targets]
             self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
             self._weight_norms = torch.stack([_weight_norm(t).to(self.device) for t in self.targets])
@@ -329,10 +340,66 @@ class TuningEngine:
         changed = False
         for target, alpha, balance in zip(self.targets, *values, strict=True):
             if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL or abs(balance - 1.0) > _ALPHA_RTOL:
-                rescale_target_(target, alpha, self.optimizer, groups=groups, balance=balance)
+                self._rescale(target, alpha, groups, balance)
                 changed = True
         if changed:
             update_adapter_config(self.model, self.targets)
+
+    def _rescale(
+        self,
+        target: LoraTarget,
+        alpha: float,
+        groups: Mapping[int, Mapping[str, object]],
+        balance: float = 1.0,
+    ) -> None:
+        """:func:`rescale_target_`; for factors whose gradients are in recipe units (see
+        :mod:`alpha_tuner.gradunits`) the moments already are too, so only the units move."""
+        units = self._units
+        params = [target.weight_a, *target.factor_params()]
+        hooked = units is not None and all(units.hooked(p) for p in params)
+        optimizer = None if hooked else self.optimizer
+        ratio = rescale_target_(target, alpha, optimizer, groups=groups, balance=balance)
+        if hooked and units is not None:
+            units.multiply_(target.weight_a, 1.0 / balance)
+            units.multiply_(target.weight_b, ratio * balance)
+            if target.bias_b is not None:
+                units.multiply_(target.bias_b, ratio)
+
+    def _unit_row(self, target: LoraTarget) -> list[float]:
+        units = self._units
+        assert units is not None  # only called with the step law on
+        bias = 1.0 if target.bias_b is None else units.scale(target.bias_b)
+        return [units.scale(target.weight_a), units.scale(target.weight_b), bias]
+
+    def _sync_units(self, saved: Mapping[int, Sequence[float]] | None) -> None:
+        """Set the factors' gradient units after a checkpoint is loaded: the saved ones, else
+        (an entry without them) as the law's state implies."""
+        law, units = self.state.law, self._units
+        if law is None or units is None:
+            return
+        log_a = -law.log_balance
+        log_b = law.log_balance + law.log_alpha_recipe - law.log_alpha
+        rows = torch.stack((log_a, log_b, law.log_alpha_recipe - law.log_alpha)).exp().T.tolist()
+        for i, row in (saved or {}).items():
+            rows[i] = list(row)
+        for target, (k_a, k_b, k_bias) in zip(self.targets, rows, strict=True):
+            units.set_(target.weight_a, k_a)
+            units.set_(target.weight_b, k_b)
+            if target.bias_b is not None:
+                units.set_(target.bias_b, k_bias)
+
+    def close(self) -> None:
+        """Remove the gradient hooks, putting the moments of hooked factors back in raw units."""
+        units = self._units
+        if units is None:
+            return
+        groups = group_map(self.optimizer)
+        for p in _all_factors(self.targets):
+            k = units.scale(p)
+            if units.hooked(p) and k != 1.0:
+                rescale_state_(self.optimizer, p, k, groups.get(id(p), {}))
+        units.remove()
+        self._units = None
 
     def _apply_alphas(self, alphas: Iterable[float]) -> None:
         changed = [
@@ -344,7 +411,7 @@ class TuningEngine:
             return
         groups = group_map(self.optimizer)  # once per control step, not once per layer
         for target, alpha in changed:
-            rescale_target_(target, alpha, self.optimizer, groups=groups)
+            self._rescale(target, alpha, groups)
         update_adapter_config(self.model, self.targets)
 
     def _sync_control_alpha(self) -> None:
@@ -385,7 +452,7 @@ class TuningEngine:
             values = [alpha] * len(self.targets)
         groups = group_map(self.optimizer)
         for target, value in zip(self.targets, values, strict=True):
-            rescale_target_(target, value, self.optimizer, groups=groups)
+            self._rescale(target, value, groups)
         update_adapter_config(self.model, self.targets)
         self._sync_control_alpha()
 
@@ -403,6 +470,7 @@ class TuningEngine:
             rho=state.rho if state.measured_once else None,
             names=self.names,
             per_layer=per_layer,
+            law=state.law,
         )
 
     # ------------------------------------------------------------------------- persistence
@@ -417,6 +485,7 @@ class TuningEngine:
             control=state.control,
             rho=state.rho,
             law=state.law,
+            units=None if self._units is None else [self._unit_row(t) for t in self.targets],
         )
 
     def load(self, entry: object) -> None:
@@ -461,3 +530,4 @@ class TuningEngine:
             measured_once=state.measured_once or restored.rho is not None,
             law=restored.law,
         )
+        self._sync_units(restored.units)

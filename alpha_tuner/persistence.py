@@ -35,6 +35,8 @@ class RestoredState(NamedTuple):
         phase: The saved measurement phase (0 for checkpoints from before phases).
         law: The step law's state with the saved rows written in (``None`` when the tuner has
             none; the current one when the entry has none).
+        units: ``{layer index: [K of A, K of B, K of B's bias]}``, the gradient units of the
+            step law's factors (:mod:`alpha_tuner.gradunits`), when saved.
     """
 
     alphas: dict[int, float]
@@ -44,6 +46,7 @@ class RestoredState(NamedTuple):
     steps: int | None
     phase: int
     law: StepState | None = None
+    units: dict[int, list[float]] | None = None
 
 
 def pack_tuner_state(
@@ -55,6 +58,7 @@ def pack_tuner_state(
     control: ControlState,
     rho: Tensor,
     law: StepState | None = None,
+    units: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Build the ``"alpha_tuner"`` entry (copies of the tensors, plain Python otherwise)."""
     entry = {
@@ -68,6 +72,8 @@ def pack_tuner_state(
     }
     if law is not None:
         entry["law"] = {k: v.detach().clone() for k, v in law._asdict().items()}
+    if units is not None:
+        entry["units"] = [list(map(float, row)) for row in units]
     return entry
 
 
@@ -103,6 +109,7 @@ def unpack_tuner_state(
     device = control.log_alpha.device
     dst = torch.tensor(here, dtype=torch.long, device=device)
     src = torch.tensor(there, dtype=torch.long, device=device)
+
     def merge(state: Any, saved_fields: Mapping[str, Any]) -> dict[str, Tensor]:
         return {
             name: current
@@ -122,4 +129,7 @@ def unpack_tuner_state(
         steps=None if steps is None else int(steps),
         phase=int(tuner.get("phase", 0)),
         law=None if law is None else StepState(**merge(law, tuner.get("law") or {})),
+        units=None
+        if tuner.get("units") is None
+        else {i: list(tuner["units"][j]) for i, j in zip(here, there, strict=True)},
     )

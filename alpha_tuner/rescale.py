@@ -28,6 +28,7 @@ from .discovery import LoraTarget
 __all__ = [
     "STATE_EXPONENTS",
     "group_map",
+    "rescale_state_",
     "rescale_target_",
     "state_exponents",
     "update_adapter_config",
@@ -91,7 +92,7 @@ def group_map(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, object
     return {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
 
-def _rescale_state_(
+def rescale_state_(
     optimizer: torch.optim.Optimizer, param: nn.Parameter, ratio: float, group: Mapping[str, object]
 ) -> None:
     state = optimizer.state.get(param)
@@ -176,7 +177,7 @@ def rescale_target_(
                     continue
                 param.mul_(k)
                 if optimizer is not None:
-                    _rescale_state_(optimizer, param, k, groups.get(id(param), {}))
+                    rescale_state_(optimizer, param, k, groups.get(id(param), {}))
     write_alpha(target, float(alpha))
     return ratio
 

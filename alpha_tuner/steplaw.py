@@ -103,7 +103,9 @@ class StepState(NamedTuple):
     Attributes:
         log_alpha: Current log α, float32.
         log_alpha0: Log α at the start (after placement), float32.
-        log_balance: Log of the balance μ applied online so far (A divided by e^it), float32.
+        log_alpha_recipe: Log of the recipe's α (before placement), float32.
+        log_balance: Log of the balance μ applied since wrap time (A divided by e^it), float32.
+        log_balance0: Log of the balance of the placement, float32.
         log_a_step: EMA of log(a / schedule factor), float32 (0 before a measurement).
         log_update: EMA of log(u / schedule factor), float32 (0 before a measurement).
         n_measured: Valid measurements so far, int64.
@@ -112,15 +114,24 @@ class StepState(NamedTuple):
 
     log_alpha: Tensor
     log_alpha0: Tensor
+    log_alpha_recipe: Tensor
     log_balance: Tensor
+    log_balance0: Tensor
     log_a_step: Tensor
     log_update: Tensor
     n_measured: Tensor
     n_skipped: Tensor
 
 
-def init_steps(alpha0: Tensor) -> StepState:
+def init_steps(
+    alpha0: Tensor, *, balance0: Tensor | None = None, alpha_recipe: Tensor | None = None
+) -> StepState:
     """The state of L layers starting at α = ``alpha0`` (shape (L,), positive), unmeasured.
+
+    Args:
+        alpha0: α after placement.
+        balance0: The placement's balance μ (default 1).
+        alpha_recipe: The recipe's α before placement (default ``alpha0``).
 
     Raises:
         ValueError: If ``alpha0`` is not 1-D.
@@ -129,8 +140,12 @@ def init_steps(alpha0: Tensor) -> StepState:
         raise ValueError(f"alpha0 must be 1-D with shape (L,), got shape {tuple(alpha0.shape)}")
     log_alpha0 = torch.log(alpha0.detach().to(torch.float32))
     zeros = torch.zeros_like(log_alpha0)
+    log_mu = zeros if balance0 is None else torch.log(balance0.detach().to(log_alpha0))
+    log_recipe = log_alpha0 if alpha_recipe is None else torch.log(alpha_recipe.detach().to(log_alpha0))
     counts = torch.zeros(log_alpha0.shape, dtype=torch.int64, device=log_alpha0.device)
-    return StepState(log_alpha0.clone(), log_alpha0, zeros, zeros, zeros, counts, counts)
+    return StepState(
+        log_alpha0.clone(), log_alpha0, log_recipe, log_mu.clone(), log_mu, zeros, zeros, counts, counts
+    )
 
 
 def observe_steps(
@@ -193,7 +208,7 @@ def decide_steps(state: StepState, config: StepLaw) -> tuple[StepState, Tensor]:
     d_a, d_b = torch.where(ready, d_a, 0.0), torch.where(ready, d_b, 0.0)
     # Bounds: μ within ±log bound of its start; α (= m·α₀) likewise around α₀·e^{log μ}.
     span = math.log(config.bound)
-    balance = torch.clamp(state.log_balance + d_a, -span, span)
+    balance = torch.clamp(state.log_balance + d_a, state.log_balance0 - span, state.log_balance0 + span)
     d_a = balance - state.log_balance
     log_alpha = state.log_alpha + d_a + d_b
     lo, hi = state.log_alpha0 - 2 * span, state.log_alpha0 + 2 * span

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .control import ControlState
+from .steplaw import StepState
 
 __all__ = ["summarize"]
 
@@ -26,6 +27,7 @@ def summarize(
     rho: Tensor | None,
     names: Sequence[str],
     per_layer: bool = False,
+    law: StepState | None = None,
 ) -> dict[str, float]:
     """A flat summary of the tuner's state, read in one device-to-host transfer.
 
@@ -37,10 +39,14 @@ def summarize(
             first measurement.
         names: Display names of the layers, in the order of ``alphas`` and ``rho``.
         per_layer: Also return ``rho[<name>]`` for every layer.
+        law: The step law's state, when it is on.
 
     Returns:
         ``alpha_mean/min/max``, ``steps``, ``measurements``, ``skipped``, ``backoffs`` (summed
-        over layers) and, when some ρ is finite, ``rho_mean/min/max`` over those layers.
+        over layers) and, when some ρ is finite, ``rho_mean/min/max`` over those layers. With the
+        step law: ``balance_mean`` (geometric mean of the online balance μ) and, over the layers
+        it has measured, the geometric means ``a_step`` and ``update`` of its measured A step and
+        relative update (at the schedule's peak).
     """
     stats: dict[str, float] = {
         "alpha_mean": math.fsum(alphas) / len(alphas),
@@ -51,9 +57,24 @@ def summarize(
     counters = torch.stack([control.n_measured.sum(), control.n_skipped.sum(), control.n_backoffs.sum()])
     dtype = torch.float32 if counters.device.type == "mps" else torch.float64  # MPS has no float64
     parts = [counters.to(dtype)]
+    if law is not None:
+        seen = (law.n_measured > 0).to(dtype)
+        count = seen.sum().clamp(min=1)
+        parts.append(torch.stack([
+            law.log_balance.to(dtype).mean(),
+            (law.log_a_step.to(dtype) * seen).sum() / count,
+            (law.log_update.to(dtype) * seen).sum() / count,
+            seen.sum(),
+        ]))  # fmt: skip
     if rho is not None:
         parts.append(rho.to(dtype))
     values = torch.cat(parts).tolist()  # the one transfer
+    if law is not None:
+        balance, a_step, update, seen_count = values[3:7]
+        del values[3:7]
+        stats["balance_mean"] = math.exp(balance)
+        if seen_count:
+            stats.update(a_step=math.exp(a_step), update=math.exp(update))
     stats.update(measurements=values[0], skipped=values[1], backoffs=values[2])
     layer_rho = values[3:]
     finite = [r for r in layer_rho if math.isfinite(r)]

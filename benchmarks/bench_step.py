@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alpha_tuner import AlphaTunedOptimizer
+from alpha_tuner import AlphaTunedOptimizer, StepLaw
 from alpha_tuner.drift import drift_norms, lora_matrices
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -177,6 +177,7 @@ def time_ratio(
     steps: int,
     block: int,
     measure_phases: int = DEFAULT_PHASES,
+    law: str = "backoff",
 ) -> dict[str, float]:
     """Interleave bare and wrapped steps; median over blocks of ``block`` steps of the time ratio."""
     bare, wrapped = _pair(
@@ -186,7 +187,13 @@ def time_ratio(
         measure_every=measure_every,
         measure_phases=measure_phases,
         control_every=control_every,
+        **({"steps": StepLaw()} if law == "steps" else {}),
     )
+    if law == "steps":
+        # The base weights are on the meta device, so ‖W₀‖ is unknown and the law would leave every
+        # layer alone; set it to 1 so that each control step really rescales A, B and their moments.
+        engine = wrapped.engine
+        engine._weight_norms = torch.ones_like(engine._weight_norms, device=engine.device)
     for _ in range(measure_every * measure_phases + 1):  # warm-up: state, a measurement per phase
         bare.step()
         wrapped.step()
@@ -390,7 +397,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shapes = QUICK if args.quick else LLAMA_7B
     cycles = 1 if args.quick else args.cycles
     every_steps = 6 if args.quick else args.every_steps
-    results: dict[str, Any] = {"machine": machine(), "shapes": shapes.describe(), "quick": args.quick}
+    results: dict[str, Any] = {
+        "machine": machine(), "shapes": shapes.describe(), "quick": args.quick, "law": args.law,
+    }  # fmt: skip
     if device.type == "cuda":
         results["machine"]["gpu"] = torch.cuda.get_device_name(device)
     results["timing"] = {}
@@ -411,6 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 control_every=control,
                 steps=control * cycles if default else every_steps,
                 block=control if default else 1,
+                law=args.law,
             )
         results["memory"][inner] = memory(shapes, device, inner)
     results["gram"] = gram_vs_dense(shapes, device, repeats=2 if args.quick else 3)
@@ -486,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
     )
+    parser.add_argument(
+        "--law", choices=("backoff", "steps"), default="backoff",
+        help="the tuner's law: the α rule with back-off (default) or the step law (steps=StepLaw())",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:

@@ -188,14 +188,19 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
 
 
 def _law_readout(tuner: Any) -> dict[str, float]:
-    """Geometric means over the layers of the step law's measured a and u, and its balance."""
+    """Geometric means over the measured layers of the step law's a and u, its balance, skips."""
     law = None if tuner is None else tuner.engine.state.law
-    if law is None or not bool((law.n_measured > 0).all()):
+    if law is None:
         return {}
+    seen = law.n_measured > 0
+    if not bool(seen.any()):
+        return {"law_skipped": float(law.n_skipped.sum())}
     return {
-        "a_step_end": float(law.log_a_step.mean().exp()),
-        "update_end": float(law.log_update.mean().exp()),
+        "a_step_end": float(law.log_a_step[seen].mean().exp()),
+        "update_end": float(law.log_update[seen].mean().exp()),
         "balance_end": float(law.log_balance.mean().exp()),
+        "law_unmeasured": float((~seen).sum()),
+        "law_skipped": float(law.n_skipped.sum()),
     }
 
 
@@ -212,6 +217,7 @@ def grid(
     *,
     methods: Sequence[str] | None = None,
     recipe_alphas: Sequence[str] = ("2r",),
+    lrs: Sequence[float] = LRS,
     **fields: Any,
 ) -> list[LMRun]:
     """The oracle grid and the peers, seed by seed and rank by rank (the order of the work).
@@ -231,7 +237,7 @@ def grid(
                 recipe = [None if a == "2r" else float(a) for a in recipe_alphas]
                 oracle = method == "lora" and methods is None
                 alphas: list[float | None] = oracle_alphas(rank) if oracle else recipe  # type: ignore[assignment]
-                runs += [LMRun(method, rank, lr, seed, alpha, **fields) for lr in LRS for alpha in alphas]
+                runs += [LMRun(method, rank, lr, seed, alpha, **fields) for lr in lrs for alpha in alphas]
     return runs
 
 
@@ -273,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the Trainer's schedule after warm-up; default linear (smollm2), cosine (minilm)",
     )  # fmt: skip
     parser.add_argument("--warmup", type=float, help="warm-up fraction of the steps (default 0.1)")
+    parser.add_argument(
+        "--lrs", type=lambda s: [float(x) for x in s.split(",")], help="base LRs (default 1e-5,1e-4,1e-3)"
+    )
     parser.add_argument("--tag", default="", help="steps* methods: step-law targets a=<a_step>,u=<update>")
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],
@@ -294,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds, args.ranks or d.ranks, methods=args.methods, steps=args.steps or d.steps, model=args.model,
         precision=args.precision, batch_size=d.batch_size, block=d.block,
         schedule=args.schedule or d.schedule, recipe_alphas=args.recipe_alphas, tag=args.tag,
+        lrs=args.lrs or LRS,
         **({} if args.warmup is None else {"warmup": args.warmup}),
     )  # fmt: skip
     if args.dry_run:
