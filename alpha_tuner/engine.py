@@ -184,9 +184,11 @@ class TuningEngine:
         self.names = display_names(self.targets)
         self._check_in_optimizer()
         heads = [] if options.head_lr is None else [p for _, p in find_head_parameters(model)]
-        #: How many parameters of ``modules_to_save`` had their learning rate raised to ``head_lr``.
+        #: How many parameters of ``modules_to_save`` had their learning rate raised to ``head_lr``
+        #: (with the step law: set to it, lowered too, so the head does not follow the base LR).
+        exact = self.step_law is not None
         self.head_params_lifted = (
-            0 if options.head_lr is None else lift_head_lr_(optimizer, heads, options.head_lr)
+            0 if options.head_lr is None else lift_head_lr_(optimizer, heads, options.head_lr, exact=exact)
         )
         # When B is already trained (an adapter loaded before wrapping), init's rescale changes it:
         # keep the weights as they were, so that a checkpoint loaded before the first step can

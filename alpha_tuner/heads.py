@@ -50,8 +50,11 @@ def find_head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return found
 
 
-def lift_head_lr_(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], min_lr: float) -> int:
-    """Give every one of ``params`` a learning rate of at least ``min_lr``, in place.
+def lift_head_lr_(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], min_lr: float, *, exact: bool = False
+) -> int:
+    """Give every one of ``params`` a learning rate of at least ``min_lr`` (``exact``: of exactly
+    ``min_lr``, lowered too), in place.
 
     A group that holds only such parameters gets ``lr = max(lr, min_lr)``. A group that mixes
     them with others (a single ``model.parameters()`` group, LoRA+'s group of A factors) is
@@ -64,9 +67,11 @@ def lift_head_lr_(optimizer: torch.optim.Optimizer, params: Iterable[nn.Paramete
         optimizer: The optimizer, before any LR scheduler was attached to it.
         params: The parameters to lift (those the optimizer does not hold are ignored).
         min_lr: The least learning rate they get (> 0).
+        exact: Set the learning rate to ``min_lr`` also where it is higher (the step law: the
+            head then does not depend on the base LR either).
 
     Returns:
-        How many parameters had their learning rate raised.
+        How many parameters had their learning rate changed.
 
     Raises:
         ValueError: If ``min_lr`` is not positive, or a group to change already carries a
@@ -82,7 +87,8 @@ def lift_head_lr_(optimizer: torch.optim.Optimizer, params: Iterable[nn.Paramete
     for group in optimizer.param_groups:
         mine = [p for p in group["params"] if id(p) in wanted]
         lr = group.get("lr")
-        if not mine or lr is None or float(lr) >= min_lr:  # construction time, not the hot path
+        done = float(lr) == min_lr if exact and lr is not None else lr is not None and float(lr) >= min_lr
+        if not mine or lr is None or done:  # construction time, not the hot path
             continue
         if "initial_lr" in group:
             raise ValueError(

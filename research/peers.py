@@ -182,7 +182,7 @@ def _steps(
 
     options = {"steps": StepLaw(), **(options or {})}
     inner = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    opt = AlphaTunedOptimizer(inner, model, adapt=adapt, **options)
+    opt = AlphaTunedOptimizer(inner, model, adapt=adapt, measure=True, **options)  # static: read-outs only
     if wrong != 1.0:
         opt.rescale_({name: alpha * wrong for name, alpha in opt.alphas().items()})
     return PeerOptimizer(opt, schedule, tuner=opt)

@@ -29,6 +29,11 @@ def test_each_method_trains_through_the_trainer(method: str) -> None:
     assert record["step_s"] > 0
     if method.startswith("alphatuned"):
         assert record["alpha_start"] == pytest.approx(AlphaRule().alpha(4, lr))  # not the recipe's 2r
+    elif method.startswith("steps"):
+        assert record["alpha_start"] != pytest.approx(8.0)  # placed, not the recipe's 2r
+        assert record["a_step_end"] > 0 and record["update_end"] > 0
+    elif method == "lora-metered":
+        assert record["alpha_start"] == 8.0 and record["balance_end"] == 1.0  # plain LoRA, measured
     else:
         assert record["alpha_start"] is None
 

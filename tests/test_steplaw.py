@@ -251,3 +251,18 @@ def test_detach_puts_the_moments_back_in_raw_units() -> None:
         runs.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
     for x, y in zip(*runs, strict=True):
         torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-15)
+
+
+def test_the_head_lr_is_head_lr_exactly_under_the_law() -> None:
+    from alpha_tuner import HEAD_LR
+    from tests.conftest import tiny_bert_cls
+
+    for base in (1e-5, 1e-2):  # below and above HEAD_LR: both end at HEAD_LR
+        model = tiny_bert_cls(modules_to_save=["classifier"])
+        opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=base), model, steps=StepLaw())
+        heads = {id(p) for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad}
+        lrs = {g["lr"] for g in opt.param_groups if any(id(p) in heads for p in g["params"])}
+        assert lrs == {HEAD_LR} and opt.head_params_lifted == len(heads) > 0
+    plain = tiny_bert_cls(modules_to_save=["classifier"])  # without the law a higher LR is kept
+    kept = AlphaTunedOptimizer(torch.optim.AdamW(plain.parameters(), lr=1e-2), plain)
+    assert kept.head_params_lifted == 0
