@@ -23,11 +23,20 @@ __all__ = ["format_report", "method_label", "oracle_cells", "plot_curves", "tabl
 Record = Mapping[str, Any]
 
 
+def base_method(config: Mapping[str, Any]) -> str:
+    """The method; ``lora-metered`` (plain LoRA with the step law's meter, which changes nothing
+    in training) counts as ``lora``."""
+    return "lora" if config["method"] == "lora-metered" else str(config["method"])
+
+
 def method_label(config: Mapping[str, Any]) -> str:
-    """``lora α=16``, ``lora α=2r``, … : the row a run belongs to."""
-    method, alpha, rank = config["method"], config.get("alpha"), config["rank"]
+    """``lora α=16``, ``lora α=2r``, ``steps [a=…,u=…] α=16``, … : the row a run belongs to."""
+    method, alpha, rank = base_method(config), config.get("alpha"), config["rank"]
     if method != "lora":
-        return method
+        label = method + (f" [{config['tag']}]" if config.get("tag") and method.startswith("steps") else "")
+        if alpha is not None and alpha != 2 * rank and method.startswith(("steps", "alphatuned")):
+            label += f" α={alpha:g}"
+        return label
     if alpha is None or alpha == 2 * rank:
         return "lora α=2r"
     return "lora α=16" if alpha == 16 else f"lora α={alpha:g}"
@@ -41,7 +50,9 @@ def _loss(record: Record) -> float:
 def _by_seed(records: Iterable[Record], **match: Any) -> dict[int, float]:
     out = {}
     for r in records:
-        c = r["config"]
+        c = {**r["config"], "method": base_method(r["config"])}
+        if c.get("method") == "lora" and c.get("alpha") is None:
+            c["alpha"] = 2.0 * c["rank"]
         if all(c.get(k) == v for k, v in match.items()):
             out[int(c["seed"])] = _loss(r)
     return out
@@ -52,8 +63,9 @@ def oracle_cells(records: Sequence[Record], seeds: Sequence[int]) -> dict[int, t
     cells: dict[tuple[int, float, float], dict[int, float]] = defaultdict(dict)
     for r in records:
         c = r["config"]
-        if c["method"] == "lora" and c["seed"] in seeds and c.get("alpha") is not None:
-            cells[(c["rank"], c["lr"], c["alpha"])][c["seed"]] = _loss(r)
+        if base_method(c) == "lora" and c["seed"] in seeds:
+            alpha = 2.0 * c["rank"] if c.get("alpha") is None else c["alpha"]
+            cells[(c["rank"], c["lr"], alpha)][c["seed"]] = _loss(r)
     best: dict[int, tuple[float, tuple[float, float]]] = {}
     for (rank, lr, alpha), losses in cells.items():
         if len(losses) < len(seeds):
@@ -178,3 +190,86 @@ def plot_curves(records: Sequence[Record], path: Path, *, seed: int, lr: float) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _paired(a: Mapping[int, float], b: Mapping[int, float], seeds: Sequence[int]) -> tuple[float, float, int]:
+    """Mean and SE of ``a − b`` over the seeds both have (relative to ``b``'s mean), and that count."""
+    common = [s for s in seeds if s in a and s in b]
+    if not common:
+        return math.nan, math.nan, 0
+    base = statistics.fmean(b[s] for s in common)
+    diffs = [(a[s] - b[s]) / base for s in common]
+    mean, se = _stats(diffs)
+    return mean, se, len(common)
+
+
+def gap_report(
+    records: Sequence[Record],
+    *,
+    method: str,
+    seeds: Sequence[int],
+    selection_seeds: Sequence[int],
+    peers: Sequence[str] = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy"),
+) -> str:
+    """Paired gaps of ``method`` (a row label) to the oracle and to each peer, cell by cell.
+
+    A gap is ``(loss(method) − loss(other)) / mean loss(other)`` per seed, reported as mean ± SE
+    over the seeds both have (negative: ``method`` is better). The oracle is the best plain-LoRA
+    cell of the rank on ``selection_seeds``. The last lines give the spread of ``method``'s mean
+    loss across base LRs, ``(max − min) / min``, beside plain LoRA's at the recipe's α.
+    """
+    oracle = oracle_cells(records, selection_seeds)
+    by_label: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
+    for r in records:
+        c = r["config"]
+        if c["seed"] in seeds:
+            lr = 1.0 if c["method"] in LR_FREE else c["lr"]
+            by_label[(method_label(c), c["rank"], lr)][int(c["seed"])] = _loss(r)
+    cells = sorted({(rank, lr) for (m, rank, lr) in by_label if m == method})
+    header = "| r | lr | vs oracle | " + " | ".join(f"vs {p}" for p in peers) + " |"
+    lines = [
+        f"Paired gaps of `{method}`, mean ± SE over seeds {list(seeds)} (relative; negative = better):",
+        "",
+    ]
+    lines += [header, "|---|---|---|" + "---|" * len(peers)]
+    spread_rows: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def fmt(stat: tuple[float, float, int]) -> str:
+        mean, se, n = stat
+        if n == 0 or not math.isfinite(mean):
+            return "–"
+        return (
+            f"{mean:+.1%}"
+            + (f" ± {se:.1%}" if math.isfinite(se) else "")
+            + ("" if n == len(seeds) else f" ({n})")
+        )
+
+    for rank, lr in cells:
+        mine = by_label[(method, rank, lr)]
+        row = [str(rank), f"{lr:g}"]
+        if rank in oracle:
+            alpha, best_lr = oracle[rank]
+            row.append(
+                fmt(
+                    _paired(mine, _by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha), seeds)
+                )
+            )
+        else:
+            row.append("–")
+        for peer in peers:
+            other = by_label.get((peer, rank, 1.0 if peer in LR_FREE else lr), {})
+            row.append(fmt(_paired(mine, other, seeds)))
+        lines.append("| " + " | ".join(row) + " |")
+        for label in (method, "lora α=2r"):
+            values = by_label.get((label, rank, lr), {})
+            if len(values) == len(seeds):
+                spread_rows[label][rank].append(statistics.fmean(values.values()))
+    lines += ["", "Spread of the mean loss across base LRs, (max − min) / min:"]
+    for label, ranks in spread_rows.items():
+        shown = [
+            f"r={rank}: {(max(v) - min(v)) / min(v):.1%} over {len(v)} LRs"
+            for rank, v in sorted(ranks.items())
+            if len(v) > 1
+        ]
+        lines.append(f"- {label}: " + ("; ".join(shown) or "–"))
+    return "\n".join(lines) + "\n"
