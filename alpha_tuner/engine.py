@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
-from .distributed import broadcast_state, unwrap_model
+from .distributed import broadcast_state, is_sharded, unwrap_model
 from .drift import lora_matrices
 from .gradunits import GradUnits
 from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
@@ -147,7 +147,13 @@ def _weight_norm(target: LoraTarget) -> Tensor:
     weight = getattr(target.layer.get_base_layer(), "weight", None)
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.is_meta:
         return torch.tensor(math.nan)  # quantised, absent or not materialised: the law leaves it alone
-    return weight.detach().float().norm()
+    return _norm(weight)
+
+
+def _norm(tensor: Tensor) -> Tensor:
+    """``‖tensor‖_F`` as a plain tensor (a sharded DTensor's norm is reduced over its shards)."""
+    norm = tensor.detach().float().norm()
+    return norm.full_tensor() if is_sharded(norm) else norm
 
 
 class TuningEngine:
@@ -240,7 +246,7 @@ class TuningEngine:
         lr_of = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
         with torch.no_grad():
             norms = torch.stack(
-                [torch.stack((t.weight_a.detach().float().norm(), _weight_norm(t))) for t in self.targets]
+                [torch.stack((_norm(t.weight_a), _weight_norm(t))) for t in self.targets]
             ).tolist()
         alphas, balances = [], []
         for t, (a_norm, w_norm) in zip(self.targets, norms, strict=True):

@@ -167,6 +167,34 @@ def _run_fsdp(rank: int, adapter_dir: Path) -> dict[str, Any]:
     return {**summary, **_fsdp_resume(model, opt)}
 
 
+def _run_fsdp_law(rank: int) -> dict[str, Any]:
+    """The step law on FSDP2-sharded factors (moments rescaled, no gradient hooks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(seed=0)
+    for layer in model.base_model.model.model.layers:  # type: ignore[union-attr]
+        fully_shard(layer)
+    fully_shard(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(params, lr=LR), model, steps=StepLaw(), **TUNER)
+    for step in range(STEPS):
+        model(**_local_batch(step, rank)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    lora = {k: v.detach().clone() for k, v in full.items() if "lora_" in k and isinstance(v, torch.Tensor)}
+    law = opt.engine.state.law
+    assert law is not None
+    hooked = 0 if opt.engine._units is None else len(opt.engine._units)
+    return {
+        "alphas": opt.alphas(),
+        "lora": lora,
+        "law": {k: v.clone() for k, v in law._asdict().items()},
+        "hooked": hooked,
+    }
+
+
 def _fsdp_resume(model: Any, opt: AlphaTunedOptimizer) -> dict[str, Any]:
     """Checkpoint the sharded model and optimizer, go on, and go on again from the checkpoint."""
     import copy
@@ -212,6 +240,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             "ddp": _run_ddp(rank, perturb=False),
             "perturbed": _run_ddp(rank, perturb=True),
             "law": _run_ddp_law(rank),
+            "fsdp_law": _run_fsdp_law(rank),
             "fsdp": _run_fsdp(rank, Path(out) / "adapter"),
         }
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -321,6 +350,17 @@ def test_ddp_step_law_state_and_factors_are_identical_on_every_rank(
 
 
 # -------------------------------------------------------------------------- FSDP2, 2 ranks
+def test_fsdp2_step_law_runs_on_sharded_factors_and_ranks_agree(ranks: tuple[dict[str, Any], ...]) -> None:
+    r0, r1 = (r["fsdp_law"] for r in ranks)
+    assert r0["hooked"] == 0  # DTensor factors: moments are rescaled instead of gradients hooked
+    assert r0["alphas"] == r1["alphas"]
+    for name, value in r0["law"].items():
+        assert torch.equal(r1["law"][name], value), name
+    for name, value in r0["lora"].items():
+        torch.testing.assert_close(r1["lora"][name], value, rtol=0, atol=1e-7, msg=name)
+    assert float((r0["law"]["log_balance"] - r0["law"]["log_balance0"]).abs().max()) > 0
+
+
 def test_fsdp2_measures_sharded_factors_and_matches_single_process(
     ranks: tuple[dict[str, Any], ...], reference: tuple[nn.Module, dict[str, Any]]
 ) -> None:
