@@ -266,3 +266,21 @@ def test_the_head_lr_is_head_lr_exactly_under_the_law() -> None:
     plain = tiny_bert_cls(modules_to_save=["classifier"])  # without the law a higher LR is kept
     kept = AlphaTunedOptimizer(torch.optim.AdamW(plain.parameters(), lr=1e-2), plain)
     assert kept.head_params_lifted == 0
+
+
+def test_a_schedule_still_acts_as_set() -> None:
+    """A scheduler at a constant factor 0.1 keeps every step 10× smaller: the law does not undo it."""
+    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 2}
+    deltas = []
+    for factor in (1.0, 0.1):
+        model = tiny_llama(seed=3).double()
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-30, weight_decay=0.0)
+        opt = AlphaTunedOptimizer(inner, model, steps=StepLaw(), head_lr=None, **kw)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda _, f=factor: f)
+        for i in range(8):
+            model(**lm_batch(seed=i)).loss.backward()
+            opt.step()
+            scheduler.step()
+            opt.zero_grad()
+        deltas.append(sum(float(d.norm()) for d in _delta(model, opt)))
+    assert 0.05 < deltas[1] / deltas[0] < 0.2
