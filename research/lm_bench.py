@@ -241,21 +241,29 @@ def grid(
     return runs
 
 
-def report(out: Path, *, seeds: Sequence[int], model: str = "smollm2") -> int:
+def report(
+    out: Path,
+    *,
+    seeds: Sequence[int],
+    model: str = "smollm2",
+    selection_seeds: Sequence[int] = SELECTION_SEEDS,
+) -> int:
     """Write ``<out>.md`` (tables) and ``<out>_curves.png`` (loss curves at lr 1e-4, first seed)."""
-    from .bench_report import format_report, plot_curves, table
+    from .bench_report import format_report, gap_report, method_label, plot_curves, table
     from .runner import read_records
 
     records = [r for r in read_records(out) if r["config"]["model"] == model]
     if not records:
         print(f"lm_bench: no {model} records in {out} yet")
         return 1
-    result = table(records, seeds=seeds, selection_seeds=SELECTION_SEEDS)
+    result = table(records, seeds=seeds, selection_seeds=selection_seeds)
     titles = {
         "smollm2": "Causal LM: SmolLM2-135M on the 2012 convention speeches",
-        "minilm": "MiniLM review sentiment, 600 steps, warm-up + cosine",
+        "minilm": "MiniLM review sentiment through the Trainer",
     }
     text = format_report(result, seeds=seeds, title=titles.get(model, model))
+    if any(method_label(r["config"]) == "steps" for r in records):
+        text += "\n" + gap_report(records, method="steps", seeds=seeds, selection_seeds=selection_seeds)
     out.with_suffix(".md").write_text(text, encoding="utf-8")
     plot_curves(records, out.with_name(out.stem + "_curves.png"), seed=seeds[0], lr=1e-4)
     print(text)
@@ -291,12 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32"
     )
     parser.add_argument("--report", action="store_true", help="write the tables and the figure, run nothing")
+    parser.add_argument(
+        "--selection-seeds", type=ints, help="--report: seeds that choose the oracle (default 0,1)"
+    )
     add_runner_arguments(parser, out=None)
     args = parser.parse_args(argv)
     d = TASK_DEFAULTS[args.model]
     out = args.out or d.results
     if args.report:
-        return report(out, seeds=args.seeds or list(SELECTION_SEEDS), model=args.model)
+        selection = args.selection_seeds or list(SELECTION_SEEDS)
+        return report(out, seeds=args.seeds or selection, model=args.model, selection_seeds=selection)
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)
     runs = grid(

@@ -144,7 +144,10 @@ def _run_ddp_law(rank: int) -> dict[str, Any]:
     }
 
 
-def _run_fsdp(rank: int, adapter_dir: Path) -> dict[str, Any]:
+def _fsdp_trained(
+    rank: int, **options: Any
+) -> tuple[Any, AlphaTunedOptimizer, dict[str, Any], dict[str, Any]]:
+    """A sharded tiny Llama trained STEPS steps: (model, opt, full state dict, its LoRA tensors)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -153,13 +156,19 @@ def _run_fsdp(rank: int, adapter_dir: Path) -> dict[str, Any]:
         fully_shard(layer)
     fully_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = AlphaTunedOptimizer(torch.optim.AdamW(params, lr=LR), model, **TUNER)
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(params, lr=LR), model, **options, **TUNER)
     for step in range(STEPS):
         model(**_local_batch(step, rank)).loss.backward()
         opt.step()
         opt.zero_grad()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     lora = {k: v.detach().clone() for k, v in full.items() if "lora_" in k and isinstance(v, torch.Tensor)}
+    return model, opt, full, lora
+
+
+def _run_fsdp(rank: int, adapter_dir: Path) -> dict[str, Any]:
+
+    model, opt, full, lora = _fsdp_trained(rank)
     if rank == 0:
         model.save_pretrained(adapter_dir, state_dict=full)  # type: ignore[operator]
     tuner = opt.state_dict()["alpha_tuner"]
@@ -169,21 +178,7 @@ def _run_fsdp(rank: int, adapter_dir: Path) -> dict[str, Any]:
 
 def _run_fsdp_law(rank: int) -> dict[str, Any]:
     """The step law on FSDP2-sharded factors (moments rescaled, no gradient hooks)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-
-    model = tiny_llama(seed=0)
-    for layer in model.base_model.model.model.layers:  # type: ignore[union-attr]
-        fully_shard(layer)
-    fully_shard(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = AlphaTunedOptimizer(torch.optim.AdamW(params, lr=LR), model, steps=StepLaw(), **TUNER)
-    for step in range(STEPS):
-        model(**_local_batch(step, rank)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    lora = {k: v.detach().clone() for k, v in full.items() if "lora_" in k and isinstance(v, torch.Tensor)}
+    _, opt, _, lora = _fsdp_trained(rank, steps=StepLaw())
     law = opt.engine.state.law
     assert law is not None
     hooked = 0 if opt.engine._units is None else len(opt.engine._units)
