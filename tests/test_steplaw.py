@@ -284,3 +284,24 @@ def test_a_schedule_still_acts_as_set() -> None:
             opt.zero_grad()
         deltas.append(sum(float(d.norm()) for d in _delta(model, opt)))
     assert 0.05 < deltas[1] / deltas[0] < 0.2
+
+
+def test_saved_adapter_and_merge_reproduce_the_tuned_model(tmp_path: object) -> None:
+    from peft import PeftModel
+
+    from tests.conftest import ids_batch
+
+    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 2}
+    model, opt = _train(1e-4, steps=6, **kw)
+    assert float(opt.engine.state.law.log_balance.abs().max()) > 0  # type: ignore[union-attr]
+    model.eval()
+    ids = ids_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path))
+    base = tiny_llama(seed=3).double().get_base_model()
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path)).double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-9, atol=1e-9)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-9, atol=1e-9)
