@@ -178,13 +178,24 @@ def execute(run: LMRun) -> dict[str, Any]:
 
 
 def _tuner_options(run: LMRun) -> dict[str, Any] | None:
-    """Step-law targets from a ``steps*`` run's tag ``a=<a_step>,u=<update>`` (none: defaults)."""
+    """Options from a ``steps*`` run's tag ``a=<a_step>,u=<update>,h=<head_lr>`` (each optional).
+
+    ``a`` and ``u`` are the step law's targets, ``h`` the head's LR (``head_lr``); a field left
+    out keeps its default. Raises ``ValueError`` naming an unknown field.
+    """
     if not run.method.startswith("steps") or not run.tag:
         return None
     from alpha_tuner import StepLaw
 
     fields = dict(item.split("=") for item in run.tag.split(","))
-    return {"steps": StepLaw(a_step=float(fields["a"]), update=float(fields["u"]))}
+    unknown = sorted(set(fields) - {"a", "u", "h"})
+    if unknown:
+        raise ValueError(f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, h=<head_lr>.")
+    law = {name: float(fields[key]) for key, name in (("a", "a_step"), ("u", "update")) if key in fields}
+    options: dict[str, Any] = {"steps": StepLaw(**law)}
+    if "h" in fields:
+        options["head_lr"] = float(fields["h"])
+    return options
 
 
 def _law_readout(tuner: Any) -> dict[str, float]:
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lrs", type=lambda s: [float(x) for x in s.split(",")], help="base LRs (default 1e-5,1e-4,1e-3)"
     )
-    parser.add_argument("--tag", default="", help="steps* methods: step-law targets a=<a_step>,u=<update>")
+    parser.add_argument("--tag", default="", help="steps* methods: a=<a_step>,u=<update>,h=<head_lr> (each optional)")
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],
         help="the recipe's lora_alpha for the listed methods: 2r and/or numbers (default 2r)",

@@ -101,3 +101,15 @@ def test_the_minilm_task_trains_the_adapter_and_the_fresh_head() -> None:
     heads = [fresh_model("minilm", seed).classifier.weight for seed in (0, 1)]
     assert not torch.equal(*heads)  # the head is drawn from the run's seed
     assert torch.equal(fresh_model("minilm", 0).classifier.weight, heads[0])
+
+
+def test_a_steps_tag_sets_the_law_targets_and_the_head_lr() -> None:
+    from alpha_tuner import StepLaw
+    from research.lm_bench import _tuner_options
+
+    assert _tuner_options(LMRun("steps", 4, 1e-4, seed=0)) is None
+    assert _tuner_options(LMRun("lora", 4, 1e-4, seed=0, tag="h=1e-3")) is None  # not a steps run
+    options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="u=1e-3,h=1e-3"))
+    assert options == {"steps": StepLaw(update=1e-3), "head_lr": 1e-3}
+    with pytest.raises(ValueError, match="unknown field"):
+        _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="b=2"))
