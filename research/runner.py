@@ -151,15 +151,23 @@ def run_pending(
 ) -> int:
     """Run the pending configurations of this shard, appending one record per run to ``out``.
 
+    A run that another worker recorded since the list was drawn is skipped, so workers whose
+    shards were drawn at different times never run the same configuration twice.
+
     Returns:
         The number of runs made.
     """
     todo = pending(configs, out, shard)
     out.parent.mkdir(parents=True, exist_ok=True)
+    made = 0
     for i, config in enumerate(todo, 1):
+        if config.key() in {r.get("key") for r in read_records(out)}:
+            log(f"[{i}/{len(todo)}] {config.key()}: done by another worker, skipped")
+            continue
+        made += 1
         start = time.perf_counter()
         record = execute(config)
         record.setdefault("key", config.key())
         append_line(out, json.dumps(finite_json(record), sort_keys=True))
         log(f"[{i}/{len(todo)}] {config.key()}: {time.perf_counter() - start:.0f} s")
-    return len(todo)
+    return made

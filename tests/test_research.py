@@ -428,3 +428,29 @@ def test_real_minilm_task_loads_offline() -> None:
     batch = task.encode(task.held_out[:4])
     with torch.no_grad():
         assert base.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape == (4, 2)
+
+
+def test_a_run_another_worker_recorded_meanwhile_is_not_run_twice(tmp_path) -> None:
+    from dataclasses import dataclass
+
+    from research.runner import append_line, read_records, run_pending
+
+    @dataclass(frozen=True)
+    class Job:
+        name: str
+
+        def key(self) -> str:
+            return self.name
+
+    out = tmp_path / "runs.jsonl"
+    ran: list[str] = []
+
+    def execute(job: Job) -> dict[str, object]:
+        ran.append(job.name)
+        if job.name == "a":  # meanwhile, another worker finishes "b"
+            append_line(out, json.dumps({"key": "b", "by": "other"}))
+        return {"by": "this"}
+
+    made = run_pending([Job("a"), Job("b"), Job("c")], out, execute, log=lambda _: None)
+    assert made == 2 and ran == ["a", "c"]
+    assert [(r["key"], r["by"]) for r in read_records(out)] == [("b", "other"), ("a", "this"), ("c", "this")]
