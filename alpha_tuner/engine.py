@@ -83,7 +83,7 @@ class EngineOptions:
     rule: AlphaRule | None = None
     control: ControlConfig | None = None
     head_lr: float | None = HEAD_LR
-    steps: StepLaw | None = None
+    steps: StepLaw | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
         if self.init not in ("principled", "keep"):
@@ -103,8 +103,10 @@ class EngineOptions:
         if self.control is not None and not isinstance(self.control, ControlConfig):
             got = type(self.control).__name__
             raise TypeError(f"control must be an alpha_tuner.ControlConfig, got {got}.")
-        if self.steps is not None and not isinstance(self.steps, StepLaw):
-            raise TypeError(f"steps must be an alpha_tuner.StepLaw or None, got {type(self.steps).__name__}.")
+        if self.steps is not None and self.steps != "auto" and not isinstance(self.steps, StepLaw):
+            raise TypeError(
+                f"steps must be an alpha_tuner.StepLaw, 'auto' or None, got {type(self.steps).__name__}."
+            )
         if self.rule is not None and not isinstance(self.rule, AlphaRule):
             raise TypeError(f"rule must be an alpha_tuner.AlphaRule, got {type(self.rule).__name__}.")
         if self.adapt and self.measure is False:
@@ -135,6 +137,21 @@ def _adam_family(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every group steps like Adam (``betas`` and a second-moment state): the step law's
     placement and response model assume that each element moves by about its learning rate."""
     return all("betas" in group for group in optimizer.param_groups)
+
+
+def resolve_steps(options: EngineOptions, optimizer: torch.optim.Optimizer) -> StepLaw | None:
+    """The step law this run uses, or ``None`` for the α rule and the back-off law.
+
+    ``"auto"`` (the default) is :class:`StepLaw` with its defaults for an Adam-family optimizer
+    and the rule otherwise; naming a ``rule`` or a ``control`` asks for the rule, so ``"auto"``
+    gives the rule then too. An explicit :class:`StepLaw` applies to Adam-family optimizers
+    only (the caller warns for the others).
+    """
+    if not _adam_family(optimizer):
+        return None
+    if options.steps == "auto":
+        return None if options.rule is not None or options.control is not None else StepLaw()
+    return options.steps
 
 
 def _all_factors(targets: Iterable[LoraTarget]) -> list[nn.Parameter]:
@@ -175,8 +192,8 @@ class TuningEngine:
         self.options = options
         self.rule = options.rule or AlphaRule()
         self.control_config = options.control or ControlConfig()
-        self.step_law = options.steps if options.steps is not None and _adam_family(optimizer) else None
-        if options.steps is not None and self.step_law is None:
+        self.step_law = resolve_steps(options, optimizer)
+        if isinstance(options.steps, StepLaw) and self.step_law is None:
             warnings.warn(
                 f"The step law needs an Adam-family optimizer (its placement assumes Adam's step), got "
                 f"{type(optimizer).__name__}; the tuner uses the alpha rule and the back-off law instead.",
@@ -243,7 +260,9 @@ class TuningEngine:
     def _placements(self) -> tuple[list[float], list[float]]:
         """α and balance of every layer from :func:`~alpha_tuner.steplaw.placement` (one host read)."""
         assert self.step_law is not None  # only called with the step law on
-        lr_of = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
+        # The schedule's base LR: a scheduler made before wrapping has already lowered ``lr``.
+        groups = self.optimizer.param_groups
+        lr_of = {id(p): float(g.get("initial_lr", g["lr"])) for g in groups for p in g["params"]}
         with torch.no_grad():
             norms = torch.stack(
                 [torch.stack((_norm(t.weight_a), _weight_norm(t))) for t in self.targets]

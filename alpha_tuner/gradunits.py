@@ -80,4 +80,3 @@ class GradUnits:
 
     def __len__(self) -> int:
         return len(self._scale)
-

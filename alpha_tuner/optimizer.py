@@ -26,21 +26,26 @@ __all__ = ["AlphaTunedOptimizer"]
 
 
 class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
-    """Wrap a ``torch.optim.Optimizer`` so that every LoRA layer trains at a tuned α.
+    """Wrap a ``torch.optim.Optimizer`` so that every LoRA layer trains at tuned step sizes.
 
-    Update rule: the inner optimizer's step, unchanged. Around it, at construction each
-    trainable LoRA layer's α is set to the measured LoRA-α rule ``α = c(η)·r^p(η)``
-    (:mod:`alpha_tuner.principled`; ``p ≡ ½`` is the paper's ``α = c·√r``) with ``η`` the base
-    learning rate of the layer's A factor;
-    every ``measure_every`` steps the drift ratio ``ρ = ‖dB·dA‖/‖dB·A + B·dA‖`` of one of
-    ``measure_phases`` subsets of the layers is measured on the device (each layer every
-    ``measure_every·measure_phases`` steps); every ``control_every`` steps the control law
-    (:mod:`alpha_tuner.control`) moves α, and each change rescales B, B's bias and B's
+    Update rule: the inner optimizer's step, unchanged. Around it, with an Adam-family
+    optimizer (the default ``steps="auto"``), the step law (:mod:`alpha_tuner.steplaw`) owns
+    both effective step sizes of every trainable LoRA layer: at construction it places A's
+    relative step and the weight's relative update on their targets from Adam's first steps,
+    through α and a function-preserving balance between A and B; every ``measure_every``
+    steps one of ``measure_phases`` subsets of the layers is measured on the device (each
+    layer every ``measure_every·measure_phases`` steps); every ``control_every`` steps the law
+    corrects both. The run then does not depend on the base learning rate or the recipe's
+    ``lora_alpha``; an LR schedule still acts as set. With ``steps=None`` (and with other
+    optimizers) α is set to the measured LoRA-α rule ``α = c(η)·r^p(η)``
+    (:mod:`alpha_tuner.principled`) with ``η`` the base learning rate of the layer's A factor,
+    and the back-off law (:mod:`alpha_tuner.control`) moves it from the drift ratio
+    ``ρ = ‖dB·dA‖/‖dB·A + B·dA‖``. Every change rescales the factors, their biases and their
     optimizer state so that the model's function does not change. Steps that are not control
     steps never synchronise with the host; a control step performs one batched transfer.
-    The modules PEFT trains in full (``modules_to_save``, e.g. a fresh classifier) get a
-    learning rate of at least ``head_lr`` (:mod:`alpha_tuner.heads`): α does not reach them,
-    and at the small learning rates of LoRA-α a fresh head hardly trains.
+    The modules PEFT trains in full (``modules_to_save``, e.g. a fresh classifier) train at
+    ``head_lr`` (:mod:`alpha_tuner.heads`; with the rule: at least ``head_lr``): α does not
+    reach them.
 
     The tuning itself is :class:`~alpha_tuner.engine.TuningEngine`; this class only makes it a
     ``torch.optim.Optimizer`` (:func:`alpha_tuner.attach` puts the same engine on an optimizer
@@ -56,8 +61,9 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         optimizer: A constructed optimizer holding the LoRA parameters (others are fine and
             untouched).
         model: The PEFT model whose LoRA layers are tuned.
-        init: ``"principled"`` sets α = c(η)·r^p(η) at construction; ``"keep"`` keeps the
-            model's current α (adaptation then starts from it).
+        init: ``"principled"`` places each layer at construction (the step law's placement,
+            or α = c(η)·r^p(η) under the rule); ``"keep"`` keeps the model's current α and
+            balance (adaptation then starts from it).
         adapt: Adapt α online from the drift ratio. ``False`` keeps α fixed after ``init``.
         measure: Measure the drift ratio even when not adapting (for telemetry).
             Defaults to ``adapt``.
@@ -85,8 +91,11 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         steps: The step law (:class:`alpha_tuner.StepLaw`): the tuner places and holds both
             effective step sizes of every layer (A's relative step and the weight's relative
             update) instead of α alone, whatever the base LR and ``lora_alpha``; the rule and
-            ``control`` are then not used. Adam-family optimizers only (others warn and keep
-            the rule). ``None``: the rule and the back-off law.
+            ``control`` are then not used. ``"auto"`` (default): ``StepLaw()`` for an
+            Adam-family optimizer (groups with ``betas``: AdamW, Adam, NAdam, RAdam, Adamax)
+            unless ``rule``, a rule field or ``control`` is given, else the rule. ``None``: the
+            rule and the back-off law. An explicit ``StepLaw`` with another optimizer warns
+            and keeps the rule.
 
     Raises:
         TypeError: If ``optimizer`` is not a torch optimizer, needs a closure (LBFGS), or
@@ -117,7 +126,7 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         rank_exponent_slope: float | None = None,
         control: ControlConfig | None = None,
         head_lr: float | None = HEAD_LR,
-        steps: StepLaw | None = None,
+        steps: StepLaw | Literal["auto"] | None = "auto",
     ) -> None:
         if isinstance(optimizer, AlphaTunedOptimizer):
             raise TypeError("optimizer is already an AlphaTunedOptimizer; wrap the inner optimizer once.")
@@ -220,5 +229,6 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         return (
             f"AlphaTunedOptimizer({type(self.optimizer).__name__}, layers={len(self.targets)}, "
             f"adapt={self.adapt}, measure_every={self.measure_every}, measure_phases={self.measure_phases}, "
-            f"control_every={self.control_every}, head_lr={self.head_lr})"
+            f"control_every={self.control_every}, head_lr={self.head_lr}, "
+            f"law={'steps' if self.engine.step_law is not None else 'rule'})"
         )

@@ -177,7 +177,7 @@ def time_ratio(
     steps: int,
     block: int,
     measure_phases: int = DEFAULT_PHASES,
-    law: str = "backoff",
+    law: str = "steps",
 ) -> dict[str, float]:
     """Interleave bare and wrapped steps; median over blocks of ``block`` steps of the time ratio."""
     bare, wrapped = _pair(
@@ -187,7 +187,7 @@ def time_ratio(
         measure_every=measure_every,
         measure_phases=measure_phases,
         control_every=control_every,
-        **({"steps": StepLaw()} if law == "steps" else {}),
+        steps=StepLaw() if law == "steps" else None,
     )
     if law == "steps":
         # The base weights are on the meta device, so ‖W₀‖ is unknown and the law would leave every
@@ -497,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
     )
     parser.add_argument(
-        "--law", choices=("backoff", "steps"), default="backoff",
-        help="the tuner's law: the α rule with back-off (default) or the step law (steps=StepLaw())",
+        "--law", choices=("steps", "backoff"), default="steps",
+        help="the tuner's law: the step law (the library's default) or the α rule with back-off (steps=None)",
     )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)

@@ -191,7 +191,8 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     unknown = sorted(set(fields) - {"a", "u", "h"})
     if unknown:
         raise ValueError(f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, h=<head_lr>.")
-    law = {name: float(fields[key]) for key, name in (("a", "a_step"), ("u", "update")) if key in fields}
+    names = {"a": "a_step", "u": "update"}
+    law: dict[str, Any] = {names[key]: float(value) for key, value in fields.items() if key in names}
     options: dict[str, Any] = {"steps": StepLaw(**law)}
     if "h" in fields:
         options["head_lr"] = float(fields["h"])
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lrs", type=lambda s: [float(x) for x in s.split(",")], help="base LRs (default 1e-5,1e-4,1e-3)"
     )
-    parser.add_argument("--tag", default="", help="steps* methods: a=<a_step>,u=<update>,h=<head_lr> (each optional)")
+    parser.add_argument(
+        "--tag", default="", help="steps* methods: a=<a_step>,u=<update>,h=<head_lr> (each optional)"
+    )
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],
         help="the recipe's lora_alpha for the listed methods: 2r and/or numbers (default 2r)",

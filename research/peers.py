@@ -163,9 +163,9 @@ def _alphatuned(
 ) -> PeerOptimizer:
     from alpha_tuner import AlphaTunedOptimizer
 
-    opt = AlphaTunedOptimizer(
-        torch.optim.AdamW(params, lr=lr, weight_decay=0.0), model, adapt=adapt, **(options or {})
-    )
+    options = {"steps": None, **(options or {})}  # the α rule and its back-off law
+    inner = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = AlphaTunedOptimizer(inner, model, adapt=adapt, **options)
     return PeerOptimizer(opt, schedule, tuner=opt)
 
 

@@ -107,12 +107,15 @@ def rule_tag() -> str:
 def tuner_tag() -> str:
     """The defaults the AlphaTuned runs use now (part of their resume key).
 
-    The principled rule and the head's least learning rate; runs made under other defaults
-    keep their own tag, so they are neither resumed as nor reported with these.
+    The step law's targets (the default law), the principled rule (its fallback) and the
+    head's learning rate; runs made under other defaults keep their own tag, so they are
+    neither resumed as nor reported with these.
     """
+    from alpha_tuner import StepLaw
     from alpha_tuner.heads import HEAD_LR
 
-    return f"{rule_tag()},head={HEAD_LR:g}"
+    law = StepLaw()
+    return f"steps:a={law.a_step:g},u={law.update:g},{rule_tag()},head={HEAD_LR:g}"
 
 
 def bar_configs(spec: SweepSpec, oracle: dict[int, tuple[float, float]]) -> list[RunConfig]:

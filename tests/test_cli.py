@@ -220,4 +220,6 @@ def test_real_demo_in_short_mode(tmp_path, capsys) -> None:
     result = json.loads((tmp_path / "demo.json").read_text())
     assert result["settings"]["model"] == "minilm" and len(result["records"]) == 4
     alphatuned = result["records"][-1]
-    assert alphatuned["alpha_start"] == pytest.approx(principled_alpha(16, 2e-5))
+    # the defaults: the step law's placement, neither the rule's α nor the recipe's 2r
+    assert alphatuned["alpha_start"] != pytest.approx(principled_alpha(16, 2e-5))
+    assert alphatuned["alpha_start"] != pytest.approx(32.0)

@@ -39,7 +39,8 @@ def test_finds_every_listed_module_and_none_without_modules_to_save() -> None:
 
 def test_wrapper_lifts_the_head_and_leaves_lora_at_the_base_lr() -> None:
     model = tiny_bert_cls()
-    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01), model)
+    inner = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+    opt = AlphaTunedOptimizer(inner, model, steps=None)  # the rule's lift: "at least head_lr"
     lrs = _lr_of(opt)
     heads = {id(p) for _, p in find_head_parameters(model)}
     assert opt.head_params_lifted == len(heads) == 2
@@ -54,7 +55,7 @@ def test_head_lr_none_and_a_higher_base_lr_leave_the_groups_alone() -> None:
     for lr, head_lr in ((2e-5, None), (1e-3, HEAD_LR)):
         model = tiny_bert_cls()
         inner = torch.optim.AdamW(model.parameters(), lr=lr)
-        opt = AlphaTunedOptimizer(inner, model, head_lr=head_lr)
+        opt = AlphaTunedOptimizer(inner, model, head_lr=head_lr, steps=None)  # the rule: "at least"
         assert opt.head_params_lifted == 0
         assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == lr
 

@@ -193,7 +193,7 @@ def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: st
     """
     # rho_max tiny: every control step backs α off, so the rescale path runs under the guard too.
     control = ControlConfig(rho_max=1e-12) if backing_off else None
-    model, opt = _wrapped(guard, inner, control=control)
+    model, opt = _wrapped(guard, inner, control=control, steps=None)  # the back-off law
     assert (opt.measure_every, opt.measure_phases, opt.control_every) == (10, 4, 40)
     assert opt._meter is not None and opt._meter.num_phases == 4
     alphas0 = opt.alphas()

@@ -128,9 +128,12 @@ def test_state_dict_round_trip_gives_identical_trajectory() -> None:
 
 def test_tuned_alpha_reaches_the_adapter_config() -> None:
     model = tiny_llama(target_modules=["q_proj"])
-    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model, adapt=False)
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model, adapt=False, steps=None)
     pattern = model.peft_config["default"].alpha_pattern
     assert sorted(pattern.values()) == sorted(opt.alphas().values())
+    law_model = tiny_llama(target_modules=["q_proj"])
+    law = AlphaTunedOptimizer(torch.optim.AdamW(law_model.parameters(), lr=2e-5), law_model, adapt=False)
+    assert sorted(law_model.peft_config["default"].alpha_pattern.values()) == sorted(law.alphas().values())
     want = C_REF * 4**RANK_EXPONENT  # the rule at its reference LR 2e-5, rank 4
     assert all(v == pytest.approx(want) for v in opt.alphas().values())
 
@@ -274,12 +277,15 @@ def test_principled_alpha_per_layer_follows_rank_and_group_lr() -> None:
             assert alpha == pytest.approx(10.0 * 4.0)
 
 
-def test_non_lora_parameters_are_updated_exactly_as_by_the_inner_optimizer() -> None:
+@pytest.mark.parametrize("steps", ["auto", None], ids=["step-law", "rule"])
+def test_non_lora_parameters_are_updated_exactly_as_by_the_inner_optimizer(steps: str | None) -> None:
     def run(wrap: bool) -> dict[str, torch.Tensor]:
         model = tiny_llama(seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         if wrap:
-            opt = AlphaTunedOptimizer(opt, model, measure_every=1, measure_phases=1, control_every=1)
+            opt = AlphaTunedOptimizer(
+                opt, model, measure_every=1, measure_phases=1, control_every=1, head_lr=None, steps=steps
+            )
         # One step: B = 0 makes the forward pass (hence every gradient) independent of alpha,
         # so the non-LoRA head must receive exactly the inner optimizer's update.
         _train(model, opt, 1)
@@ -320,17 +326,21 @@ def test_load_state_dict_rekeys_by_module_and_refuses_newer_versions() -> None:
         fresh.load_state_dict({**opt.state_dict(), "alpha_tuner": {**tuner, "version": 99}})
 
 
-def test_a_scheduler_attached_before_wrapping_is_harmless_without_heads() -> None:
-    """README: only a head lift needs the wrapper before the scheduler; otherwise the order is free."""
+@pytest.mark.parametrize("steps", ["auto", None], ids=["step-law", "rule"])
+def test_a_scheduler_attached_before_wrapping_is_harmless_without_heads(steps: str | None) -> None:
+    """README: only a head lift needs the wrapper before the scheduler; otherwise the order is free.
+
+    Both place each layer from the schedule's base LR (``initial_lr``), not the warm-up's first one.
+    """
     runs = []
     for scheduler_first in (False, True):
         model = tiny_llama(seed=2)
         inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         if scheduler_first:
             scheduler = torch.optim.lr_scheduler.LinearLR(inner, start_factor=0.25, total_iters=4)
-            opt = AlphaTunedOptimizer(inner, model)
+            opt = AlphaTunedOptimizer(inner, model, steps=steps)
         else:
-            opt = AlphaTunedOptimizer(inner, model)
+            opt = AlphaTunedOptimizer(inner, model, steps=steps)
             scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=4)
         lrs = []
         for i in range(6):

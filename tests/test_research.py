@@ -199,7 +199,8 @@ def tiny():
 
 def test_run_records_loss_alpha_and_rho(tiny) -> None:
     base, task = tiny
-    rec = run(RunConfig("tiny", "alphatuned-static", 4, 1e-3, 0, 20, batch_size=8, eval_size=32), base, task)
+    config = RunConfig("tiny", "alphatuned-static", 4, 1e-3, 0, 20, batch_size=8, eval_size=32)
+    rec = run(config, base, task, tuner_options={"steps": None})
     assert rec["alpha_start"] == pytest.approx(principled_alpha(4, 1e-3))
     assert math.isfinite(rec["eval_loss"]) and 0 <= rec["eval_accuracy"] <= 1
     assert [s for s, _ in rec["train_curve"]] == [10, 20]

@@ -291,7 +291,7 @@ def test_the_head_lr_is_head_lr_exactly_under_the_law() -> None:
         lrs = {g["lr"] for g in opt.param_groups if any(id(p) in heads for p in g["params"])}
         assert lrs == {HEAD_LR} and opt.head_params_lifted == len(heads) > 0
     plain = tiny_bert_cls(modules_to_save=["classifier"])  # without the law a higher LR is kept
-    kept = AlphaTunedOptimizer(torch.optim.AdamW(plain.parameters(), lr=1e-2), plain)
+    kept = AlphaTunedOptimizer(torch.optim.AdamW(plain.parameters(), lr=1e-2), plain, steps=None)
     assert kept.head_params_lifted == 0
 
 
@@ -332,3 +332,27 @@ def test_saved_adapter_and_merge_reproduce_the_tuned_model(tmp_path: object) -> 
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-9, atol=1e-9)
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_the_default_is_the_law_for_adam_and_the_rule_otherwise() -> None:
+    from alpha_tuner import AlphaRule, ControlConfig
+
+    def law_of(build: object, **kw: object) -> StepLaw | None:
+        model = tiny_llama()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the default never warns, whatever the optimizer
+            opt = AlphaTunedOptimizer(build(model.parameters()), model, **kw)  # type: ignore[operator]
+        return opt.engine.step_law
+
+    adamw = lambda p: torch.optim.AdamW(p, lr=1e-4)  # noqa: E731
+    assert law_of(adamw) == StepLaw()
+    assert law_of(lambda p: torch.optim.NAdam(p, lr=1e-4)) == StepLaw()
+    assert law_of(lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)) is None
+    assert law_of(adamw, steps=None) is None
+    # naming the rule or the back-off law asks for them
+    assert law_of(adamw, c=100.0) is None
+    assert law_of(adamw, rule=AlphaRule()) is None
+    assert law_of(adamw, control=ControlConfig()) is None
+    assert law_of(adamw, steps=StepLaw(update=1e-3)) == StepLaw(update=1e-3)
+    with pytest.raises(TypeError, match=r"steps must be an alpha_tuner\.StepLaw, 'auto' or None"):
+        law_of(adamw, steps="on")

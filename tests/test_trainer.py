@@ -179,7 +179,13 @@ def test_trainer_factory_path_builds_the_wrapper_inside_the_trainer(tmp_path: Pa
         train_dataset=rows(),
         optimizer_cls_and_kwargs=(
             create_alpha_tuned_optimizer,
-            {"optimizer_cls": torch.optim.AdamW, "lr": LR, "weight_decay": 0.0, "measure_every": 1},
+            {
+                "optimizer_cls": torch.optim.AdamW,
+                "lr": LR,
+                "weight_decay": 0.0,
+                "measure_every": 1,
+                "steps": None,
+            },  # the rule, whose α the test can predict
         ),
         callbacks=[callback],
     )

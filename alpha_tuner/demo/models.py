@@ -212,6 +212,13 @@ def build_optimizer(
     if not measure:
         return inner, None
     meter = AlphaTunedOptimizer(
-        inner, model, init="keep", adapt=False, measure=True, measure_every=measure_every, head_lr=None
+        inner,
+        model,
+        init="keep",
+        adapt=False,
+        measure=True,
+        measure_every=measure_every,
+        head_lr=None,
+        steps=None,
     )
     return meter, meter

@@ -56,7 +56,8 @@ def motion(
     torch.manual_seed(seed)
     model = attach_lora(base, method, rank, alpha=alpha, seed=seed)
     model.train()
-    optimizer, _ = build_optimizer(model, method, lr, measure_every=10)
+    rule = {"steps": None}  # the study of the α rule's factors
+    optimizer, _ = build_optimizer(model, method, lr, measure_every=10, tuner_options=rule)
     start = [a.detach().clone() for a, _, _, _ in lora_layers(model)]  # after the wrapper's rescale
     for batch in batches(task.train, spec.batch_size, spec.steps, seed=seed):
         model(**task.encode(batch)).loss.backward()
