@@ -146,6 +146,13 @@ def resolve_steps(options: EngineOptions, optimizer: torch.optim.Optimizer) -> S
     and the rule otherwise; naming a ``rule`` or a ``control`` asks for the rule, so ``"auto"``
     gives the rule then too. An explicit :class:`StepLaw` applies to Adam-family optimizers
     only (the caller warns for the others).
+
+    Args:
+        options: The engine's options (``steps``, ``rule`` and ``control`` are read).
+        optimizer: The inner optimizer.
+
+    Returns:
+        The step law to run, or ``None``.
     """
     if not _adam_family(optimizer):
         return None
