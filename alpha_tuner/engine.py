@@ -170,7 +170,9 @@ def _weight_norm(target: LoraTarget) -> Tensor:
     """``‖W₀‖_F`` of the frozen weight the layer adapts (NaN when it is not a float tensor)."""
     weight = getattr(target.layer.get_base_layer(), "weight", None)
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.is_meta:
-        return torch.tensor(math.nan)  # quantised, absent or not materialised: the law leaves it alone
+        # Quantised, absent or not materialised: the law leaves the layer alone. On A's device,
+        # so that it stacks with the norms of the others (a QLoRA model on CUDA).
+        return torch.tensor(math.nan, device=target.weight_a.device)
     return _norm(weight)
 
 

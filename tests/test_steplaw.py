@@ -356,3 +356,27 @@ def test_the_default_is_the_law_for_adam_and_the_rule_otherwise() -> None:
     assert law_of(adamw, steps=StepLaw(update=1e-3)) == StepLaw(update=1e-3)
     with pytest.raises(TypeError, match=r"steps must be an alpha_tuner\.StepLaw, 'auto' or None"):
         law_of(adamw, steps="on")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_layer_whose_base_weight_cannot_be_read_is_left_alone(device: str) -> None:
+    """A quantised (non-float) base weight: the law places and moves the other layers and keeps
+    this one's recipe α (its ‖W₀‖ is unknown); on CUDA the unknown norm must live on the device."""
+    model = tiny_llama(seed=3).to(device)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    base = layer.get_base_layer()
+    base.weight = torch.nn.Parameter(torch.ones_like(base.weight, dtype=torch.int8), requires_grad=False)
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), model)
+    alphas = opt.alphas()
+    frozen = next(name for name in alphas if "layers.0.self_attn.q_proj" in name)
+    assert alphas[frozen] == pytest.approx(layer.lora_alpha["default"])
+    assert sum(a != pytest.approx(layer.lora_alpha["default"]) for a in alphas.values()) >= 1
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(math.isfinite(a) for a in opt.alphas().values())
