@@ -40,7 +40,17 @@ from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import principled_alphas
 from .rescale import group_map, rescale_state_, rescale_target_, update_adapter_config, write_alpha
 from .rule import AlphaRule
-from .steplaw import StepLaw, StepState, decide_steps, init_steps, observe_steps, placement
+from .schedule import ScheduleShape, read_schedule
+from .steplaw import (
+    StepLaw,
+    StepState,
+    decide_steps,
+    for_schedule,
+    init_steps,
+    observe_steps,
+    placement,
+    schedule_shift,
+)
 from .telemetry import summarize
 
 __all__ = ["EngineOptions", "TunerState", "TuningEngine"]
@@ -201,7 +211,16 @@ class TuningEngine:
         self.options = options
         self.rule = options.rule or AlphaRule()
         self.control_config = options.control or ControlConfig()
+        #: The step law in force (its peak targets once the schedule is known), or None.
         self.step_law = resolve_steps(options, optimizer)
+        self._given_law = self.step_law
+        #: The LR schedule's shape (:mod:`alpha_tuner.schedule`); read at the first step unless given.
+        self.schedule: ScheduleShape | None = None
+        #: Optimizers a scheduler may drive besides the inner one (the wrapper adds itself).
+        self.schedule_owners: list[torch.optim.Optimizer] = []
+        if self.step_law is not None and self.step_law.schedule_mean is not None:
+            self.schedule = ScheduleShape(self.step_law.schedule_mean, "given")
+            self.step_law = for_schedule(self.step_law, self.step_law.schedule_mean)
         if isinstance(options.steps, StepLaw) and self.step_law is None:
             warnings.warn(
                 f"The step law needs an Adam-family optimizer (its placement assumes Adam's step), got "
@@ -229,11 +248,12 @@ class TuningEngine:
         recipe_alphas = [t.alpha for t in self.targets]
         # With the step law, gradients of the rescaled factors are reported in the recipe's units.
         self._units = GradUnits(_all_factors(self.targets)) if self.step_law is not None else None
+        placed = [False] * len(self.targets)  # layers the law placed (re-placed for the schedule)
         if options.init == "principled":
             alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
             balances = [1.0] * len(self.targets)
             if self.step_law is not None:
-                alphas, balances = self._placements()
+                alphas, balances, placed = self._placements()
             factors = [p for t in self.targets for p in t.factor_params()]
             with torch.no_grad():  # construction time: one host read for all layers
                 trained = bool(torch.stack([p.detach().ne(0).any() for p in factors]).any())
@@ -260,14 +280,17 @@ class TuningEngine:
             divisors = [t.divisor for t in self.targets]
             self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
             self._weight_norms = torch.stack([_weight_norm(t).to(self.device) for t in self.targets])
+            self._placed_list = placed
+            self._placed = torch.tensor(placed, dtype=torch.bool, device=self.device)
         self.state = TunerState(
             steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False, law=law
         )
         self._measuring_now = False
 
     # ------------------------------------------------------------------------ construction
-    def _placements(self) -> tuple[list[float], list[float]]:
-        """α and balance of every layer from :func:`~alpha_tuner.steplaw.placement` (one host read)."""
+    def _placements(self) -> tuple[list[float], list[float], list[bool]]:
+        """α, balance and whether it was placed, of every layer, from
+        :func:`~alpha_tuner.steplaw.placement` (one host read)."""
         assert self.step_law is not None  # only called with the step law on
         # The schedule's base LR: a scheduler made before wrapping has already lowered ``lr``.
         groups = self.optimizer.param_groups
@@ -276,7 +299,7 @@ class TuningEngine:
             norms = torch.stack(
                 [torch.stack((_norm(t.weight_a), _weight_norm(t))) for t in self.targets]
             ).tolist()
-        alphas, balances = [], []
+        alphas, balances, placed = [], [], []
         for t, (a_norm, w_norm) in zip(self.targets, norms, strict=True):
             a2d, b2d = lora_matrices(t.weight_a, t.weight_b)
             m, mu = placement(
@@ -286,7 +309,8 @@ class TuningEngine:
             )  # fmt: skip
             alphas.append(t.alpha * m)
             balances.append(mu)
-        return alphas, balances
+            placed.append(a_norm > 0 and math.isfinite(w_norm) and w_norm > 0)
+        return alphas, balances, placed
 
     def _new_meter(self) -> DriftMeter:
         return DriftMeter(self.targets, self.device, phases=self.options.measure_phases)
@@ -313,6 +337,8 @@ class TuningEngine:
     def before_step(self) -> None:
         """Snapshot the factors of this measurement's phase if the coming step is measured."""
         options = self.options
+        if self.schedule is None and self.step_law is not None:
+            self._read_schedule()
         self._measuring_now = self.meter is not None and (self.state.steps + 1) % options.measure_every == 0
         if not self._measuring_now:
             return
@@ -346,6 +372,59 @@ class TuningEngine:
         self._before_init = None  # only a load before the first step may need it
         if self.adapt and state.steps % self.options.control_every == 0:
             self._control_step()
+
+    def _read_schedule(self) -> None:
+        """At the first step (the Trainer makes its scheduler after the optimizer): read the
+        schedule's mean factor and move every placed layer to the law's peak targets for it."""
+        assert self.step_law is not None  # only called with the step law on
+        groups = self.optimizer.param_groups
+        index = next(
+            (i for i, g in enumerate(groups) if any(id(p) in self._lora_ids for p in g["params"])), 0
+        )
+        shape = read_schedule([self.optimizer, *self.schedule_owners], group=index)
+        self.schedule = shape
+        if shape.source.startswith("unknown"):
+            why = shape.source.removeprefix("unknown: ")
+            warnings.warn(
+                f"The step law cannot read the LR schedule's shape ({why}); "
+                "it holds its targets at the schedule's peak, which over-steps a constant-LR run and "
+                "under-steps a decaying one. Pass steps=StepLaw(schedule_mean=<mean of lr/peak over the "
+                "run>) to say it.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if shape.mean == 1.0:
+            return
+        self.step_law = for_schedule(self.step_law, shape.mean)
+        law = self.state.law
+        if law is None or self.options.init != "principled":
+            return  # init="keep": the control steps move the layers to the new targets
+        m, mu = schedule_shift(shape.mean)
+        mapping = group_map(self.optimizer)
+        for target, placed in zip(self.targets, self._placed_list, strict=True):
+            if placed:
+                self._rescale(target, target.alpha * m, mapping, mu)
+        update_adapter_config(self.model, self.targets)
+        log_m, log_mu = math.log(m), math.log(mu)
+        shift = lambda x, by: torch.where(self._placed, x + by, x)  # noqa: E731
+        self.state = self.state._replace(
+            law=law._replace(
+                log_alpha=shift(law.log_alpha, log_m),
+                log_alpha0=shift(law.log_alpha0, log_m),
+                log_balance=shift(law.log_balance, log_mu),
+                log_balance0=shift(law.log_balance0, log_mu),
+            )
+        )
+
+    def _restore_schedule(self, saved: tuple[float, str] | None, *, resumed: bool) -> None:
+        """The law's schedule from a checkpoint: its saved shape, or for a resumed run saved
+        before the law read schedules, the peak semantics it ran with (mean 1)."""
+        given = self._given_law
+        if given is None or (saved is None and not resumed):
+            return  # a fresh entry: the schedule is read at the first step as usual
+        mean, source = saved if saved is not None else (1.0, "checkpoint")
+        self.schedule = ScheduleShape(mean, source)
+        self.step_law = for_schedule(given, mean) if mean != 1.0 else given
 
     def _schedule_factor(self) -> float:
         """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler)."""
@@ -499,7 +578,7 @@ class TuningEngine:
     def diagnostics(self, *, per_layer: bool = False) -> dict[str, float]:
         """A flat summary for logging, read in one device-to-host transfer (see the adapter)."""
         state = self.state
-        return summarize(
+        out = summarize(
             alphas=[t.alpha for t in self.targets],
             steps=state.steps,
             control=state.control,
@@ -508,6 +587,9 @@ class TuningEngine:
             per_layer=per_layer,
             law=state.law,
         )
+        if state.law is not None:  # the schedule's mean factor the law divides its targets by
+            out["law_schedule_mean"] = math.nan if self.schedule is None else self.schedule.mean
+        return out
 
     # ------------------------------------------------------------------------- persistence
     def pack(self) -> dict[str, Any]:
@@ -522,6 +604,7 @@ class TuningEngine:
             rho=state.rho,
             law=state.law,
             units=None if self._units is None else [self._unit_row(t) for t in self.targets],
+            schedule=None if self.schedule is None else (self.schedule.mean, self.schedule.source),
         )
 
     def load(self, entry: object) -> None:
@@ -566,4 +649,5 @@ class TuningEngine:
             measured_once=state.measured_once or restored.rho is not None,
             law=restored.law,
         )
+        self._restore_schedule(restored.schedule, resumed=bool(restored.steps))
         self._sync_units(restored.units)

@@ -37,6 +37,8 @@ class RestoredState(NamedTuple):
             none; the current one when the entry has none).
         units: ``{layer index: [K of A, K of B, K of B's bias]}``, the gradient units of the
             step law's factors (:mod:`alpha_tuner.gradunits`), when saved.
+        schedule: ``(mean, source)`` of the LR schedule the step law read
+            (:mod:`alpha_tuner.schedule`), when saved.
     """
 
     alphas: dict[int, float]
@@ -47,6 +49,7 @@ class RestoredState(NamedTuple):
     phase: int
     law: StepState | None = None
     units: dict[int, list[float]] | None = None
+    schedule: tuple[float, str] | None = None
 
 
 def pack_tuner_state(
@@ -59,6 +62,7 @@ def pack_tuner_state(
     rho: Tensor,
     law: StepState | None = None,
     units: Sequence[Sequence[float]] | None = None,
+    schedule: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
     """Build the ``"alpha_tuner"`` entry (copies of the tensors, plain Python otherwise)."""
     entry = {
@@ -74,6 +78,8 @@ def pack_tuner_state(
         entry["law"] = {k: v.detach().clone() for k, v in law._asdict().items()}
     if units is not None:
         entry["units"] = [list(map(float, row)) for row in units]
+    if schedule is not None:
+        entry["schedule"] = {"mean": float(schedule[0]), "source": str(schedule[1])}
     return entry
 
 
@@ -121,6 +127,7 @@ def unpack_tuner_state(
     fields = merge(control, tuner.get("control", {}))
     saved_rho = tuner.get("rho")
     steps = tuner.get("steps")
+    schedule = tuner.get("schedule")
     return RestoredState(
         alphas={i: float(tuner["alpha"][j]) for i, j in zip(here, there, strict=True)},
         missing=[k for k in keys if k not in saved],
@@ -132,4 +139,7 @@ def unpack_tuner_state(
         units=None
         if tuner.get("units") is None
         else {i: list(tuner["units"][j]) for i, j in zip(here, there, strict=True)},
+        schedule=None
+        if not isinstance(schedule, Mapping)
+        else (float(schedule["mean"]), str(schedule.get("source", "checkpoint"))),
     )

@@ -94,6 +94,8 @@ class TunerReadout:
         Returns:
             ``alpha_mean/min/max`` (α lives on the host), ``steps``, ``measurements``,
             ``skipped``, ``backoffs`` (summed over layers) and, after the first measurement,
-            ``rho_mean/min/max`` over the layers whose most recent ρ is finite.
+            ``rho_mean/min/max`` over the layers whose most recent ρ is finite; with the
+            step law, its ``law_*`` figures and ``law_schedule_mean``, the LR schedule's mean
+            factor it divides its targets by (NaN before the first step reads it).
         """
         return self.engine.diagnostics(per_layer=per_layer)

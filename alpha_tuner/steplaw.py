@@ -5,7 +5,7 @@ leaves ``s·B·A`` unchanged and continues training as if A's learning rate were
 and B's by ``m/μ`` (:func:`alpha_tuner.rescale.rescale_target_`, DESIGN-NOTES "Two knobs"). So
 the magnitude α (``m``) and where its changes are absorbed (the balance μ) span the whole
 ``(η_A, η_B)`` plane from any base LR and any ``lora_alpha``. This law puts each layer at two
-dimensionless targets per optimizer step, at the schedule's peak:
+dimensionless targets per optimizer step, as means over the run:
 
 * A's relative step ``a = ‖dA‖_F / ‖A‖_F`` (the sweep's best cells sit at a drift ratio, which
   tracks it, of about 1e-2 whatever the rank; at a small LR A never leaves its random start);
@@ -13,7 +13,13 @@ dimensionless targets per optimizer step, at the schedule's peak:
   change the step makes to the frozen weight it adapts.
 
 Both are ratios of a step to the tensor it changes, so neither depends on the base LR, on α or
-on the width the way a learning rate does.
+on the width the way a learning rate does. The law holds them at the schedule's peak as
+``target / f̄``, where ``f̄`` is the schedule's mean factor over the run
+(:mod:`alpha_tuner.schedule`, read at the first step): a warm-up + decay schedule with
+``f̄ = ½`` gets twice the constant-LR peak, so that the run moves its factors as far as a
+constant-LR run at the targets does. At a constant LR ``f̄ = 1`` and nothing changes. (The
+constants were chosen at a constant LR; held at the peak under the Trainer's warm-up + decay,
+they under-stepped the 600-step MiniLM and the causal-LM benchmarks, BENCHMARKS.md.)
 
 **At wrap time** (B = 0, so any balance is free) each layer is placed from Adam's first steps,
 whose elements have size η: ``a ≈ η_A·√(r·k) / ‖A‖_F`` and ``u ≈ s·η_B·√d·‖A‖_F / ‖W₀‖_F`` for a
@@ -39,13 +45,22 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepLaw", "StepState", "decide_steps", "init_steps", "observe_steps", "placement"]
+__all__ = [
+    "StepLaw",
+    "StepState",
+    "decide_steps",
+    "for_schedule",
+    "init_steps",
+    "observe_steps",
+    "placement",
+    "schedule_shift",
+]
 
 _FLOOR = 1e-30
 
@@ -58,6 +73,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "bound": (1.0, math.inf, "1 < bound < inf"),
     "beta": (-1e-300, 1.0, "0 <= beta < 1"),
     "warmup": (-1e-300, math.inf, "warmup an integer >= 0"),
+    "schedule_mean": (0.0, math.inf, "schedule_mean None or 0 < schedule_mean < inf"),
 }
 
 
@@ -66,13 +82,19 @@ class StepLaw:
     """Targets and gains of the step law (the module docstring has the equations).
 
     Attributes:
-        a_step: Target relative step of A per optimizer step at the schedule's peak, > 0.
-        update: Target relative first-order update of the adapted weight per step, > 0.
+        a_step: Target relative step of A per optimizer step, the mean over the run (at the
+            schedule's peak: ``a_step / schedule_mean``), > 0.
+        update: Target relative first-order update of the adapted weight per step, the mean
+            over the run likewise, > 0.
         gain: Proportional gain on the log-errors, > 0 (1: correct the whole error at once).
         max_change: Largest factor one control step applies to either step size, > 1.
         bound: Each multiplier stays within ``[start/bound, start·bound]``, > 1.
         beta: EMA factor of the log measurements, per measurement, in [0, 1).
         warmup: Valid measurements a layer needs before the law moves it, integer ≥ 0.
+        schedule_mean: The LR schedule's mean factor ``f̄`` over the run (mean of
+            ``lr / peak``); the targets are mean steps, so the law holds ``target / f̄`` at the
+            peak. ``None`` (default): read from the scheduler at the first step
+            (:mod:`alpha_tuner.schedule`; 1 without one).
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.
@@ -85,16 +107,37 @@ class StepLaw:
     bound: float = 1e4
     beta: float = 0.5
     warmup: int = 1
+    schedule_mean: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "schedule_mean" and value is None:
+                continue
             lo, hi, valid = _RANGES[f.name]
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
             if f.name == "warmup":
                 ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             if not (ok and lo < float(value) < hi):
                 raise ValueError(f"StepLaw.{f.name} must satisfy {valid}, got {value!r}")
+
+
+def for_schedule(config: StepLaw, mean: float) -> StepLaw:
+    """The law whose peak targets give ``config``'s targets as the mean over a schedule of mean
+    factor ``mean`` (``f̄``): ``a_step / f̄`` and ``update / f̄``, with ``schedule_mean = f̄``.
+
+    Raises:
+        ValueError: If ``mean`` is not finite and positive.
+    """
+    if not (math.isfinite(mean) and mean > 0):
+        raise ValueError(f"the schedule's mean factor must be finite and > 0, got {mean!r}")
+    return replace(config, a_step=config.a_step / mean, update=config.update / mean, schedule_mean=mean)
+
+
+def schedule_shift(mean: float) -> tuple[float, float]:
+    """``(m, μ)`` that move a layer placed for a constant LR to the peak targets of a schedule of
+    mean factor ``mean``: both steps ×1/f̄, i.e. A's by ``μ = 1/f̄`` and B's by ``m/μ = 1/f̄``."""
+    return 1.0 / mean**2, 1.0 / mean
 
 
 class StepState(NamedTuple):

@@ -213,6 +213,7 @@ def _law_readout(tuner: Any) -> dict[str, float]:
         "balance_end": float(law.log_balance.mean().exp()),
         "law_unmeasured": float((~seen).sum()),
         "law_skipped": float(law.n_skipped.sum()),
+        "schedule_mean": math.nan if tuner.engine.schedule is None else tuner.engine.schedule.mean,
     }
 
 

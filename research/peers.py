@@ -18,13 +18,15 @@ its own (rsLoRA: 16) ignores the recipe's.
   at the base LR, with its defaults (adaptive) or ``adapt=False``;
 * ``steps`` / ``steps-static``: the same with the step law (``steps=StepLaw()``), adaptive or
   placed at wrap time only; ``steps-up16`` / ``steps-down16``: adaptive, started from a
-  deliberately wrong α (the placement's α × 16 or ÷ 16, B's step moved by the same factor).
+  deliberately wrong α (the placement's α × 16 or ÷ 16, B's step moved by the same factor);
+  ``steps-peak``: the step law holding its targets at the schedule's peak
+  (``StepLaw(schedule_mean=1.0)``), as it did before it read the schedule's mean factor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +51,7 @@ METHODS = (
     "steps-static",
     "steps-up16",
     "steps-down16",
+    "steps-peak",
     "lora-metered",
 )
 
@@ -113,6 +116,7 @@ def build_peer(
         "steps-static": lambda: _steps(model, params, lr, schedule, False, 1.0, tuner_options),
         "steps-up16": lambda: _steps(model, params, lr, schedule, True, 16.0, tuner_options),
         "steps-down16": lambda: _steps(model, params, lr, schedule, True, 1 / 16, tuner_options),
+        "steps-peak": lambda: _steps(model, params, lr, schedule, True, 1.0, _at_peak(tuner_options)),
     }
     if method not in builders:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
@@ -186,6 +190,15 @@ def _steps(
     if wrong != 1.0:
         opt.rescale_({name: alpha * wrong for name, alpha in opt.alphas().items()})
     return PeerOptimizer(opt, schedule, tuner=opt)
+
+
+def _at_peak(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` with the step law's targets held at the schedule's peak (schedule_mean 1)."""
+    from alpha_tuner import StepLaw
+
+    options = dict(options or {})
+    options["steps"] = replace(options.get("steps") or StepLaw(), schedule_mean=1.0)
+    return options
 
 
 def _metered(model: nn.Module, params: list[nn.Parameter], lr: float, schedule: str) -> PeerOptimizer:
