@@ -260,14 +260,28 @@ def report(
     seeds: Sequence[int],
     model: str = "smollm2",
     selection_seeds: Sequence[int] = SELECTION_SEEDS,
+    schedule: str | None = None,
+    steps: int | None = None,
 ) -> int:
-    """Write ``<out>.md`` (tables) and ``<out>_curves.png`` (loss curves at lr 1e-4, first seed)."""
+    """Write ``<out>.md`` (tables) and ``<out>_curves.png`` (loss curves at lr 1e-4, first seed).
+
+    Only the runs of one setting enter the tables: ``schedule`` and ``steps`` (default: the
+    task's), so probes at another horizon or schedule in the same file are not mixed in.
+    """
     from .bench_report import format_report, gap_report, method_label, plot_curves, table
     from .runner import read_records
 
-    records = [r for r in read_records(out) if r["config"]["model"] == model]
+    d = TASK_DEFAULTS[model]
+    schedule, steps = schedule or d.schedule, steps or d.steps
+    records = [
+        r
+        for r in read_records(out)
+        if r["config"]["model"] == model
+        and r["config"]["steps"] == steps
+        and r["config"]["schedule"] == schedule  # schedule-free's runs carry the task's schedule
+    ]
     if not records:
-        print(f"lm_bench: no {model} records in {out} yet")
+        print(f"lm_bench: no {model} records at {steps} steps, schedule {schedule}, in {out} yet")
         return 1
     result = table(records, seeds=seeds, selection_seeds=selection_seeds)
     titles = {
@@ -323,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or d.results
     if args.report:
         selection = args.selection_seeds or list(SELECTION_SEEDS)
-        return report(out, seeds=args.seeds or selection, model=args.model, selection_seeds=selection)
+        return report(
+            out, seeds=args.seeds or selection, model=args.model, selection_seeds=selection,
+            schedule=args.schedule, steps=args.steps,
+        )  # fmt: skip
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)
     runs = grid(

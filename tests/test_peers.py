@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +115,29 @@ def test_a_steps_tag_sets_the_law_targets_and_the_head_lr() -> None:
     assert options == {"steps": StepLaw(update=1e-3), "head_lr": 1e-3}
     with pytest.raises(ValueError, match="unknown field"):
         _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="b=2"))
+
+
+def test_the_report_keeps_to_one_schedule_and_horizon(tmp_path: Path) -> None:
+    """Probes at a constant LR or another horizon in the same file do not enter the tables (they
+    once chose the oracle from a constant-LR cell of a cosine task)."""
+    import json
+
+    from research.lm_bench import report
+
+    def rec(lr: float, seed: int, loss: float, **fields: object) -> str:
+        run = LMRun("lora", 4, lr, seed, alpha=16.0, model="minilm", steps=600, schedule="cosine")
+        run = dataclasses.replace(run, **fields)
+        record = {"key": run.key(), "config": vars(run), "eval_loss": loss, "step_s": 1.0}
+        return json.dumps(record | {"train_curve": [[10, loss]]})
+
+    lines = [rec(1e-3, s, 0.40) for s in (0, 1, 100)] + [rec(1e-4, s, 0.45) for s in (0, 1, 100)]
+    # the same cells at a constant LR and at 150 steps, far better: they must not be the oracle
+    lines += [rec(1e-4, s, 0.10, schedule="constant") for s in (0, 1, 100)]
+    lines += [rec(1e-4, s, 0.10, steps=150) for s in (0, 1, 100)]
+    out = tmp_path / "bench.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    assert report(out, seeds=[100], model="minilm", selection_seeds=[0, 1]) == 0
+    text = out.with_suffix(".md").read_text()
+    assert "oracle (α=16, lr=0.001) | 0.4000" in text and "0.1000" not in text
+    assert report(out, seeds=[100], model="minilm", selection_seeds=[0, 1], schedule="constant") == 0
+    assert "0.1000" in out.with_suffix(".md").read_text()
