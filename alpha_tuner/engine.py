@@ -42,6 +42,7 @@ from .rescale import group_map, rescale_state_, rescale_target_, update_adapter_
 from .rule import AlphaRule
 from .schedule import ScheduleShape, read_schedule
 from .steplaw import (
+    UNPLACED,
     StepLaw,
     StepState,
     decide_steps,
@@ -219,8 +220,7 @@ class TuningEngine:
         #: Optimizers a scheduler may drive besides the inner one (the wrapper adds itself).
         self.schedule_owners: list[torch.optim.Optimizer] = []
         if self.step_law is not None and self.step_law.schedule_mean is not None:
-            self.schedule = ScheduleShape(self.step_law.schedule_mean, "given")
-            self.step_law = for_schedule(self.step_law, self.step_law.schedule_mean)
+            self._use_schedule(ScheduleShape(self.step_law.schedule_mean, "given"))
         if isinstance(options.steps, StepLaw) and self.step_law is None:
             warnings.warn(
                 f"The step law needs an Adam-family optimizer (its placement assumes Adam's step), got "
@@ -280,6 +280,8 @@ class TuningEngine:
             divisors = [t.divisor for t in self.targets]
             self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
             self._weight_norms = torch.stack([_weight_norm(t).to(self.device) for t in self.targets])
+            # Which layers the law placed: the host list drives the first step's rescale, the
+            # device mask its state update (made here, so that step copies nothing to the device).
             self._placed_list = placed
             self._placed = torch.tensor(placed, dtype=torch.bool, device=self.device)
         self.state = TunerState(
@@ -309,7 +311,7 @@ class TuningEngine:
             )  # fmt: skip
             alphas.append(t.alpha * m)
             balances.append(mu)
-            placed.append(a_norm > 0 and math.isfinite(w_norm) and w_norm > 0)
+            placed.append((m, mu) is not UNPLACED)
         return alphas, balances, placed
 
     def _new_meter(self) -> DriftMeter:
@@ -376,13 +378,8 @@ class TuningEngine:
     def _read_schedule(self) -> None:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the
         schedule's mean factor and move every placed layer to the law's peak targets for it."""
-        assert self.step_law is not None  # only called with the step law on
-        groups = self.optimizer.param_groups
-        index = next(
-            (i for i, g in enumerate(groups) if any(id(p) in self._lora_ids for p in g["params"])), 0
-        )
-        shape = read_schedule([self.optimizer, *self.schedule_owners], group=index)
-        self.schedule = shape
+        shape = read_schedule([self.optimizer, *self.schedule_owners], group=self._lora_group_index() or 0)
+        self._use_schedule(shape)
         if shape.source.startswith("unknown"):
             why = shape.source.removeprefix("unknown: ")
             warnings.warn(
@@ -393,11 +390,8 @@ class TuningEngine:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        if shape.mean == 1.0:
-            return
-        self.step_law = for_schedule(self.step_law, shape.mean)
         law = self.state.law
-        if law is None or self.options.init != "principled":
+        if shape.mean == 1.0 or law is None or self.options.init != "principled":
             return  # init="keep": the control steps move the layers to the new targets
         m, mu = schedule_shift(shape.mean)
         mapping = group_map(self.optimizer)
@@ -419,20 +413,30 @@ class TuningEngine:
     def _restore_schedule(self, saved: tuple[float, str] | None, *, resumed: bool) -> None:
         """The law's schedule from a checkpoint: its saved shape, or for a resumed run saved
         before the law read schedules, the peak semantics it ran with (mean 1)."""
-        given = self._given_law
-        if given is None or (saved is None and not resumed):
+        if self._given_law is None or (saved is None and not resumed):
             return  # a fresh entry: the schedule is read at the first step as usual
-        mean, source = saved if saved is not None else (1.0, "checkpoint")
-        self.schedule = ScheduleShape(mean, source)
-        self.step_law = for_schedule(given, mean) if mean != 1.0 else given
+        self._use_schedule(ScheduleShape(*(saved if saved is not None else (1.0, "checkpoint"))))
+
+    def _use_schedule(self, shape: ScheduleShape) -> None:
+        """Hold the user's targets as run means over a schedule of this shape."""
+        assert self._given_law is not None  # only called with the step law on
+        self.schedule = shape
+        self.step_law = for_schedule(self._given_law, shape.mean)
+
+    def _lora_group_index(self) -> int | None:
+        """Index of the first param group holding LoRA factors (None if none does)."""
+        groups = self.optimizer.param_groups
+        lora = self._lora_ids
+        return next((i for i, g in enumerate(groups) if any(id(p) in lora for p in g["params"])), None)
 
     def _schedule_factor(self) -> float:
         """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler)."""
-        for group in self.optimizer.param_groups:
-            if any(id(p) in self._lora_ids for p in group["params"]):
-                initial = group.get("initial_lr", group["lr"])
-                return float(group["lr"]) / float(initial) if initial else 0.0
-        return 1.0
+        index = self._lora_group_index()
+        if index is None:
+            return 1.0
+        group = self.optimizer.param_groups[index]
+        initial = group.get("initial_lr", group["lr"])
+        return float(group["lr"]) / float(initial) if initial else 0.0
 
     def _control_step(self) -> None:
         if self.state.law is not None and self.step_law is not None:

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "UNPLACED",
     "StepLaw",
     "StepState",
     "decide_steps",
@@ -63,6 +64,8 @@ __all__ = [
 ]
 
 _FLOOR = 1e-30
+#: What :func:`placement` returns for a layer it cannot place (compare with ``is``).
+UNPLACED = (1.0, 1.0)
 
 # field -> (lower bound (exclusive), upper bound (exclusive), readable range)
 _RANGES: dict[str, tuple[float, float, str]] = {
@@ -287,11 +290,12 @@ def placement(
 
     Returns:
         ``(m, μ)``: multiply α by ``m`` and divide A by ``μ`` (:func:`rescale_target_`'s
-        ``balance``). ``(1, 1)`` when a quantity is zero or not finite (nothing to place).
+        ``balance``). :data:`UNPLACED`, ``(1, 1)``, when a quantity is zero or not finite
+        (nothing to place).
     """
     a = lr_a * math.sqrt(rank * fan_in) / a_norm if a_norm > 0 else math.nan
     u = scaling * lr_b * math.sqrt(fan_out) * a_norm / weight_norm if weight_norm > 0 else math.nan
     if not all(math.isfinite(x) and x > 0 for x in (a, u)):
-        return 1.0, 1.0
+        return UNPLACED
     mu = config.a_step / a
     return mu * config.update / u, mu
