@@ -96,6 +96,16 @@ class LoraTarget:
         """The current α in the model's own convention (``s·r`` or ``s·sqrt(r)``)."""
         return float(self.layer.lora_alpha[self.adapter])
 
+    def factor_slots(self) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
+        """Where A and B live: ``(module, name)`` with the factor in ``module._parameters[name]``.
+
+        Reading a factor's identity there is a dict lookup, where :attr:`weight_a` walks PEFT's
+        module dicts; FSDP2 replaces the parameter in that slot, so the slot shows it.
+        """
+        if self.kind == "embedding":
+            return (self.layer.lora_embedding_A, self.adapter), (self.layer.lora_embedding_B, self.adapter)
+        return (self.layer.lora_A[self.adapter], "weight"), (self.layer.lora_B[self.adapter], "weight")
+
     def factor_params(self) -> list[nn.Parameter]:
         """The parameters whose values carry the scale of ``B`` (B and its bias)."""
         return [self.weight_b] if self.bias_b is None else [self.weight_b, self.bias_b]

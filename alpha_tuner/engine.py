@@ -38,7 +38,7 @@ from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
 from .measure import DriftMeter
 from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import principled_alphas
-from .rescale import group_map, rescale_state_, rescale_target_, update_adapter_config, write_alpha
+from .rescale import group_map, rescale_state_, rescale_targets_, update_adapter_config, write_alpha
 from .rule import AlphaRule
 from .schedule import ScheduleShape, read_schedule
 from .steplaw import (
@@ -259,9 +259,7 @@ class TuningEngine:
                 trained = bool(torch.stack([p.detach().ne(0).any() for p in factors]).any())
                 if trained:
                     self._before_init = [(p, p.detach().clone()) for p in factors]
-            groups = group_map(optimizer)
-            for target, alpha, balance in zip(self.targets, alphas, balances, strict=True):
-                self._rescale(target, alpha, groups, balance)
+            self._rescale(self.targets, alphas, group_map(optimizer), balances)
         # In-place writes to B since init (load_state_dict of the adapter bumps this counter).
         self._b_versions = [t.weight_b._version for t in self.targets]
         update_adapter_config(model, self.targets)
@@ -269,6 +267,7 @@ class TuningEngine:
         self.device = self.targets[0].weight_b.device
         alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         self.meter = self._new_meter() if self.measuring else None
+        self._slots = [slot for t in self.targets for slot in t.factor_slots()]
         self._meter_params = self._factor_ids()
         self._lora_ids = frozenset(self._meter_params)
         rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
@@ -318,7 +317,8 @@ class TuningEngine:
         return DriftMeter(self.targets, self.device, phases=self.options.measure_phases)
 
     def _factor_ids(self) -> tuple[int, ...]:
-        return tuple(id(p) for t in self.targets for p in (t.weight_a, t.weight_b))
+        """Identity of the live A and B factors (checked at each measurement: cheap lookups)."""
+        return tuple(id(module._parameters[name]) for module, name in self._slots)
 
     def _check_in_optimizer(self) -> None:
         in_opt = param_ids(p for g in self.optimizer.param_groups for p in g["params"])
@@ -394,10 +394,8 @@ class TuningEngine:
         if shape.mean == 1.0 or law is None or self.options.init != "principled":
             return  # init="keep": the control steps move the layers to the new targets
         m, mu = schedule_shift(shape.mean)
-        mapping = group_map(self.optimizer)
-        for target, placed in zip(self.targets, self._placed_list, strict=True):
-            if placed:
-                self._rescale(target, target.alpha * m, mapping, mu)
+        moved = [t for t, placed in zip(self.targets, self._placed_list, strict=True) if placed]
+        self._rescale(moved, [t.alpha * m for t in moved], balances=[mu] * len(moved))
         update_adapter_config(self.model, self.targets)
         log_m, log_mu = math.log(m), math.log(mu)
         shift = lambda x, by: torch.where(self._placed, x + by, x)  # noqa: E731
@@ -455,34 +453,30 @@ class TuningEngine:
         # The one host transfer of a control interval: PEFT's scalings and the rescale take floats.
         values = torch.stack((torch.exp(new.log_alpha), torch.exp(d_a))).tolist()
         self.state = self.state._replace(law=new)
-        groups = group_map(self.optimizer)
-        changed = False
-        for target, alpha, balance in zip(self.targets, *values, strict=True):
-            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL or abs(balance - 1.0) > _ALPHA_RTOL:
-                self._rescale(target, alpha, groups, balance)
-                changed = True
+        changed = [
+            (target, alpha, balance)
+            for target, alpha, balance in zip(self.targets, *values, strict=True)
+            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL or abs(balance - 1.0) > _ALPHA_RTOL
+        ]
         if changed:
+            moved, alphas, balances = zip(*changed, strict=True)
+            self._rescale(moved, alphas, balances=balances)
             update_adapter_config(self.model, self.targets)
 
     def _rescale(
         self,
-        target: LoraTarget,
-        alpha: float,
-        groups: Mapping[int, Mapping[str, object]],
-        balance: float = 1.0,
+        targets: Sequence[LoraTarget],
+        alphas: Sequence[float],
+        groups: Mapping[int, Mapping[str, object]] | None = None,
+        balances: Sequence[float] | None = None,
     ) -> None:
-        """:func:`rescale_target_`; for factors whose gradients are in recipe units (see
-        :mod:`alpha_tuner.gradunits`) the moments already are too, so only the units move."""
-        units = self._units
-        params = [target.weight_a, *target.factor_params()]
-        hooked = units is not None and all(units.hooked(p) for p in params)
-        optimizer = None if hooked else self.optimizer
-        ratio = rescale_target_(target, alpha, optimizer, groups=groups, balance=balance)
-        if hooked and units is not None:
-            units.multiply_(target.weight_a, 1.0 / balance)
-            units.multiply_(target.weight_b, ratio * balance)
-            if target.bias_b is not None:
-                units.multiply_(target.bias_b, ratio)
+        """:func:`rescale_targets_` (a few fused kernels for all layers); for factors whose
+        gradients are in recipe units (see :mod:`alpha_tuner.gradunits`) the moments already
+        are too, so only the units move."""
+        if targets:
+            rescale_targets_(
+                targets, alphas, self.optimizer, groups=groups, balances=balances, units=self._units
+            )
 
     def _unit_row(self, target: LoraTarget) -> list[float]:
         units = self._units
@@ -528,9 +522,8 @@ class TuningEngine:
         ]
         if not changed:
             return
-        groups = group_map(self.optimizer)  # once per control step, not once per layer
-        for target, alpha in changed:
-            self._rescale(target, alpha, groups)
+        moved, alphas = zip(*changed, strict=True)
+        self._rescale(moved, alphas)
         update_adapter_config(self.model, self.targets)
 
     def _sync_control_alpha(self) -> None:
@@ -569,9 +562,7 @@ class TuningEngine:
                 values[lookup[name]] = value
         else:
             values = [alpha] * len(self.targets)
-        groups = group_map(self.optimizer)
-        for target, value in zip(self.targets, values, strict=True):
-            self._rescale(target, value, groups)
+        self._rescale(self.targets, values)
         update_adapter_config(self.model, self.targets)
         self._sync_control_alpha()
 

@@ -28,7 +28,8 @@ chunk by chunk as it is measured; on CPU its storage is kept for the next snapsh
 are formed in place in a workspace of one chunk (at most ``chunk_bytes``, compute dtype),
 allocated at the first measurement and kept; bf16/fp16 factors add an upcast copy of one
 chunk's snapshot. A measurement therefore needs the factor bytes of its phase (1/``phases`` of
-all of them) plus about one chunk (by default at most 1/16 of them) and the r×r Grams. The
+all of them) plus about one chunk (by default at most 1/16 of them on CPU, 1/4 on an
+accelerator) and the r×r Grams. The
 snapshot is the floor of any exact measurement: the inner optimizer updates the factors in
 place, and ``dA`` cannot be recovered without the pre-step values.
 """
@@ -49,14 +50,19 @@ from .drift import DriftNorms, compute_dtype, drift_ratio, lora_grams, lora_matr
 
 __all__ = ["DriftMeter", "Measurement"]
 
-#: Default chunk budget: this fraction of the LoRA factor bytes, clamped to the bounds below.
-_CHUNK_FRACTION = 16
+#: Default chunk budget: this fraction of the LoRA factor bytes (CPU, accelerators), clamped
+#: to the bounds below.
+_CHUNK_FRACTION_CPU = 16
+_CHUNK_FRACTION = 4
 _MIN_CHUNK_BYTES = 1 << 20
 # On CPU a chunk of a few MiB stays in cache from stacking through the Gram products, and its
-# snapshot stays below glibc's mmap threshold (measured in benchmarks/bench_step.py). On
-# accelerators larger chunks mean fewer kernel launches.
+# snapshot stays below glibc's mmap threshold (measured in benchmarks/bench_step.py). On an
+# accelerator the arithmetic is cheap and each chunk's dozen kernel launches are the cost (on an
+# H200, chunks of 1/16 of a 7B LoRA set took 9.3 ms per full measurement against 3.4 ms for one
+# chunk per shape): a quarter of the bytes makes one chunk per shape group and phase at the
+# default four phases, for a workspace of a quarter of the factor bytes.
 _MAX_CHUNK_BYTES_CPU = 4 << 20
-_MAX_CHUNK_BYTES = 64 << 20
+_MAX_CHUNK_BYTES = 256 << 20
 _ALIGN = 64  # byte alignment of the snapshots inside the kept buffer
 
 _Key = tuple[int, torch.dtype, torch.device]  # (rank, compute dtype, device) of a Gram buffer
@@ -119,8 +125,9 @@ class _Chunk:
 
 def _default_chunk_bytes(total_bytes: int, device: torch.device) -> int:
     """The default chunk budget for factors totalling ``total_bytes`` (compute dtype)."""
-    cap = _MAX_CHUNK_BYTES_CPU if device.type == "cpu" else _MAX_CHUNK_BYTES
-    return min(max(total_bytes // _CHUNK_FRACTION, _MIN_CHUNK_BYTES), cap)
+    if device.type == "cpu":
+        return min(max(total_bytes // _CHUNK_FRACTION_CPU, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES_CPU)
+    return min(max(total_bytes // _CHUNK_FRACTION, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES)
 
 
 def _deal(sizes: Sequence[int], phases: int) -> list[int]:
@@ -144,8 +151,8 @@ class DriftMeter:
         chunk_bytes: Largest size of one chunk's factors in the compute dtype. It bounds the
             workspace that :meth:`measure` allocates once and keeps, and so the memory a
             measurement needs beyond the snapshot. A layer larger than this forms a chunk of
-            its own. Default: 1/16 of all factor bytes, at least 1 MiB and at most 4 MiB on
-            CPU (cache-sized) or 64 MiB on accelerators.
+            its own. Default: at least 1 MiB, and on CPU 1/16 of all factor bytes up to 4 MiB
+            (cache-sized), on accelerators 1/4 up to 256 MiB (fewer kernel launches).
         keep_snapshot: Keep the snapshot's storage between measurements instead of freeing it
             after each. Default: on CPU only, where freed buffers go back to the operating
             system and are page-faulted in again at every snapshot, together with the inner

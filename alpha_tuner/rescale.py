@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .discovery import LoraTarget
+from .distributed import is_sharded
+from .gradunits import GradUnits
 
 __all__ = [
     "STATE_EXPONENTS",
     "group_map",
     "rescale_state_",
     "rescale_target_",
+    "rescale_targets_",
     "state_exponents",
     "update_adapter_config",
     "write_alpha",
@@ -92,12 +95,16 @@ def group_map(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, object
     return {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
 
-def rescale_state_(
+def _state_factors(
     optimizer: torch.optim.Optimizer, param: nn.Parameter, ratio: float, group: Mapping[str, object]
-) -> None:
+) -> list[tuple[Tensor, float]]:
+    """The state tensors of ``param`` and the factor each is multiplied by when ``param`` is.
+
+    Number-valued entries are rewritten here; unknown state is dropped with a warning (once).
+    """
     state = optimizer.state.get(param)
     if not state:
-        return
+        return []
     table = state_exponents(optimizer, group)
     unknown = [k for k in state if table is None or k not in table]
     if table is None or unknown:
@@ -108,17 +115,49 @@ def rescale_state_(
             "AlphaTunedOptimizer(..., adapt=False) to change alpha only once, before training."
         )
         optimizer.state.pop(param)
-        return
+        return []
+    out: list[tuple[Tensor, float]] = []
+    for key, value in state.items():
+        power = table[key]
+        if power == 0:
+            continue
+        factor = ratio**power
+        if isinstance(value, Tensor):
+            out.append((value, factor))
+        elif isinstance(value, (int, float)):
+            state[key] = value * factor
+    return out
+
+
+def _multiply_all_(pairs: Sequence[tuple[Tensor, float]]) -> None:
+    """``t.mul_(k)`` for every pair, as one fused multi-tensor kernel per kind of tensor.
+
+    Each product is the one ``mul_`` computes; a control step rescales hundreds of tensors, and
+    one launch each would cost more than the optimizer step on an accelerator. Sharded
+    (DTensor) tensors are multiplied one by one.
+    """
+    plain = [(t, k) for t, k in pairs if k != 1.0 and not is_sharded(t)]
+    for t, k in pairs:
+        if k != 1.0 and is_sharded(t):
+            t.mul_(k)
+    if plain:
+        with torch.no_grad():
+            torch._foreach_mul_([t for t, _ in plain], [k for _, k in plain])
+
+
+def rescale_state_(
+    optimizer: torch.optim.Optimizer, param: nn.Parameter, ratio: float, group: Mapping[str, object]
+) -> None:
+    """Rewrite ``param``'s optimizer state for ``param`` multiplied by ``ratio``.
+
+    Args:
+        optimizer: The optimizer holding the state.
+        param: The parameter that was (or is about to be) multiplied by ``ratio``.
+        ratio: The multiplier.
+        group: ``param``'s param group (Adafactor's exponents depend on it).
+    """
     with torch.no_grad():
-        for key, value in state.items():
-            power = table[key]
-            if power == 0:
-                continue
-            factor = ratio**power
-            if isinstance(value, torch.Tensor):
-                value.mul_(factor)
-            elif isinstance(value, (int, float)):
-                state[key] = value * factor
+        _multiply_all_(_state_factors(optimizer, param, ratio, group))
 
 
 def write_alpha(target: LoraTarget, alpha: float) -> None:
@@ -126,6 +165,12 @@ def write_alpha(target: LoraTarget, alpha: float) -> None:
     layer = target.layer
     layer.lora_alpha[target.adapter] = alpha
     layer.scaling[target.adapter] = alpha / target.divisor
+
+
+def _checked(name: str, value: object, target: LoraTarget) -> float:
+    if not (isinstance(value, (int, float)) and value == value and 0 < value < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r} for {target.module_name}.")
+    return float(value)
 
 
 def rescale_target_(
@@ -158,28 +203,78 @@ def rescale_target_(
     Raises:
         ValueError: If ``alpha`` or ``balance`` is not finite and positive.
     """
-    if not (isinstance(alpha, (int, float)) and alpha == alpha and 0 < alpha < float("inf")):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r} for {target.module_name}.")
-    if not (isinstance(balance, (int, float)) and balance == balance and 0 < balance < float("inf")):
-        raise ValueError(f"balance must be a finite number > 0, got {balance!r} for {target.module_name}.")
-    ratio = target.scaling / (alpha / target.divisor)
-    factors = [(target.weight_b, ratio * balance)]
-    if target.bias_b is not None:
-        factors.append((target.bias_b, ratio))
-    if balance != 1.0:
-        factors.append((target.weight_a, 1.0 / balance))
-    if any(k != 1.0 for _, k in factors):
-        if groups is None:
-            groups = group_map(optimizer) if optimizer is not None else {}
-        with torch.no_grad():
+    return rescale_targets_([target], [alpha], optimizer, groups=groups, balances=[balance])[0]
+
+
+def rescale_targets_(
+    targets: Sequence[LoraTarget],
+    alphas: Sequence[float],
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    groups: Mapping[int, Mapping[str, object]] | None = None,
+    balances: Sequence[float] | None = None,
+    units: GradUnits | None = None,
+) -> list[float]:
+    """:func:`rescale_target_` for many layers at once, with a few fused kernels in all.
+
+    The factors, and the optimizer state of those whose gradients are not in recipe units,
+    are multiplied by one multi-tensor kernel each, instead of several kernels per layer: the
+    result is the same, element for element.
+
+    Args:
+        targets: The LoRA layers/adapters to change.
+        alphas: The new α of each, in the model's convention; finite and > 0.
+        optimizer: The inner optimizer whose state is rewritten (``None``: no state).
+        groups: :func:`group_map` of ``optimizer``.
+        balances: μ of each (default 1: only B moves).
+        units: Gradient units of the factors (:class:`~alpha_tuner.gradunits.GradUnits`). For a
+            layer whose factors are all hooked, the moments are already in recipe units, so the
+            units move instead of the state.
+
+    Returns:
+        The ratio ``s_old / s_new`` of each layer.
+
+    Raises:
+        ValueError: If an ``alpha`` or ``balance`` is not finite and positive, or the lengths
+            differ.
+    """
+    balances = [1.0] * len(targets) if balances is None else balances
+    if not len(targets) == len(alphas) == len(balances):
+        raise ValueError(
+            f"rescale_targets_ needs one alpha and one balance per target: got {len(targets)} targets, "
+            f"{len(alphas)} alphas and {len(balances)} balances."
+        )
+    checked = [
+        (_checked("alpha", a, t), _checked("balance", mu, t))
+        for t, a, mu in zip(targets, alphas, balances, strict=True)
+    ]
+    products: list[tuple[Tensor, float]] = []
+    ratios = []
+    for target, (alpha, balance) in zip(targets, checked, strict=True):
+        ratio = target.scaling / (alpha / target.divisor)
+        ratios.append(ratio)
+        weight_b, bias_b = target.weight_b, target.bias_b
+        factors = [(weight_b, ratio * balance)]
+        if bias_b is not None:
+            factors.append((bias_b, ratio))
+        if balance != 1.0:
+            factors.append((target.weight_a, 1.0 / balance))
+        factors = [(p, k) for p, k in factors if k != 1.0]
+        if factors:
+            params = [target.weight_a, weight_b] if bias_b is None else [target.weight_a, weight_b, bias_b]
+            hooked = units is not None and all(units.hooked(p) for p in params)
+            if optimizer is not None and not hooked and groups is None:
+                groups = group_map(optimizer)
             for param, k in factors:
-                if k == 1.0:
-                    continue
-                param.mul_(k)
-                if optimizer is not None:
-                    rescale_state_(optimizer, param, k, groups.get(id(param), {}))
-    write_alpha(target, float(alpha))
-    return ratio
+                products.append((param, k))
+                if hooked and units is not None:
+                    units.multiply_(param, k)
+                elif optimizer is not None and groups is not None:
+                    products.extend(_state_factors(optimizer, param, k, groups.get(id(param), {})))
+        write_alpha(target, alpha)
+    with torch.no_grad():
+        _multiply_all_(products)
+    return ratios
 
 
 def update_adapter_config(model: nn.Module, targets: list[LoraTarget]) -> None:

@@ -35,6 +35,7 @@ import argparse
 import gc
 import inspect
 import json
+import math
 import os
 import platform
 import statistics
@@ -209,11 +210,13 @@ def time_ratio(
     meter.measure = counted_measure  # type: ignore[method-assign]
     t_bare: list[float] = []
     t_wrapped: list[float] = []
+    controlled: list[bool] = []
     gc.collect()
     gc.disable()  # as timeit does: a collection would land on whichever step triggers it
     try:
         for _ in range(steps):
             measured.append(False)
+            controlled.append((wrapped.engine.state.steps + 1) % control_every == 0)
             t_bare.append(_timed(bare.step, device))
             t_wrapped.append(_timed(wrapped.step, device))
     finally:
@@ -222,6 +225,15 @@ def time_ratio(
     ratios = [
         sum(t_wrapped[i : i + block]) / sum(t_bare[i : i + block]) for i in range(0, steps - block + 1, block)
     ]
+    extra = [w - b for w, b in zip(t_wrapped, t_bare, strict=True)]
+
+    def extra_ms(measuring: bool, controlling: bool) -> float:
+        """Median extra time of the wrapped step over the bare one, for one kind of step."""
+        picked = [
+            e for e, m, c in zip(extra, measured, controlled, strict=True) if m == measuring and c == controlling
+        ]
+        return 1e3 * statistics.median(picked) if picked else math.nan
+
     return {
         "ratio": statistics.median(ratios),
         "ratio_min": min(ratios),
@@ -231,6 +243,10 @@ def time_ratio(
         "wrapped_ms": 1e3 * sum(t_wrapped) / len(t_wrapped),
         "measure_step_ms": 1e3 * statistics.median(t for t, m in zip(t_wrapped, measured, strict=True) if m),
         "measurements": sum(measured),
+        # Wrapped minus bare, median per kind of step: what each part of the cadence costs.
+        "plain_extra_ms": extra_ms(False, False),
+        "measure_extra_ms": extra_ms(True, False),
+        "control_extra_ms": extra_ms(True, True) if control_every % measure_every == 0 else extra_ms(False, True),
     }
 
 
@@ -408,7 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for inner in inners:
         results["timing"][inner] = {}
         for name, (every, phases, control, _) in CADENCES.items():
-            if args.quick and name.endswith("1 phase"):
+            if (args.quick and name.endswith("1 phase")) or (args.cadence == "default" and name != "default cadence"):
                 continue
             default = every > 1
             results["timing"][inner][name] = time_ratio(
@@ -422,8 +438,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 block=control if default else 1,
                 law=args.law,
             )
-        results["memory"][inner] = memory(shapes, device, inner)
-    results["gram"] = gram_vs_dense(shapes, device, repeats=2 if args.quick else 3)
+        if args.cadence == "all":
+            results["memory"][inner] = memory(shapes, device, inner)
+    if args.cadence == "all":
+        results["gram"] = gram_vs_dense(shapes, device, repeats=2 if args.quick else 3)
     results["machine"]["load_after"] = machine().get("load", "")
     return results
 
@@ -458,6 +476,10 @@ def report(results: dict[str, Any]) -> str:
             f"| bare step / wrapped mean / measuring step (ms) | {inner} | {t['bare_ms']:.1f} / "
             f"{t['wrapped_ms']:.1f} / {t['measure_step_ms']:.1f} | | |"
         )
+        lines.append(
+            f"| extra time of a plain / measuring / measuring + control step (ms, median) | {inner} | "
+            f"{t['plain_extra_ms']:.3f} / {t['measure_extra_ms']:.3f} / {t['control_extra_ms']:.3f} | | |"
+        )
     for inner, mem in results["memory"].items():
         target = TARGETS["extra memory"]
         lines.append(
@@ -468,7 +490,9 @@ def report(results: dict[str, Any]) -> str:
             f"{mem['extra']:.3f}×, whose own transient is {mem['bare_step']:.3f}×) | ≤ {target}× | "
             f"{_met(mem['own'], target)} |"
         )
-    g = results["gram"]
+    g = results.get("gram")
+    if g is None:
+        return "\n".join(lines)
     lines += [
         f"| Gram vs dense, one block's 7 layers (ms) | – | {g['gram_ms']:.2f} vs {g['dense_ms']:.2f} "
         f"(dense / Gram {g['dense_ms'] / g['gram_ms']:.1f}×; "
@@ -499,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--law", choices=("steps", "backoff"), default="steps",
         help="the tuner's law: the step law (the library's default) or the α rule with back-off (steps=None)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cadence", choices=("all", "default"), default="all",
+        help="default: time only the default cadence (no memory or Gram figures); for repeated runs",
     )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)

@@ -121,8 +121,6 @@ def task_data(model: str, block: int) -> tuple[torch.utils.data.Dataset, torch.u
     return BlockDataset(train_blocks), BlockDataset(held[pick])
 
 
-
-
 def fresh_model(model: str, seed: int) -> nn.Module:
     """A copy of the base model; a classification head re-initialised from ``seed``."""
     if model == "minilm":

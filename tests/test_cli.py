@@ -93,7 +93,9 @@ def test_inspect_reports_what_is_missing(tmp_path, capsys) -> None:
         (["sweep", "--steps", "x"], ("--steps", ">= 1")),
     ],
 )
-def test_bad_arguments_get_one_line_and_exit_2(argv: list[str], names: tuple[str, ...], tmp_path, capsys) -> None:  # noqa: E501
+def test_bad_arguments_get_one_line_and_exit_2(
+    argv: list[str], names: tuple[str, ...], tmp_path, capsys
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "demo" else [])])
     assert exit_info.value.code == 2

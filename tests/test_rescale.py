@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from alpha_tuner import AlphaTunedOptimizer, find_lora_targets
-from alpha_tuner.rescale import STATE_EXPONENTS, rescale_target_
+from alpha_tuner.gradunits import GradUnits
+from alpha_tuner.rescale import STATE_EXPONENTS, rescale_target_, rescale_targets_
 
 KINDS: dict[str, Callable[[], nn.Module]] = {
     "conv+emb+linear": lambda: make_convnet(),
@@ -268,3 +269,87 @@ def test_balance_must_be_positive() -> None:
     target = find_lora_targets(model)[0]
     with pytest.raises(ValueError, match="balance must be a finite number > 0"):
         rescale_target_(target, 4.0, None, balance=0.0)
+
+
+# ------------------------------------------------------------------ many layers in one batch
+def _optimizer_with_state(kind: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = KINDS[kind]().double()
+    randomize_lora_b(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+    for _ in range(2):
+        _forward(model).pow(2).mean().backward()
+        model.train()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@given(
+    kind=st.sampled_from(sorted(KINDS)),
+    factors=st.lists(st.tuples(alphas, balances), min_size=1, max_size=12),
+    hooked=st.booleans(),
+)
+def test_the_batched_rescale_is_the_per_layer_rescale_element_for_element(
+    kind: str, factors: list[tuple[float, float]], hooked: bool
+) -> None:
+    """One fused multiply per kind of tensor gives bit for bit what one rescale per layer gives:
+    factors, optimizer state (AMSGrad's maximum too) and, for hooked factors, the gradient units."""
+    runs = []
+    for batched in (True, False):
+        model, opt = _optimizer_with_state(kind)
+        targets = find_lora_targets(model)
+        chosen = [(t, *factors[i % len(factors)]) for i, t in enumerate(targets) if i % 2 == 0]
+        units = GradUnits([p for t in targets for p in (t.weight_a, *t.factor_params())]) if hooked else None
+        if batched:
+            ratios = rescale_targets_(
+                [t for t, _, _ in chosen],
+                [a for _, a, _ in chosen],
+                opt,
+                balances=[mu for _, _, mu in chosen],
+                units=units,
+            )
+        else:
+            ratios = []
+            for t, a, mu in chosen:
+                params = [t.weight_a, *t.factor_params()]
+                ratio = rescale_target_(t, a, None if hooked else opt, balance=mu)
+                ratios.append(ratio)
+                if units is not None:
+                    units.multiply_(t.weight_a, 1.0 / mu)
+                    units.multiply_(t.weight_b, ratio * mu)
+                    if t.bias_b is not None:
+                        units.multiply_(t.bias_b, ratio)
+                assert all(units is None or units.hooked(p) for p in params)
+        scales = (
+            []
+            if units is None
+            else [units.scale(p) for t in targets for p in (t.weight_a, *t.factor_params())]
+        )
+        runs.append((ratios, [t.alpha for t in targets], *_snapshot(model, opt), scales))
+    (r1, al1, p1, s1, u1), (r2, al2, p2, s2, u2) = runs
+    assert r1 == r2 and al1 == al2
+    assert all(torch.equal(x, y) for x, y in zip(p1 + s1, p2 + s2, strict=True))
+    assert u1 == pytest.approx(u2, rel=1e-15)
+    assert len(p1) > 0 and len(s1) > 0
+
+
+def test_the_batched_rescale_checks_its_input() -> None:
+    model = tiny_llama()
+    targets = find_lora_targets(model)
+    with pytest.raises(ValueError, match="one alpha and one balance per target"):
+        rescale_targets_(targets, [4.0], None)
+    with pytest.raises(
+        ValueError, match=rf"alpha must be a finite number > 0, got nan for {targets[1].module_name}"
+    ):
+        rescale_targets_(targets[:2], [4.0, math.nan], None)
+    assert [t.alpha for t in targets] == [find_lora_targets(model)[0].alpha] * len(targets)  # nothing moved
+
+
+def test_factor_slots_hold_the_live_factors() -> None:
+    for model in (make_convnet(), tiny_llama(), tiny_gpt2()):
+        for t in find_lora_targets(model):
+            (mod_a, name_a), (mod_b, name_b) = t.factor_slots()
+            assert mod_a._parameters[name_a] is t.weight_a and mod_b._parameters[name_b] is t.weight_b
+            replaced = nn.Parameter(t.weight_a.detach().clone())
+            mod_a._parameters[name_a] = replaced  # as FSDP2 swaps in a sharded parameter
+            assert t.weight_a is replaced

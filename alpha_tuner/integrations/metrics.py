@@ -30,6 +30,8 @@ _SUMMARY_KEYS = frozenset(
 )
 #: Trainer log entries that :attr:`AlphaTunerCallback.history` keeps next to α and ρ.
 _CONTEXT_KEYS = ("loss", "learning_rate", "grad_norm")
+
+
 def find_alpha_tuned_optimizer(optimizer: object) -> AlphaTunedOptimizer | AttachedTuner | None:
     """Return the :class:`AlphaTunedOptimizer` inside ``optimizer`` (or the handle that
     :func:`alpha_tuner.attach` left on it), or ``None``.
