@@ -26,6 +26,7 @@ require anyway; a control step on one rank waits for the others.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -115,6 +116,7 @@ def unwrap_model(model: Any) -> Any:
     return model
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor

@@ -106,12 +106,15 @@ def lora_grams(a: Tensor, b: Tensor, da: Tensor, db: Tensor, *, out: Tensor | No
     """
     if out is None:
         out = a.new_empty((6, *a.shape[:-1], a.shape[-2]))
-    torch.matmul(a, a.mT, out=out[0])
-    torch.matmul(a, da.mT, out=out[1])
-    torch.matmul(da, da.mT, out=out[2])
-    torch.matmul(b.mT, b, out=out[3])
-    torch.matmul(db.mT, b, out=out[4])
-    torch.matmul(db.mT, db, out=out[5])
+    # bmm for a stack of layers (the meter's case): matmul would add view and expand calls per
+    # product, and on an accelerator each call costs about what the small product does.
+    mm = torch.bmm if a.dim() == 3 else torch.matmul
+    mm(a, a.mT, out=out[0])
+    mm(a, da.mT, out=out[1])
+    mm(da, da.mT, out=out[2])
+    mm(b.mT, b, out=out[3])
+    mm(db.mT, b, out=out[4])
+    mm(db.mT, db, out=out[5])
     return out
 
 

@@ -34,7 +34,8 @@ def summarize(
     Args:
         alphas: Each layer's α (host floats, PEFT's own convention).
         steps: Optimizer steps taken.
-        control: The controller's state (counters are per-layer tensors on the device).
+        control: The rule's controller state (counters are per-layer tensors on the device;
+            with the step law on, ``measurements`` and ``skipped`` are the law's counters).
         rho: Each layer's most recent ρ (NaN where not measured yet), or ``None`` before the
             first measurement.
         names: Display names of the layers, in the order of ``alphas`` and ``rho``.
@@ -54,7 +55,9 @@ def summarize(
         "alpha_max": max(alphas),
         "steps": float(steps),
     }
-    counters = torch.stack([control.n_measured.sum(), control.n_skipped.sum(), control.n_backoffs.sum()])
+    # With the step law on, its own counters are the measurements (the rule's controller is idle).
+    counted = control if law is None else law
+    counters = torch.stack([counted.n_measured.sum(), counted.n_skipped.sum(), control.n_backoffs.sum()])
     dtype = torch.float32 if counters.device.type == "mps" else torch.float64  # MPS has no float64
     parts = [counters.to(dtype)]
     if law is not None:

@@ -23,3 +23,9 @@ for k in $(seq 1 "$RUNS"); do
 done
 timeout 150 "$PY" benchmarks/bench_step.py --device cuda --inner fused foreach for-loop --cycles 2 --every-steps 8 \
     --json "$OUT/bench_step_cuda.json" 2>&1 | grep -v '^USDT' | tee "$OUT/bench_step_cuda.log"
+# Optional control: the same default-cadence run with an earlier library in $OLD (a folder that
+# holds an alpha_tuner package), in the same lease.
+if [ -n "${OLD:-}" ]; then
+    PYTHONPATH="$OLD:." timeout 90 "$PY" benchmarks/bench_step.py --device cuda --inner fused foreach for-loop \
+        --cadence default --cycles 6 --json "$OUT/bench_default_old.json" 2>&1 | grep -v '^USDT' | tail -12
+fi
