@@ -363,7 +363,8 @@ class TuningEngine:
                 law = observe_steps(state.law, m.a_step, update, factor, self.step_law, m.measured)
                 state = state._replace(law=law)
             else:  # the rule's controller (idle under the step law: its kernels would be wasted)
-                state = state._replace(control=observe(state.control, m.rho, self.control_config, mask=m.measured))
+                control = observe(state.control, m.rho, self.control_config, mask=m.measured)
+                state = state._replace(control=control)
             state = state._replace(
                 rho=torch.where(m.measured, m.rho, state.rho),
                 measured_once=True,

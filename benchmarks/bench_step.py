@@ -229,9 +229,8 @@ def time_ratio(
 
     def extra_ms(measuring: bool, controlling: bool) -> float:
         """Median extra time of the wrapped step over the bare one, for one kind of step."""
-        picked = [
-            e for e, m, c in zip(extra, measured, controlled, strict=True) if m == measuring and c == controlling
-        ]
+        kinds = zip(extra, measured, controlled, strict=True)
+        picked = [e for e, m, c in kinds if m == measuring and c == controlling]
         return 1e3 * statistics.median(picked) if picked else math.nan
 
     return {
@@ -246,7 +245,7 @@ def time_ratio(
         # Wrapped minus bare, median per kind of step: what each part of the cadence costs.
         "plain_extra_ms": extra_ms(False, False),
         "measure_extra_ms": extra_ms(True, False),
-        "control_extra_ms": extra_ms(True, True) if control_every % measure_every == 0 else extra_ms(False, True),
+        "control_extra_ms": extra_ms(control_every % measure_every == 0, True),
     }
 
 
@@ -424,7 +423,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for inner in inners:
         results["timing"][inner] = {}
         for name, (every, phases, control, _) in CADENCES.items():
-            if (args.quick and name.endswith("1 phase")) or (args.cadence == "default" and name != "default cadence"):
+            skipped = args.quick and name.endswith("1 phase")
+            if skipped or (args.cadence == "default" and name != "default cadence"):
                 continue
             default = every > 1
             results["timing"][inner][name] = time_ratio(
