@@ -155,7 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         "--model", choices=("minilm", "smollm2", "tiny"), default="minilm", help="tiny: random test model"
     )
     demo.add_argument("--rank", type=_int_at_least(1), default=16, help="LoRA rank (>= 1)")
-    demo.add_argument("--lr", type=_positive_float, default=None, help="base LR of every method (> 0)")
+    lr = demo.add_mutually_exclusive_group()
+    lr.add_argument("--lr", type=_positive_float, default=None, help="base LR of every method (> 0)")
+    lr.add_argument(
+        "--lrs", type=_floats, default=None,
+        help="several base LRs, comma-separated: every method at each (default: 1e-4,1e-3 for smollm2)",
+    )  # fmt: skip
     demo.add_argument("--steps", type=_int_at_least(1), default=None, help="optimizer steps (>= 1)")
     demo.add_argument("--batch-size", type=_int_at_least(1), default=None)
     demo.add_argument("--eval-size", type=_int_at_least(1), default=None, help="held-out examples")

@@ -88,6 +88,8 @@ def test_inspect_reports_what_is_missing(tmp_path, capsys) -> None:
         (["demo", "--model", "gpt5"], ("--model", "minilm")),
         (["demo", "--methods", "lora,dora"], ("--methods", "alphatuned")),
         (["demo", "--threads", "0"], ("--threads", ">= 1")),
+        (["demo", "--lrs", "1e-4,0"], ("--lrs", "> 0")),
+        (["demo", "--lr", "1e-4", "--lrs", "1e-3"], ("--lrs", "not allowed with")),
         (["demo", "--device", "gpu7"], ("--device", "cuda:0")),
         (["inspect", ".", "--lr", "-1"], ("--lr", "> 0")),
         (["sweep", "--steps", "x"], ("--steps", ">= 1")),
@@ -162,6 +164,32 @@ def test_demo_on_the_tiny_model_writes_table_and_figure(tmp_path, capsys) -> Non
     assert [r["config"]["method"] for r in result["records"]] == ["lora", "rslora", "loraplus", "alphatuned"]
     assert {r["config"]["seed"] for r in result["records"]} == {0}
     assert all(math.isfinite(r["eval_loss"]) for r in result["records"])
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_at_several_learning_rates_gives_the_benchmark_table(tmp_path, capsys) -> None:
+    """``--lrs``: every method at each base LR, one row per method, one column per LR, the best
+    method per LR and each method's spread over the LRs, computed from the records."""
+    threads = torch.get_num_threads()
+    try:
+        code = main(["demo", "--model", "tiny", "--steps", "3", "--eval-size", "16", "--lrs", "1e-4,1e-2",
+                     "--methods", "lora,alphatuned", "--out", str(tmp_path), "--no-progress", "--threads", "1"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    runs = [(r["config"]["lr"], r["config"]["method"]) for r in result["records"]]
+    assert runs == [(1e-4, "lora"), (1e-4, "alphatuned"), (1e-2, "lora"), (1e-2, "alphatuned")]
+    table = (tmp_path / "demo.md").read_text()
+    assert "| method | lr 0.0001 | lr 0.01 | spread over LRs | s/step |" in table
+    loss = {(lr, m): r["eval_loss"] for (lr, m), r in zip(runs, result["records"], strict=True)}
+    row = next(line for line in table.splitlines() if line.startswith("| vanilla LoRA"))
+    low, high = sorted((loss[(1e-4, "lora")], loss[(1e-2, "lora")]))
+    assert f"| {loss[(1e-4, 'lora')]:.4f} | {loss[(1e-2, 'lora')]:.4f} | {high / low - 1:.1%} |" in row
+    best = next(line for line in table.splitlines() if line.startswith("| best"))
+    winners = [min(("lora", "alphatuned"), key=lambda m, lr=lr: loss[(lr, m)]) for lr in (1e-4, 1e-2)]
+    labels = {"lora": "vanilla LoRA (α=2r)", "alphatuned": "AlphaTuned (defaults)"}
+    assert best.startswith(f"| best | {labels[winners[0]]} | {labels[winners[1]]} |")
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 

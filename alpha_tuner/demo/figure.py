@@ -43,11 +43,18 @@ def plot_demo(result: Mapping[str, Any], path: Path, *, labels: Mapping[str, str
     with plt.rc_context({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 11}):
         fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
         (loss_ax, held_ax), (alpha_ax, rho_ax) = axes
-        names, held = [], []
+        names, held, colors = [], [], []
         every = max(3, len(result["records"]))
+        lrs = [float(x) for x in result["settings"].get("lrs", [result["settings"]["lr"]])]
+        methods = list(dict.fromkeys(rec["config"]["method"] for rec in result["records"]))
         for i, rec in enumerate(result["records"]):
-            color, ls, marker = _LOOKS[i % len(_LOOKS)]
-            label = labels.get(rec["config"]["method"], rec["config"]["method"])
+            # One look per method; with several base LRs, one line style per LR (solid first).
+            method = rec["config"]["method"]
+            color, ls, marker = _LOOKS[methods.index(method) % len(_LOOKS)]
+            label = labels.get(method, method)
+            if len(lrs) > 1:
+                ls = _LOOKS[lrs.index(float(rec["config"]["lr"])) % len(_LOOKS)][1]
+                label = f"{label}, lr {rec['config']['lr']:g}"
             # Markers at staggered steps: a line hidden under another still shows its own markers.
             style: dict[str, Any] = {"color": color, "ls": ls, "marker": marker, "ms": 7, "lw": 1.8}
             style["markevery"] = (i % every, every)
@@ -59,9 +66,9 @@ def plot_demo(result: Mapping[str, Any], path: Path, *, labels: Mapping[str, str
                 rho_ax.plot(tele[:, 0], tele[:, 2], **style)
             loss = rec["eval_loss"]
             names.append(label)
+            colors.append(color)
             held.append(loss if loss is not None and math.isfinite(loss) else math.nan)
         y = np.arange(len(names))
-        colors = [_LOOKS[i % len(_LOOKS)][0] for i in range(len(names))]
         held_ax.barh(y, np.nan_to_num(held, nan=0.0), color=colors)
         for yi, value in zip(y, held, strict=True):
             text = "diverged" if math.isnan(value) else f"{value:.3f}"
@@ -75,7 +82,8 @@ def plot_demo(result: Mapping[str, Any], path: Path, *, labels: Mapping[str, str
         rho_ax.set(title="mean drift ratio ρ = ‖dB·dA‖ / ‖dB·A + B·dA‖", xlabel="step", ylabel="ρ")
         rho_ax.set_yscale("log")
         s = result["settings"]
-        fig.suptitle(f"{s['model']}, r = {s['rank']}, lr = {s['lr']:g}, batch {s['batch_size']}, "
+        lr_text = ", ".join(f"{x:g}" for x in lrs)
+        fig.suptitle(f"{s['model']}, r = {s['rank']}, lr = {lr_text}, batch {s['batch_size']}, "
                      f"seed {s['seed']}")  # fmt: skip
         handles, legend_labels = loss_ax.get_legend_handles_labels()
         fig.legend(handles, legend_labels, loc="lower center", ncol=min(len(names), 2), frameon=False)
