@@ -255,22 +255,28 @@ def rank_tables(
     return out
 
 
-def matched_step_pairs(cells: Mapping[Cell, Sequence[float]]) -> list[dict[str, float]]:
+def matched_step_pairs(
+    cells: Mapping[Cell, Sequence[float]], *, tolerance: float = 1.0
+) -> list[dict[str, float]]:
     """Claim 1: pairs of cells with the same α·η, one with k× the α and one with k× the LR.
 
     For every rank, pair of learning rates η < k·η and α with k·α in the grid, compare the
-    cell (k·α, η) (raise α) with (α, k·η) (raise the LR), both starting from (α, η).
+    cell (k·α, η) (raise α) with (α, k·η) (raise the LR), both starting from (α, η). With
+    ``tolerance`` > 1 the raised α need only be within that factor of k·α (grids whose α and LR
+    steps differ, e.g. α × 4 against LR × 10); ``alpha_raised`` is then the α actually used.
     """
     means = {cell: float(np.mean(v)) for cell, v in cells.items()}
     out = []
     for (rank, lr, alpha), loss_alpha_up in means.items():
         for (r2, lr2, a2), loss_lr_up in means.items():
-            if r2 != rank or lr2 <= lr:
+            if r2 != rank or lr2 <= lr or alpha <= a2:
                 continue
             k = lr2 / lr
-            if math.isclose(a2 * k, alpha, rel_tol=1e-6):
+            ratio = alpha / (a2 * k)
+            matched = math.isclose(ratio, 1.0, rel_tol=1e-6) or 1.0 / tolerance <= ratio <= tolerance
+            if matched:
                 out.append({
-                    "rank": rank, "alpha": a2, "lr": lr, "k": k,
+                    "rank": rank, "alpha": a2, "lr": lr, "k": k, "alpha_raised": alpha,
                     "loss_raise_alpha": loss_alpha_up, "loss_raise_lr": loss_lr_up,
                 })  # fmt: skip
     return out

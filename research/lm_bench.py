@@ -214,7 +214,14 @@ def _law_readout(tuner: Any) -> dict[str, float]:
         "law_unmeasured": float((~seen).sum()),
         "law_skipped": float(law.n_skipped.sum()),
         "schedule_mean": math.nan if tuner.engine.schedule is None else tuner.engine.schedule.mean,
+        # The drift ratio's mean over the layers at their last measurement (the paper's claim 2).
+        "rho_end": _finite_mean(tuner.drift_ratios().values()),
     }
+
+
+def _finite_mean(values: Any) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _mean_alpha(tuner: Any) -> float | None:
@@ -269,6 +276,7 @@ def report(
     task's), so probes at another horizon or schedule in the same file are not mixed in.
     """
     from .bench_report import format_report, gap_report, method_label, plot_curves, table
+    from .claims import format_claims
     from .runner import read_records
 
     d = TASK_DEFAULTS[model]
@@ -291,6 +299,7 @@ def report(
     text = format_report(result, seeds=seeds, title=titles.get(model, model))
     if any(method_label(r["config"]) == "steps" for r in records):
         text += "\n" + gap_report(records, method="steps", seeds=seeds, selection_seeds=selection_seeds)
+    text += "\n" + format_claims(records, selection_seeds)
     out.with_suffix(".md").write_text(text, encoding="utf-8")
     plot_curves(records, out.with_name(out.stem + "_curves.png"), seed=seeds[0], lr=1e-4)
     print(text)

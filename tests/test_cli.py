@@ -172,8 +172,9 @@ def test_demo_at_several_learning_rates_gives_the_benchmark_table(tmp_path, caps
     method per LR and each method's spread over the LRs, computed from the records."""
     threads = torch.get_num_threads()
     try:
-        code = main(["demo", "--model", "tiny", "--steps", "3", "--eval-size", "16", "--lrs", "1e-4,1e-2",
-                     "--methods", "lora,alphatuned", "--out", str(tmp_path), "--no-progress", "--threads", "1"])  # fmt: skip
+        args = ["--steps", "3", "--eval-size", "16", "--lrs", "1e-4,1e-2", "--methods", "lora,alphatuned"]
+        args += ["--out", str(tmp_path), "--no-progress", "--threads", "1"]
+        code = main(["demo", "--model", "tiny", *args])
     finally:
         torch.set_num_threads(threads)
     assert code == 0

@@ -27,6 +27,7 @@ from alpha_tuner.demo.data import (
 from alpha_tuner.demo.models import load_base
 from alpha_tuner.demo.train import RunConfig, make_task, run
 from alpha_tuner.principled import principled_alpha
+from research.claims import format_claims
 from research.fit import (
     bootstrap_power_law,
     cell_table,
@@ -149,6 +150,50 @@ def test_cell_table_oracle_and_matched_pairs() -> None:
     assert len(pairs) == 1
     assert pairs[0]["loss_raise_alpha"] == pytest.approx(0.41)
     assert pairs[0]["loss_raise_lr"] == pytest.approx(0.46)
+
+
+def test_matched_pairs_within_a_tolerance_for_grids_of_other_steps() -> None:
+    """α steps of 4 against LR steps of 10: exact pairs do not exist; within 2.5× they do."""
+    cells = {(8, lr, a): [1.0 + a * lr] for lr in (1e-5, 1e-4) for a in (16.0, 64.0, 256.0)}
+    assert matched_step_pairs(cells) == []
+    pairs = matched_step_pairs(cells, tolerance=2.5)
+    # from (16, 1e-5): α → 64 (ratio 0.4) and α → 256 (1.6); from (64, 1e-5): α → 256 (0.4)
+    assert sorted((p["alpha"], p["alpha_raised"]) for p in pairs) == [
+        (16.0, 64.0),
+        (16.0, 256.0),
+        (64.0, 256.0),
+    ]
+    assert all(p["k"] == pytest.approx(10.0) and p["lr"] == 1e-5 for p in pairs)
+    first = next(p for p in pairs if p["alpha_raised"] == 256.0 and p["alpha"] == 16.0)
+    assert first["loss_raise_alpha"] == cells[(8, 1e-5, 256.0)][0]
+    assert first["loss_raise_lr"] == cells[(8, 1e-4, 16.0)][0]
+
+
+def test_claims_on_benchmark_records() -> None:
+    """Benchmark records (α = None for 2r, ``lora-metered``, ``rho_end``) in the claims' terms: a
+    grid where the loss grows with |log(α/α*)| (so raising α wins only from below α*, once per
+    rank), ρ ∝ LR and flat in α, and α* ∝ √r by construction."""
+
+    def rec(rank: int, lr: float, alpha: float | None, seed: int, loss: float, method: str = "lora") -> dict:
+        config = {"method": method, "rank": rank, "lr": lr, "alpha": alpha, "seed": seed, "tag": ""}
+        return {"config": config, "eval_loss": loss, "rho_end": 1e-2 * lr / 1e-4}
+
+    records = []
+    for rank, best in ((4, 32.0), (16, 64.0)):  # α* = 16·√r
+        for lr in (1e-5, 1e-4):
+            for alpha in (best / 4, best, best * 4):
+                loss = 1.0 + abs(math.log(alpha / best)) + (0.5 if lr == 1e-5 else 0.0)
+                method = "lora-metered" if alpha == 2 * rank else "lora"
+                records += [
+                    rec(rank, lr, None if method == "lora-metered" else alpha, s, loss, method)
+                    for s in (0, 1)
+                ]
+    records.append(rec(4, 1e-4, 32.0, 0, 0.1, "steps"))  # not plain LoRA: ignored
+    text = format_claims(records, (0, 1))
+    assert "raising α wins in 2 of 6 pairs" in text
+    assert "slope of log ρ against log α median +0.00" in text and "against log LR median +1.00" in text
+    assert "lr 0.0001: r = 4: α 32, r = 16: α 64" in text and "+0.50 at lr 0.0001" in text
+    assert "No complete plain-LoRA grid cells" in format_claims(records, (0, 1, 2))
 
 
 def test_rho_slopes_measure_the_power() -> None:

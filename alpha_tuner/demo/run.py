@@ -18,8 +18,8 @@ import contextlib
 import json
 import math
 import os
-import statistics
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -173,7 +173,11 @@ def format_lr_table(result: dict[str, Any]) -> str:
     for method, by_lr in loss.items():
         cells = " | ".join(_cell(by_lr.get(x, math.nan)) for x in lrs)
         values = [by_lr[x] for x in lrs if x in by_lr]
-        spread = "–" if len(values) < 2 else ("∞" if math.isinf(max(values)) else f"{max(values) / min(values) - 1:.1%}")
+        spread = (
+            "–"
+            if len(values) < 2
+            else ("∞" if math.isinf(max(values)) else f"{max(values) / min(values) - 1:.1%}")
+        )
         lines.append(f"| {LABELS[method]} | {cells} | {spread} | {statistics.median(step_s[method]):.2f} |")
     best = []
     for x in lrs:
