@@ -219,6 +219,9 @@ class TuningEngine:
         self.schedule: ScheduleShape | None = None
         #: Optimizers a scheduler may drive besides the inner one (the wrapper adds itself).
         self.schedule_owners: list[torch.optim.Optimizer] = []
+        #: The run's number of optimizer steps, when known before the first step (the Trainer's
+        #: ``max_steps``, set by AlphaTunerCallback): the horizon of a schedule that names none.
+        self.run_length: int | None = None
         if self.step_law is not None and self.step_law.schedule_mean is not None:
             self._use_schedule(ScheduleShape(self.step_law.schedule_mean, "given"))
         if isinstance(options.steps, StepLaw) and self.step_law is None:
@@ -380,7 +383,11 @@ class TuningEngine:
     def _read_schedule(self) -> None:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the
         schedule's mean factor and move every placed layer to the law's peak targets for it."""
-        shape = read_schedule([self.optimizer, *self.schedule_owners], group=self._lora_group_index() or 0)
+        shape = read_schedule(
+            [self.optimizer, *self.schedule_owners],
+            group=self._lora_group_index() or 0,
+            default_steps=self.run_length,
+        )
         self._use_schedule(shape)
         if shape.source.startswith("unknown"):
             why = shape.source.removeprefix("unknown: ")

@@ -14,7 +14,10 @@ Where the schedule comes from, in order:
 * the :class:`torch.optim.lr_scheduler.LambdaLR` driving the optimizer (every schedule of the
   Hugging Face ``Trainer`` and of ``transformers.get_scheduler`` but ReduceLROnPlateau), found at
   the first step; its horizon is the ``num_training_steps`` (or warm-up + stable + decay steps)
-  the Trainer built it with, or ``total_steps`` given by the caller;
+  the Trainer built it with, or ``total_steps`` given by the caller; a lambda that names no
+  horizon (``constant_with_warmup``) is averaged over ``default_steps``, the run's length where
+  it is known (:class:`~alpha_tuner.integrations.transformers.AlphaTunerCallback` passes the
+  Trainer's ``max_steps``);
 * no scheduler: a constant LR, ``f̄ = 1``.
 
 A scheduler that cannot be evaluated ahead (another class, a lambda without a horizon, several
@@ -119,14 +122,20 @@ def find_schedulers(optimizers: Sequence[torch.optim.Optimizer]) -> list[LRSched
     return list(found.values())
 
 
-def _lambda_shape(scheduler: LambdaLR, group: int, total_steps: int | None) -> ScheduleShape:
+def _lambda_shape(
+    scheduler: LambdaLR, group: int, total_steps: int | None, default_steps: int | None = None
+) -> ScheduleShape:
     fn = scheduler.lr_lambdas[group]
     if getattr(fn, "__name__", "") == "_get_constant_lambda":  # transformers' constant schedule
         return ScheduleShape(1.0, "LambdaLR (constant)")
     horizon = total_steps if total_steps is not None else lambda_horizon(fn)
+    if horizon is None:
+        horizon = default_steps
     if horizon is None or horizon < 1:
         return ScheduleShape(
-            1.0, "unknown: the LambdaLR's lambda names no horizon (pass total_steps or schedule_mean)"
+            1.0,
+            "unknown: the LambdaLR's lambda names no horizon (pass total_steps or schedule_mean, or add "
+            "AlphaTunerCallback to the Trainer, which tells the run's length)",
         )
     stride = max(1, horizon // _MAX_EVALUATIONS)
     factors = [float(fn(t)) for t in range(0, horizon, stride)]  # step t runs at fn(t)
@@ -134,7 +143,11 @@ def _lambda_shape(scheduler: LambdaLR, group: int, total_steps: int | None) -> S
 
 
 def read_schedule(
-    optimizers: Sequence[torch.optim.Optimizer], *, group: int = 0, total_steps: int | None = None
+    optimizers: Sequence[torch.optim.Optimizer],
+    *,
+    group: int = 0,
+    total_steps: int | None = None,
+    default_steps: int | None = None,
 ) -> ScheduleShape:
     """The schedule's mean factor over the run, from the scheduler driving ``optimizers``.
 
@@ -143,6 +156,8 @@ def read_schedule(
         group: Index of the param group whose LR the law follows (the LoRA factors' group).
         total_steps: The run's number of optimizer steps, when the caller knows it; otherwise a
             Hugging Face schedule's own horizon.
+        default_steps: The run's number of steps, used only for a lambda that names no horizon
+            of its own (a warm-up then constant LR).
 
     Returns:
         The shape; ``mean`` is 1.0 without a scheduler or when it cannot be evaluated ahead.
@@ -155,7 +170,7 @@ def read_schedule(
         if not isinstance(scheduler, LambdaLR) or group >= len(scheduler.lr_lambdas):
             shapes.append(ScheduleShape(1.0, f"unknown: {type(scheduler).__name__} is not a LambdaLR"))
         else:
-            shapes.append(_lambda_shape(scheduler, group, total_steps))
+            shapes.append(_lambda_shape(scheduler, group, total_steps, default_steps))
     if len({round(s.mean, 9) for s in shapes}) > 1:
         names = ", ".join(type(s).__name__ for s in schedulers)
         return ScheduleShape(1.0, f"unknown: several schedulers disagree ({names})")

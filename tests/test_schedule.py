@@ -216,3 +216,29 @@ def test_the_trainer_path_reads_its_own_schedule(tmp_path: Path) -> None:
     assert 0.3 < expected < 0.7
     lrs = [r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r]
     assert lrs[0] == pytest.approx(1e-3 * trainer.lr_scheduler.lr_lambdas[0](0))  # type: ignore[attr-defined]
+
+
+def test_a_warm_up_then_constant_schedule_is_averaged_over_the_trainers_max_steps(tmp_path: Path) -> None:
+    """``constant_with_warmup`` names no horizon; AlphaTunerCallback tells the law the run's length
+    (the Trainer's ``max_steps``), so the mean covers the warm-up too. Without the callback the law
+    warns and keeps the peak (f̄ = 1)."""
+    from alpha_tuner import AlphaTunerCallback
+
+    def train(callbacks: list[object]) -> AlphaTunedOptimizer:
+        model = tiny_llama()
+        opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
+        rows = [{"input_ids": torch.arange(12) % 64, "labels": torch.arange(12) % 64} for _ in range(16)]
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=2,
+            lr_scheduler_type="constant_with_warmup", warmup_steps=4, save_strategy="no", use_cpu=True,
+            report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None), callbacks=callbacks).train()
+        return opt
+
+    told = train([AlphaTunerCallback()])
+    assert told.engine.run_length == 10
+    assert told.engine.schedule == (pytest.approx(mean_factor([0, 0.25, 0.5, 0.75] + [1.0] * 6)), "LambdaLR")
+    with pytest.warns(RuntimeWarning, match="names no horizon"):
+        untold = train([])
+    assert untold.engine.schedule is not None and untold.engine.schedule.mean == 1.0

@@ -187,7 +187,8 @@ class AlphaTunerCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Check placement, and warn where the Trainer runs without the tuner."""
+        """Check placement, tell the tuner the run's length, and warn where the Trainer runs
+        without the tuner."""
         self._place_from_event()
         optimizer = kwargs.get("optimizer")
         tuner = find_alpha_tuned_optimizer(optimizer)
@@ -200,6 +201,9 @@ class AlphaTunerCallback(TrainerCallback):
                 "cannot measure or rescale the LoRA factors. Train without DeepSpeed (single device, DDP), "
                 "or set alpha once at construction: AlphaTunedOptimizer(..., adapt=False)."
             )
+        if tuner is not None and state.max_steps and state.max_steps > 0:
+            # The run's length: the horizon of an LR schedule that names none (warm-up then constant).
+            tuner.engine.run_length = int(state.max_steps)
         if tuner is None:
             self._warn_missing(optimizer)
         elif dynamic and _swapped_parameters(tuner):
