@@ -233,7 +233,9 @@ def test_a_warm_up_then_constant_schedule_is_averaged_over_the_trainers_max_step
             lr_scheduler_type="constant_with_warmup", warmup_steps=4, save_strategy="no", use_cpu=True,
             report_to=[], disable_tqdm=True, dataloader_num_workers=0,
         )  # fmt: skip
-        Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None), callbacks=callbacks).train()
+        kw = {"train_dataset": rows, "optimizers": (opt, None), "callbacks": callbacks}
+        trainer = Trainer(model=model, args=args, **kw)
+        trainer.train()
         return opt
 
     told = train([AlphaTunerCallback()])
