@@ -262,7 +262,7 @@ class TuningEngine:
                 trained = bool(torch.stack([p.detach().ne(0).any() for p in factors]).any())
                 if trained:
                     self._before_init = [(p, p.detach().clone()) for p in factors]
-            self._rescale(self.targets, alphas, group_map(optimizer), balances)
+            self._rescale(self.targets, alphas, balances)
         # In-place writes to B since init (load_state_dict of the adapter bumps this counter).
         self._b_versions = [t.weight_b._version for t in self.targets]
         update_adapter_config(model, self.targets)
@@ -476,16 +476,13 @@ class TuningEngine:
         self,
         targets: Sequence[LoraTarget],
         alphas: Sequence[float],
-        groups: Mapping[int, Mapping[str, object]] | None = None,
         balances: Sequence[float] | None = None,
     ) -> None:
         """:func:`rescale_targets_` (a few fused kernels for all layers); for factors whose
         gradients are in recipe units (see :mod:`alpha_tuner.gradunits`) the moments already
         are too, so only the units move."""
         if targets:
-            rescale_targets_(
-                targets, alphas, self.optimizer, groups=groups, balances=balances, units=self._units
-            )
+            rescale_targets_(targets, alphas, self.optimizer, balances=balances, units=self._units)
 
     def _unit_row(self, target: LoraTarget) -> list[float]:
         units = self._units

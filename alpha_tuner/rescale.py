@@ -137,11 +137,11 @@ def _multiply_all_(pairs: Sequence[tuple[Tensor, float]]) -> None:
     (DTensor) tensors are multiplied one by one.
     """
     plain = [(t, k) for t, k in pairs if k != 1.0 and not is_sharded(t)]
-    for t, k in pairs:
-        if k != 1.0 and is_sharded(t):
-            t.mul_(k)
-    if plain:
-        with torch.no_grad():
+    with torch.no_grad():
+        for t, k in pairs:
+            if k != 1.0 and is_sharded(t):
+                t.mul_(k)
+        if plain:
             torch._foreach_mul_([t for t, _ in plain], [k for _, k in plain])
 
 
@@ -156,8 +156,7 @@ def rescale_state_(
         ratio: The multiplier.
         group: ``param``'s param group (Adafactor's exponents depend on it).
     """
-    with torch.no_grad():
-        _multiply_all_(_state_factors(optimizer, param, ratio, group))
+    _multiply_all_(_state_factors(optimizer, param, ratio, group))
 
 
 def write_alpha(target: LoraTarget, alpha: float) -> None:
@@ -272,8 +271,7 @@ def rescale_targets_(
                 elif optimizer is not None and groups is not None:
                     products.extend(_state_factors(optimizer, param, k, groups.get(id(param), {})))
         write_alpha(target, alpha)
-    with torch.no_grad():
-        _multiply_all_(products)
+    _multiply_all_(products)
     return ratios
 
 
