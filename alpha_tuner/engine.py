@@ -252,6 +252,10 @@ class TuningEngine:
         # With the step law, gradients of the rescaled factors are reported in the recipe's units.
         self._units = GradUnits(_all_factors(self.targets)) if self.step_law is not None else None
         placed = [False] * len(self.targets)  # layers the law placed (re-placed for the schedule)
+        a_norms0 = None  # A's norms before placement (``StepLaw.a_reference="initial"``)
+        if self.step_law is not None:
+            with torch.no_grad():
+                a_norms0 = torch.stack([_norm(t.weight_a).float() for t in self.targets])
         if options.init == "principled":
             alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
             balances = [1.0] * len(self.targets)
@@ -278,7 +282,10 @@ class TuningEngine:
         if self.step_law is not None:
             as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
             balance0 = as_tensor(balances) if options.init == "principled" else None
-            law = init_steps(alpha0, balance0=balance0, alpha_recipe=as_tensor(recipe_alphas))
+            assert a_norms0 is not None  # set above with the law
+            law = init_steps(
+                alpha0, balance0=balance0, alpha_recipe=as_tensor(recipe_alphas), a_norm0=a_norms0.to(self.device)
+            )
             divisors = [t.divisor for t in self.targets]
             self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
             self._weight_norms = torch.stack([_weight_norm(t).to(self.device) for t in self.targets])
@@ -363,7 +370,10 @@ class TuningEngine:
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
                 factor = self._schedule_factor()
-                law = observe_steps(state.law, m.a_step, update, factor, self.step_law, m.measured)
+                a_step = m.a_step
+                if self.step_law.a_reference == "initial":  # ‖dA‖ / (‖A₀‖ in today's units)
+                    a_step = m.a_step * m.a_norm * torch.exp(state.law.log_balance) / state.law.a_norm0
+                law = observe_steps(state.law, a_step, update, factor, self.step_law, m.measured)
                 state = state._replace(law=law)
             else:  # the rule's controller (idle under the step law: its kernels would be wasted)
                 control = observe(state.control, m.rho, self.control_config, mask=m.measured)

@@ -81,6 +81,7 @@ class Measurement:
         measured: Bool, True for the layers of the phase this measurement covered.
         a_step: ``‖dA‖_F / ‖A‖_F`` per layer, A's relative step, float32 (NaN where not
             measured).
+        a_norm: ``‖A‖_F`` before the step per layer, float32 (NaN where not measured).
     """
 
     signal: Tensor
@@ -88,6 +89,7 @@ class Measurement:
     rho: Tensor
     measured: Tensor
     a_step: Tensor
+    a_norm: Tensor
 
 
 @dataclass
@@ -355,6 +357,7 @@ class DriftMeter:
         signal = torch.full((self.num_layers,), math.nan, dtype=torch.float32, device=self.device)
         drift = signal.clone()
         a_step = signal.clone()
+        a_norm = signal.clone()
         with torch.no_grad():
             grams = {
                 key: torch.empty(6, len(idx), key[0], key[0], dtype=key[1], device=key[2])
@@ -376,7 +379,9 @@ class DriftMeter:
                 drift.index_copy_(0, self._rows[phase][key], norms.drift.to(self.device, torch.float32))
                 trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # (6, n): squared norms of A, dA, ...
                 rel = (trace[2] / trace[0]).sqrt()
-                a_step.index_copy_(0, self._rows[phase][key], rel.to(self.device, torch.float32))
+                rows = self._rows[phase][key]
+                a_step.index_copy_(0, rows, rel.to(self.device, torch.float32))
+                a_norm.index_copy_(0, rows, trace[0].sqrt().to(self.device, torch.float32))
         rho = drift_ratio(DriftNorms(signal=signal, drift=drift))
         # A non-finite norm (NaN/inf gradients, an overflowing step) is not a measurement:
         # inf/inf or finite/inf would otherwise read as a valid ρ (NaN or 0). Nor is a step that
@@ -386,4 +391,6 @@ class DriftMeter:
         measured = self._measured[phase]
         moved = (signal > 0) | (drift > 0)
         rho = torch.where(measured & torch.isfinite(signal) & torch.isfinite(drift) & moved, rho, math.nan)
-        return Measurement(signal=signal, drift=drift, rho=rho, measured=measured, a_step=a_step)
+        return Measurement(
+            signal=signal, drift=drift, rho=rho, measured=measured, a_step=a_step, a_norm=a_norm
+        )

@@ -67,6 +67,7 @@ _FLOOR = 1e-30
 #: What :func:`placement` returns for a layer it cannot place (compare with ``is``).
 UNPLACED = (1.0, 1.0)
 
+_REFERENCES = ("current", "initial")
 # field -> (lower bound (exclusive), upper bound (exclusive), readable range)
 _RANGES: dict[str, tuple[float, float, str]] = {
     "a_step": (0.0, math.inf, "0 < a_step < inf"),
@@ -98,6 +99,10 @@ class StepLaw:
             ``lr / peak``); the targets are mean steps, so the law holds ``target / f̄`` at the
             peak. ``None`` (default): read from the scheduler at the first step
             (:mod:`alpha_tuner.schedule`; 1 without one).
+        a_reference: What A's step is relative to: ``"current"`` (default), ``‖A‖`` before the
+            step; ``"initial"``, A's norm at wrap time in the current balance's units, so that
+            the law holds A's absolute step and its relative step falls as A grows, as plain
+            Adam's does.
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.
@@ -111,11 +116,14 @@ class StepLaw:
     beta: float = 0.5
     warmup: int = 1
     schedule_mean: float | None = None
+    a_reference: str = "current"
 
     def __post_init__(self) -> None:
+        if self.a_reference not in _REFERENCES:
+            raise ValueError(f"StepLaw.a_reference must be one of {_REFERENCES}, got {self.a_reference!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "schedule_mean" and value is None:
+            if f.name == "a_reference" or (f.name == "schedule_mean" and value is None):
                 continue
             lo, hi, valid = _RANGES[f.name]
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -156,6 +164,9 @@ class StepState(NamedTuple):
         log_update: EMA of log(u / schedule factor), float32 (0 before a measurement).
         n_measured: Valid measurements so far, int64.
         n_skipped: Non-finite, non-positive or unscaled measurements skipped, int64.
+        a_norm0: ``‖A‖_F`` at wrap time, before placement, float32 (1 where not given); with
+            ``log_balance`` it gives A's wrap-time norm in today's units
+            (``a_reference="initial"``).
     """
 
     log_alpha: Tensor
@@ -167,10 +178,15 @@ class StepState(NamedTuple):
     log_update: Tensor
     n_measured: Tensor
     n_skipped: Tensor
+    a_norm0: Tensor
 
 
 def init_steps(
-    alpha0: Tensor, *, balance0: Tensor | None = None, alpha_recipe: Tensor | None = None
+    alpha0: Tensor,
+    *,
+    balance0: Tensor | None = None,
+    alpha_recipe: Tensor | None = None,
+    a_norm0: Tensor | None = None,
 ) -> StepState:
     """The state of L layers starting at α = ``alpha0`` (shape (L,), positive), unmeasured.
 
@@ -178,6 +194,7 @@ def init_steps(
         alpha0: α after placement.
         balance0: The placement's balance μ (default 1).
         alpha_recipe: The recipe's α before placement (default ``alpha0``).
+        a_norm0: ``‖A‖_F`` of each layer at wrap time, before placement (default 1).
 
     Raises:
         ValueError: If ``alpha0`` is not 1-D.
@@ -189,8 +206,9 @@ def init_steps(
     log_mu = zeros if balance0 is None else torch.log(balance0.detach().to(log_alpha0))
     log_recipe = log_alpha0 if alpha_recipe is None else torch.log(alpha_recipe.detach().to(log_alpha0))
     counts = torch.zeros(log_alpha0.shape, dtype=torch.int64, device=log_alpha0.device)
+    norm0 = torch.ones_like(log_alpha0) if a_norm0 is None else a_norm0.detach().to(log_alpha0)
     return StepState(
-        log_alpha0.clone(), log_alpha0, log_recipe, log_mu.clone(), log_mu, zeros, zeros, counts, counts
+        log_alpha0.clone(), log_alpha0, log_recipe, log_mu.clone(), log_mu, zeros, zeros, counts, counts, norm0
     )
 
 

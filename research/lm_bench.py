@@ -178,9 +178,11 @@ def execute(run: LMRun) -> dict[str, Any]:
 
 
 def _tuner_options(run: LMRun) -> dict[str, Any] | None:
-    """Options from a ``steps*`` run's tag ``a=<a_step>,u=<update>,h=<head_lr>`` (each optional).
+    """Options from a ``steps*`` run's tag ``a=<a_step>,u=<update>,h=<head_lr>,ref=<a_reference>``
+    (each optional).
 
-    ``a`` and ``u`` are the step law's targets, ``h`` the head's LR (``head_lr``); a field left
+    ``a`` and ``u`` are the step law's targets, ``ref`` what A's step is relative to
+    (``current`` or ``initial``), ``h`` the head's LR (``head_lr``); a field left
     out keeps its default. Raises ``ValueError`` naming an unknown field.
     """
     if not run.method.startswith("steps") or not run.tag:
@@ -188,11 +190,15 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     from alpha_tuner import StepLaw
 
     fields = dict(item.split("=") for item in run.tag.split(","))
-    unknown = sorted(set(fields) - {"a", "u", "h"})
+    unknown = sorted(set(fields) - {"a", "u", "h", "ref"})
     if unknown:
-        raise ValueError(f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, h=<head_lr>.")
+        raise ValueError(
+            f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, h=<head_lr>, ref=<a_reference>."
+        )
     names = {"a": "a_step", "u": "update"}
     law: dict[str, Any] = {names[key]: float(value) for key, value in fields.items() if key in names}
+    if "ref" in fields:
+        law["a_reference"] = fields["ref"]
     options: dict[str, Any] = {"steps": StepLaw(**law)}
     if "h" in fields:
         options["head_lr"] = float(fields["h"])
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lrs", type=lambda s: [float(x) for x in s.split(",")], help="base LRs (default 1e-5,1e-4,1e-3)"
     )
     parser.add_argument(
-        "--tag", default="", help="steps* methods: a=<a_step>,u=<update>,h=<head_lr> (each optional)"
+        "--tag", default="", help="steps* methods: a=<a_step>,u=<update>,h=<head_lr>,ref=<current or initial> (each optional)"
     )
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],

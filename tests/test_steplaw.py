@@ -38,6 +38,11 @@ def test_bad_settings_name_the_field(field: str, value: object) -> None:
         StepLaw(**{field: value})  # type: ignore[arg-type]
 
 
+def test_an_unknown_a_reference_is_named() -> None:
+    with pytest.raises(ValueError, match=r"StepLaw.a_reference must be one of \('current', 'initial'\)"):
+        StepLaw(a_reference="start")
+
+
 def test_wrapper_rejects_a_non_law() -> None:
     model = tiny_llama()
     with pytest.raises(TypeError, match=r"steps must be an alpha_tuner\.StepLaw"):
@@ -119,12 +124,12 @@ def test_placement_puts_the_first_adam_steps_on_target() -> None:
 
 # ---------------------------------------------------------------------------- the engine
 def _train(
-    lr: float, *, steps: int = 12, alpha: float | None = None, **kw: object
+    lr: float, *, steps: int = 12, alpha: float | None = None, law: StepLaw | None = None, **kw: object
 ) -> tuple[torch.nn.Module, AlphaTunedOptimizer]:
     model = tiny_llama(seed=3, lora_alpha=alpha) if alpha else tiny_llama(seed=3)
     model = model.double()
     inner = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-30, weight_decay=0.0)
-    opt = AlphaTunedOptimizer(inner, model, steps=StepLaw(), head_lr=None, **kw)  # type: ignore[arg-type]
+    opt = AlphaTunedOptimizer(inner, model, steps=law or StepLaw(), head_lr=None, **kw)  # type: ignore[arg-type]
     for i in range(steps):
         model(**lm_batch(seed=i)).loss.backward()
         opt.step()
@@ -208,8 +213,9 @@ def test_non_adam_optimizers_keep_the_static_rule_with_a_warning(name: str) -> N
     assert moved > 0  # the adapters trained, so the equality is not of two untouched models
 
 
-def test_state_dict_round_trip_resumes_exactly() -> None:
-    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 3}
+@pytest.mark.parametrize("reference", ["current", "initial"])
+def test_state_dict_round_trip_resumes_exactly(reference: str) -> None:
+    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 3, "law": StepLaw(a_reference=reference)}
     model, opt = _train(1e-4, steps=7, **kw)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())  # the live dict holds the moments themselves
@@ -231,6 +237,24 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     for x, y in zip(straight, _delta(model2, opt2), strict=True):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
     assert opt2.alphas() == opt.alphas()
+
+
+def test_a_reference_initial_measures_a_against_the_wrap_time_norm() -> None:
+    """``a_reference="initial"``: ‖dA‖ over A's wrap-time norm in today's units, ``‖A₀‖/μ``."""
+    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 1000}  # measured, never moved
+    runs = {}
+    for reference in ("current", "initial"):
+        law = StepLaw(beta=0.0, a_reference=reference)  # beta 0: the state is the last measurement
+        model, opt = _train(1e-3, steps=5, law=law, **kw)
+        before = torch.stack([lora_matrices(t.weight_a, t.weight_b)[0].norm() for t in opt.targets])
+        model(**lm_batch(seed=5)).loss.backward()
+        opt.step()
+        runs[reference] = (opt.engine.state.law, before.float())
+    (current, a_pre), (initial, _) = runs["current"], runs["initial"]
+    assert current is not None and initial is not None
+    wrap_norm = initial.a_norm0 * torch.exp(-initial.log_balance)  # ‖A₀‖ in today's units
+    torch.testing.assert_close(initial.log_a_step - current.log_a_step, torch.log(a_pre / wrap_norm))
+    assert float((a_pre / wrap_norm).max()) > 1.001  # A grew: the two references differ
 
 
 def test_diagnostics_report_the_law() -> None:
