@@ -283,9 +283,8 @@ class TuningEngine:
             as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
             balance0 = as_tensor(balances) if options.init == "principled" else None
             assert a_norms0 is not None  # set above with the law
-            law = init_steps(
-                alpha0, balance0=balance0, alpha_recipe=as_tensor(recipe_alphas), a_norm0=a_norms0.to(self.device)
-            )
+            recipe = as_tensor(recipe_alphas)
+            law = init_steps(alpha0, balance0=balance0, alpha_recipe=recipe, a_norm0=a_norms0.to(self.device))
             divisors = [t.divisor for t in self.targets]
             self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
             self._weight_norms = torch.stack([_weight_norm(t).to(self.device) for t in self.targets])

@@ -208,8 +208,9 @@ def init_steps(
     counts = torch.zeros(log_alpha0.shape, dtype=torch.int64, device=log_alpha0.device)
     norm0 = torch.ones_like(log_alpha0) if a_norm0 is None else a_norm0.detach().to(log_alpha0)
     return StepState(
-        log_alpha0.clone(), log_alpha0, log_recipe, log_mu.clone(), log_mu, zeros, zeros, counts, counts, norm0
-    )
+        log_alpha0.clone(), log_alpha0, log_recipe, log_mu.clone(), log_mu, zeros, zeros, counts, counts,
+        norm0,
+    )  # fmt: skip
 
 
 def observe_steps(

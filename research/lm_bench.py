@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         "--lrs", type=lambda s: [float(x) for x in s.split(",")], help="base LRs (default 1e-5,1e-4,1e-3)"
     )
     parser.add_argument(
-        "--tag", default="", help="steps* methods: a=<a_step>,u=<update>,h=<head_lr>,ref=<current or initial> (each optional)"
+        "--tag",
+        default="",
+        help="steps* methods: a=<a_step>,u=<update>,h=<head_lr>,ref=<current or initial> (each optional)",
     )
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],
