@@ -18,6 +18,9 @@ from typing import Any
 
 from .peers import LR_FREE
 
+#: The peers a gap report compares against, as row labels, in its column order.
+PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy", "dadapt", "schedulefree")
+
 __all__ = ["format_report", "method_label", "oracle_cells", "plot_curves", "table"]
 
 Record = Mapping[str, Any]
@@ -209,13 +212,14 @@ def gap_report(
     method: str,
     seeds: Sequence[int],
     selection_seeds: Sequence[int],
-    peers: Sequence[str] = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy"),
+    peers: Sequence[str] | None = None,
 ) -> str:
     """Paired gaps of ``method`` (a row label) to the oracle and to each peer, cell by cell.
 
     A gap is ``(loss(method) − loss(other)) / mean loss(other)`` per seed, reported as mean ± SE
     over the seeds both have (negative: ``method`` is better). The oracle is the best plain-LoRA
-    cell of the rank on ``selection_seeds``. The last lines give the spread of ``method``'s mean
+    cell of the rank on ``selection_seeds``. ``peers`` (row labels) default to those of
+    :data:`PEERS` that ran on ``seeds``. The last lines give the spread of ``method``'s mean
     loss across base LRs, ``(max − min) / min``, beside plain LoRA's at the recipe's α.
     """
     oracle = oracle_cells(records, selection_seeds)
@@ -226,6 +230,9 @@ def gap_report(
             lr = 1.0 if c["method"] in LR_FREE else c["lr"]
             by_label[(method_label(c), c["rank"], lr)][int(c["seed"])] = _loss(r)
     cells = sorted({(rank, lr) for (m, rank, lr) in by_label if m == method})
+    if peers is None:  # every standard peer that ran on these seeds
+        ran = {m for (m, _, _) in by_label}
+        peers = [p for p in PEERS if p in ran]
     header = "| r | lr | vs oracle | " + " | ".join(f"vs {p}" for p in peers) + " |"
     lines = [
         f"Paired gaps of `{method}`, mean ± SE over seeds {list(seeds)} (relative; negative = better):",

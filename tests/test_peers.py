@@ -95,6 +95,25 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     assert "| oracle (α=32, lr=0.0001) | 2.7000 ± 0.0000 | 2.7000 ± 0.0000 |" in text
 
 
+def test_the_gap_report_pairs_seeds_and_shows_every_peer_that_ran() -> None:
+    from research.bench_report import gap_report
+
+    def rec(method: str, lr: float, seed: int, loss: float, alpha: float | None = None) -> dict:
+        run = LMRun(method, 4, lr, seed, alpha=alpha)
+        return {"key": run.key(), "config": vars(run) | {}, "eval_loss": loss, "step_s": 1.0}
+
+    records = [rec("lora", 1e-4, s, 2.0, 16.0) for s in (0, 100, 101)]
+    records += [rec("steps", 1e-4, s, 1.9 + 0.02 * (s == 101)) for s in (100, 101)]
+    records += [rec("schedulefree", 1e-4, 100, 2.1)]  # one seed of two
+    text = gap_report(records, method="steps", seeds=[100, 101], selection_seeds=[0])
+    header = next(line for line in text.splitlines() if line.startswith("| r |"))
+    assert "vs schedulefree" in header and "vs dadapt" not in header  # no D-Adaptation run
+    row = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    # vs the oracle (α=16, 2.0) and plain LoRA α=16, the same runs: −5 % and −4 %, mean −4.5 %,
+    # SE 0.5 %; vs schedule-free on seed 100 only: (1.9 − 2.1) / 2.1
+    assert row == "| 4 | 0.0001 | -4.5% ± 0.5% | -4.5% ± 0.5% | -9.5% (1) |"
+
+
 def test_the_minilm_task_trains_the_adapter_and_the_fresh_head() -> None:
     from research.tasks import fresh_model
 
@@ -113,6 +132,10 @@ def test_a_steps_tag_sets_the_law_targets_and_the_head_lr() -> None:
     assert _tuner_options(LMRun("lora", 4, 1e-4, seed=0, tag="h=1e-3")) is None  # not a steps run
     options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="u=1e-3,h=1e-3"))
     assert options == {"steps": StepLaw(update=1e-3), "head_lr": 1e-3}
+    options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="a=2e-2,ref=initial"))
+    assert options == {"steps": StepLaw(a_step=2e-2, a_reference="initial")}
+    with pytest.raises(ValueError, match="a_reference must be one of"):
+        _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="ref=start"))
     with pytest.raises(ValueError, match="unknown field"):
         _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="b=2"))
 
