@@ -356,8 +356,9 @@ class DriftMeter:
         self._pending = None
         signal = torch.full((self.num_layers,), math.nan, dtype=torch.float32, device=self.device)
         drift = signal.clone()
-        a_step = signal.clone()
-        a_norm = signal.clone()
+        # ‖A‖² and ‖dA‖² of every layer, gathered per group and turned into a_step and a_norm
+        # once for all layers (fewer small kernels than per group).
+        squares = torch.full((2, self.num_layers), math.nan, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             grams = {
                 key: torch.empty(6, len(idx), key[0], key[0], dtype=key[1], device=key[2])
@@ -378,10 +379,9 @@ class DriftMeter:
                 signal.index_copy_(0, self._rows[phase][key], norms.signal.to(self.device, torch.float32))
                 drift.index_copy_(0, self._rows[phase][key], norms.drift.to(self.device, torch.float32))
                 trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # (6, n): squared norms of A, dA, ...
-                rel = (trace[2] / trace[0]).sqrt()
-                rows = self._rows[phase][key]
-                a_step.index_copy_(0, rows, rel.to(self.device, torch.float32))
-                a_norm.index_copy_(0, rows, trace[0].sqrt().to(self.device, torch.float32))
+                squares.index_copy_(1, self._rows[phase][key], trace[0:3:2].to(self.device, torch.float32))
+            a_norm = squares[0].sqrt()
+            a_step = (squares[1] / squares[0]).sqrt()
         rho = drift_ratio(DriftNorms(signal=signal, drift=drift))
         # A non-finite norm (NaN/inf gradients, an overflowing step) is not a measurement:
         # inf/inf or finite/inf would otherwise read as a valid ρ (NaN or 0). Nor is a step that

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields, replace
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -116,7 +116,7 @@ class StepLaw:
     beta: float = 0.5
     warmup: int = 1
     schedule_mean: float | None = None
-    a_reference: str = "current"
+    a_reference: Literal["current", "initial"] = "current"
 
     def __post_init__(self) -> None:
         if self.a_reference not in _REFERENCES:

@@ -48,6 +48,17 @@ def _dense(
     return s, d, drift_ratio(type(norms)(s, d))
 
 
+def _a_norms(
+    before: list[tuple[Tensor, Tensor]], after: list[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """``‖A‖`` before the step and A's relative step ``‖dA‖ / ‖A‖``, per layer, in float64."""
+    norm = torch.stack([a.double().norm() for a, _ in before])
+    step = torch.stack(
+        [(a1.double() - a.double()).norm() for (a, _), (a1, _) in zip(before, after, strict=True)]
+    )
+    return norm, step / norm
+
+
 def _step_and_measure(
     model: nn.Module, meter: DriftMeter, seed: int = 0, lr: float = 1e-2
 ) -> tuple[Measurement, tuple[Tensor, Tensor, Tensor]]:
@@ -60,7 +71,11 @@ def _step_and_measure(
     meter.snapshot()
     opt.step()
     got = meter.measure()
-    return got, _dense(before, _factors(model))
+    after = _factors(model)
+    a_norm, a_step = _a_norms(before, after)
+    torch.testing.assert_close(got.a_norm.double(), a_norm, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.a_step.double(), a_step, rtol=1e-5, atol=0)
+    return got, _dense(before, after)
 
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
