@@ -252,15 +252,17 @@ class TuningEngine:
         # With the step law, gradients of the rescaled factors are reported in the recipe's units.
         self._units = GradUnits(_all_factors(self.targets)) if self.step_law is not None else None
         placed = [False] * len(self.targets)  # layers the law placed (re-placed for the schedule)
-        a_norms0 = None  # A's norms before placement (``StepLaw.a_reference="initial"``)
+        norms = None  # (2, L) for the law: ‖A‖ before placement and ‖W₀‖ of every layer
         if self.step_law is not None:
             with torch.no_grad():
-                a_norms0 = torch.stack([_norm(t.weight_a).float() for t in self.targets])
+                norms = torch.stack(
+                    [torch.stack((_norm(t.weight_a), _weight_norm(t))) for t in self.targets], dim=1
+                )
         if options.init == "principled":
             alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
             balances = [1.0] * len(self.targets)
-            if self.step_law is not None:
-                alphas, balances, placed = self._placements()
+            if norms is not None:
+                alphas, balances, placed = self._placements(norms)
             factors = [p for t in self.targets for p in t.factor_params()]
             with torch.no_grad():  # construction time: one host read for all layers
                 trained = bool(torch.stack([p.detach().ne(0).any() for p in factors]).any())
@@ -279,15 +281,15 @@ class TuningEngine:
         self._lora_ids = frozenset(self._meter_params)
         rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
         law = None
-        if self.step_law is not None:
+        if norms is not None:  # the step law
             as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
             balance0 = as_tensor(balances) if options.init == "principled" else None
-            assert a_norms0 is not None  # set above with the law
-            recipe = as_tensor(recipe_alphas)
-            law = init_steps(alpha0, balance0=balance0, alpha_recipe=recipe, a_norm0=a_norms0.to(self.device))
+            a_norms0, self._weight_norms = norms.to(self.device).unbind(0)
+            law = init_steps(
+                alpha0, balance0=balance0, alpha_recipe=as_tensor(recipe_alphas), a_norm0=a_norms0
+            )
             divisors = [t.divisor for t in self.targets]
             self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
-            self._weight_norms = torch.stack([_weight_norm(t).to(self.device) for t in self.targets])
             # Which layers the law placed: the host list drives the first step's rescale, the
             # device mask its state update (made here, so that step copies nothing to the device).
             self._placed_list = placed
@@ -298,19 +300,15 @@ class TuningEngine:
         self._measuring_now = False
 
     # ------------------------------------------------------------------------ construction
-    def _placements(self) -> tuple[list[float], list[float], list[bool]]:
+    def _placements(self, norms: Tensor) -> tuple[list[float], list[float], list[bool]]:
         """α, balance and whether it was placed, of every layer, from
-        :func:`~alpha_tuner.steplaw.placement` (one host read)."""
+        :func:`~alpha_tuner.steplaw.placement` and the (2, L) ``‖A‖``, ``‖W₀‖`` (one host read)."""
         assert self.step_law is not None  # only called with the step law on
         # The schedule's base LR: a scheduler made before wrapping has already lowered ``lr``.
         groups = self.optimizer.param_groups
         lr_of = {id(p): float(g.get("initial_lr", g["lr"])) for g in groups for p in g["params"]}
-        with torch.no_grad():
-            norms = torch.stack(
-                [torch.stack((_norm(t.weight_a), _weight_norm(t))) for t in self.targets]
-            ).tolist()
         alphas, balances, placed = [], [], []
-        for t, (a_norm, w_norm) in zip(self.targets, norms, strict=True):
+        for t, (a_norm, w_norm) in zip(self.targets, norms.T.tolist(), strict=True):
             a2d, b2d = lora_matrices(t.weight_a, t.weight_b)
             m, mu = placement(
                 lr_a=lr_of[id(t.weight_a)], lr_b=lr_of[id(t.weight_b)],
@@ -369,10 +367,9 @@ class TuningEngine:
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
                 factor = self._schedule_factor()
-                a_step = m.a_step
-                if self.step_law.a_reference == "initial":  # ‖dA‖ / (‖A₀‖ in today's units)
-                    a_step = m.a_step * m.a_norm * torch.exp(state.law.log_balance) / state.law.a_norm0
-                law = observe_steps(state.law, a_step, update, factor, self.step_law, m.measured)
+                law = observe_steps(
+                    state.law, m.a_step, update, factor, self.step_law, m.measured, a_norm=m.a_norm
+                )
                 state = state._replace(law=law)
             else:  # the rule's controller (idle under the step law: its kernels would be wasted)
                 control = observe(state.control, m.rho, self.control_config, mask=m.measured)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields, replace
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -67,7 +67,9 @@ _FLOOR = 1e-30
 #: What :func:`placement` returns for a layer it cannot place (compare with ``is``).
 UNPLACED = (1.0, 1.0)
 
-_REFERENCES = ("current", "initial")
+#: What A's step can be measured against (:attr:`StepLaw.a_reference`).
+AReference = Literal["current", "initial"]
+_REFERENCES = get_args(AReference)
 # field -> (lower bound (exclusive), upper bound (exclusive), readable range)
 _RANGES: dict[str, tuple[float, float, str]] = {
     "a_step": (0.0, math.inf, "0 < a_step < inf"),
@@ -116,7 +118,7 @@ class StepLaw:
     beta: float = 0.5
     warmup: int = 1
     schedule_mean: float | None = None
-    a_reference: Literal["current", "initial"] = "current"
+    a_reference: AReference = "current"
 
     def __post_init__(self) -> None:
         if self.a_reference not in _REFERENCES:
@@ -220,6 +222,8 @@ def observe_steps(
     scale: float,
     config: StepLaw,
     mask: Tensor | None = None,
+    *,
+    a_norm: Tensor | None = None,
 ) -> StepState:
     """Fold one measurement of ``a`` and ``u`` (shape (L,)) taken at schedule factor ``scale``.
 
@@ -228,8 +232,11 @@ def observe_steps(
         a_step: ``‖dA‖/‖A‖`` per layer; NaN where not measured.
         update: ``s·‖dB·A + B·dA‖/‖W₀‖`` per layer; NaN where not measured.
         scale: The schedule's factor ``lr / initial_lr`` of the measured step (a host float).
-        config: The law (uses ``beta``).
+        config: The law (uses ``beta`` and ``a_reference``).
         mask: Bool (L,): the layers this measurement covered (``None``: all).
+        a_norm: ``‖A‖`` before the step per layer; needed with ``a_reference="initial"``,
+            where ``a`` is measured against A's wrap-time norm in today's units instead,
+            ``a·‖A‖ / (a_norm0·e^{−log_balance})``.
 
     Returns:
         The new state. A layer whose ``a`` or ``u`` is not finite and positive, or any layer
@@ -238,6 +245,10 @@ def observe_steps(
     shape = state.log_a_step.shape
     if a_step.shape != shape or update.shape != shape:
         raise ValueError(f"a_step and update must have shape {tuple(shape)}, got {tuple(a_step.shape)}")
+    if config.a_reference == "initial":
+        if a_norm is None:
+            raise ValueError("observe_steps: a_reference='initial' needs a_norm, A's norm before the step")
+        a_step = a_step * a_norm * torch.exp(state.log_balance) / state.a_norm0
     observed = torch.ones_like(state.n_measured, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     # a and u as one (2, L) tensor: the same arithmetic per element in half the kernel launches,
     # which are what a measuring step costs on an accelerator.

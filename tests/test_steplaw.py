@@ -43,6 +43,12 @@ def test_an_unknown_a_reference_is_named() -> None:
         StepLaw(a_reference="start")
 
 
+def test_the_initial_reference_needs_a_norm() -> None:
+    state, law = init_steps(torch.tensor([8.0])), StepLaw(a_reference="initial")
+    with pytest.raises(ValueError, match="a_reference='initial' needs a_norm"):
+        observe_steps(state, torch.tensor([1e-2]), torch.tensor([3e-4]), 1.0, law)
+
+
 def test_wrapper_rejects_a_non_law() -> None:
     model = tiny_llama()
     with pytest.raises(TypeError, match=r"steps must be an alpha_tuner\.StepLaw"):
