@@ -86,10 +86,18 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
 
 
 def table(
-    records: Sequence[Record], *, seeds: Sequence[int], selection_seeds: Sequence[int]
+    records: Sequence[Record],
+    *,
+    seeds: Sequence[int],
+    selection_seeds: Sequence[int],
+    oracle: Mapping[int, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
-    """Per (rank, LR) cell: method → (mean, SE, n) over ``seeds``; the oracle; who is best."""
-    oracle = oracle_cells(records, selection_seeds)
+    """Per (rank, LR) cell: method → (mean, SE, n) over ``seeds``; the oracle; who is best.
+
+    ``oracle`` (rank → (α, LR)) gives the oracle cells chosen elsewhere (default: chosen on
+    ``selection_seeds`` among ``records``).
+    """
+    oracle = oracle_cells(records, selection_seeds) if oracle is None else oracle
     rows: dict[tuple[int, float], dict[str, tuple[float, float, int]]] = {}
     ranks = sorted({r["config"]["rank"] for r in records})
     lrs = sorted({r["config"]["lr"] for r in records if r["config"]["method"] not in LR_FREE})
@@ -213,16 +221,18 @@ def gap_report(
     seeds: Sequence[int],
     selection_seeds: Sequence[int],
     peers: Sequence[str] | None = None,
+    oracle: Mapping[int, tuple[float, float]] | None = None,
 ) -> str:
     """Paired gaps of ``method`` (a row label) to the oracle and to each peer, cell by cell.
 
     A gap is ``(loss(method) − loss(other)) / mean loss(other)`` per seed, reported as mean ± SE
     over the seeds both have (negative: ``method`` is better). The oracle is the best plain-LoRA
     cell of the rank on ``selection_seeds``. ``peers`` (row labels) default to those of
-    :data:`PEERS` that ran on ``seeds``. The last lines give the spread of ``method``'s mean
-    loss across base LRs, ``(max − min) / min``, beside plain LoRA's at the recipe's α.
+    :data:`PEERS` that ran on ``seeds``; ``oracle`` (rank → (α, LR)) overrides the oracle cells.
+    The last lines give the spread of ``method``'s mean loss across base LRs,
+    ``(max − min) / min``, beside plain LoRA's at the recipe's α.
     """
-    oracle = oracle_cells(records, selection_seeds)
+    oracle = oracle_cells(records, selection_seeds) if oracle is None else oracle
     by_label: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
     for r in records:
         c = r["config"]

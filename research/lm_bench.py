@@ -276,38 +276,65 @@ def report(
     schedule: str | None = None,
     steps: int | None = None,
 ) -> int:
-    """Write ``<out>.md`` (tables) and ``<out>_curves.png`` (loss curves at lr 1e-4, first seed).
+    """Write the tables (``.md``) and loss curves (``_curves.png``) of one setting of ``out``.
 
     Only the runs of one setting enter the tables: ``schedule`` and ``steps`` (default: the
-    task's), so probes at another horizon or schedule in the same file are not mixed in.
+    task's), so probes at another horizon or schedule in the same file are not mixed in. The
+    report is written beside ``out`` under its stem, or, for another setting in a file that also
+    holds the task's own, under the stem plus ``_<steps>steps`` (and ``_<schedule>`` if that
+    differs), so that it does not overwrite the task's report. A rank whose α × LR grid did not
+    run at this setting on the selection seeds takes the oracle cell chosen at the task's own
+    setting (its horizon probe: the same cell, run longer), and the report says so.
     """
-    from .bench_report import format_report, gap_report, method_label, plot_curves, table
+    from .bench_report import format_report, gap_report, method_label, oracle_cells, plot_curves, table
     from .claims import format_claims
     from .runner import read_records
 
     d = TASK_DEFAULTS[model]
     schedule, steps = schedule or d.schedule, steps or d.steps
-    records = [
-        r
-        for r in read_records(out)
-        if r["config"]["model"] == model
-        and r["config"]["steps"] == steps
-        and r["config"]["schedule"] == schedule  # schedule-free's runs carry the task's schedule
-    ]
+    every = [r for r in read_records(out) if r["config"]["model"] == model]
+
+    def at(n: int, sched: str) -> list[dict[str, Any]]:  # schedule-free runs carry the task's schedule
+        return [r for r in every if r["config"]["steps"] == n and r["config"]["schedule"] == sched]
+
+    records = at(steps, schedule)
     if not records:
         print(f"lm_bench: no {model} records at {steps} steps, schedule {schedule}, in {out} yet")
         return 1
-    result = table(records, seeds=seeds, selection_seeds=selection_seeds)
+    oracle = oracle_cells(records, selection_seeds)
+    borrowed = {
+        rank: cell
+        for rank, cell in oracle_cells(at(d.steps, d.schedule), selection_seeds).items()
+        if rank not in oracle and any(r["config"]["rank"] == rank for r in records)
+    }
+    oracle |= borrowed
+    result = table(records, seeds=seeds, selection_seeds=selection_seeds, oracle=oracle)
     titles = {
         "smollm2": "Causal LM: SmolLM2-135M on the 2012 convention speeches",
         "minilm": "MiniLM review sentiment through the Trainer",
     }
-    text = format_report(result, seeds=seeds, title=titles.get(model, model))
+    title = titles.get(model, model)
+    own = (steps, schedule) == (d.steps, d.schedule)
+    if not own:
+        title += f", {steps} steps, {schedule} schedule"
+    text = format_report(result, seeds=seeds, title=title)
+    if borrowed:
+        text += (
+            f"\nOracle cells chosen at the task's own setting ({d.steps} steps, {d.schedule}) on the "
+            f"selection seeds, for lack of a grid at this one: "
+            + ", ".join(f"r = {rank}: α = {a:g}, lr {lr:g}" for rank, (a, lr) in sorted(borrowed.items()))
+            + ".\n"
+        )
     if any(method_label(r["config"]) == "steps" for r in records):
-        text += "\n" + gap_report(records, method="steps", seeds=seeds, selection_seeds=selection_seeds)
+        text += "\n" + gap_report(
+            records, method="steps", seeds=seeds, selection_seeds=selection_seeds, oracle=oracle
+        )
     text += "\n" + format_claims(records, selection_seeds)
-    out.with_suffix(".md").write_text(text, encoding="utf-8")
-    plot_curves(records, out.with_name(out.stem + "_curves.png"), seed=seeds[0], lr=1e-4)
+    stem = out.stem
+    if not own and at(d.steps, d.schedule):
+        stem += f"_{steps}steps" + ("" if schedule == d.schedule else f"_{schedule}")
+    out.with_name(stem + ".md").write_text(text, encoding="utf-8")
+    plot_curves(records, out.with_name(stem + "_curves.png"), seed=seeds[0], lr=1e-4)
     print(text)
     return 0
 

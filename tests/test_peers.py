@@ -163,4 +163,34 @@ def test_the_report_keeps_to_one_schedule_and_horizon(tmp_path: Path) -> None:
     text = out.with_suffix(".md").read_text()
     assert "oracle (α=16, lr=0.001) | 0.4000" in text and "0.1000" not in text
     assert report(out, seeds=[100], model="minilm", selection_seeds=[0, 1], schedule="constant") == 0
-    assert "0.1000" in out.with_suffix(".md").read_text()
+    assert "oracle (α=16, lr=0.0001) | 0.1000" in (tmp_path / "bench_600steps_constant.md").read_text()
+    assert "0.1000" not in out.with_suffix(".md").read_text()  # the task's own report stands
+
+
+def test_a_longer_horizon_takes_the_oracle_cell_chosen_at_the_task_s_own(tmp_path: Path) -> None:
+    """A horizon probe runs the oracle cell longer on the held-out seeds only: the report pairs it
+    with the cell the selection seeds chose at the task's horizon, says so, and keeps the task's
+    own report."""
+    import json
+
+    from research.lm_bench import report
+
+    def rec(method: str, lr: float, seed: int, loss: float, steps: int, alpha: float | None = None) -> str:
+        run = LMRun(method, 8, lr, seed, alpha=alpha, steps=steps)
+        return json.dumps({"key": run.key(), "config": vars(run), "eval_loss": loss, "step_s": 1.0,
+                           "train_curve": [[10, loss]]})  # fmt: skip
+
+    lines = [rec("lora", 1e-3, s, 2.60, 300, 64.0) for s in (0, 100, 101)]
+    lines += [rec("lora", 1e-4, s, 2.70, 300, 16.0) for s in (0, 100, 101)]
+    lines += [rec("lora", 1e-3, s, 2.50, 600, 64.0) for s in (100, 101)]
+    lines += [rec("steps", 1e-4, s, 2.45 + 0.01 * (s == 101), 600) for s in (100, 101)]
+    out = tmp_path / "lm.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    assert report(out, seeds=[100, 101], selection_seeds=[0]) == 0
+    assert report(out, seeds=[100, 101], selection_seeds=[0], steps=600) == 0
+    long = (tmp_path / "lm_600steps.md").read_text()
+    assert "600 steps" in long and "r = 8: α = 64, lr 0.001" in long
+    assert "| oracle (α=64, lr=0.001) | 2.5000 ± 0.0000 |" in long
+    row = next(line for line in long.splitlines() if line.startswith("| 8 | 0.0001 |"))
+    assert row.startswith("| 8 | 0.0001 | -1.8% ± 0.2% |")  # (2.45 − 2.5)/2.5, (2.46 − 2.5)/2.5
+    assert "2.5000" not in out.with_suffix(".md").read_text()  # 300 steps: the task's own report
