@@ -178,30 +178,33 @@ def execute(run: LMRun) -> dict[str, Any]:
 
 
 def _tuner_options(run: LMRun) -> dict[str, Any] | None:
-    """Options from a ``steps*`` run's tag ``a=<a_step>,u=<update>,h=<head_lr>,ref=<a_reference>``
-    (each optional).
+    """Options from a ``steps*`` run's tag, comma-separated ``key=value`` fields, each optional.
 
-    ``a`` and ``u`` are the step law's targets, ``ref`` what A's step is relative to
-    (``current`` or ``initial``), ``h`` the head's LR (``head_lr``); a field left
-    out keeps its default. Raises ``ValueError`` naming an unknown field.
+    The step law's fields: ``a`` (``a_step``), ``u`` (``update``), ``m`` (``max_change``) and
+    ``ref`` (``a_reference``: ``current`` or ``initial``); the wrapper's: ``h`` (``head_lr``),
+    ``e`` (``measure_every``), ``p`` (``measure_phases``) and ``c`` (``control_every``). A field
+    left out keeps its default. Raises ``ValueError`` naming an unknown field.
     """
     if not run.method.startswith("steps") or not run.tag:
         return None
     from alpha_tuner import StepLaw
 
     fields = dict(item.split("=") for item in run.tag.split(","))
-    unknown = sorted(set(fields) - {"a", "u", "h", "ref"})
+    law_names = {"a": "a_step", "u": "update", "m": "max_change"}
+    wrapper_names = {"e": "measure_every", "p": "measure_phases", "c": "control_every"}
+    unknown = sorted(set(fields) - {*law_names, *wrapper_names, "h", "ref"})
     if unknown:
         raise ValueError(
-            f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, h=<head_lr>, ref=<a_reference>."
+            f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, m=<max_change>, "
+            "ref=<a_reference>, h=<head_lr>, e=<measure_every>, p=<measure_phases>, c=<control_every>."
         )
-    names = {"a": "a_step", "u": "update"}
-    law: dict[str, Any] = {names[key]: float(value) for key, value in fields.items() if key in names}
+    law: dict[str, Any] = {law_names[key]: float(value) for key, value in fields.items() if key in law_names}
     if "ref" in fields:
         law["a_reference"] = fields["ref"]
     options: dict[str, Any] = {"steps": StepLaw(**law)}
     if "h" in fields:
         options["head_lr"] = float(fields["h"])
+    options |= {wrapper_names[key]: int(value) for key, value in fields.items() if key in wrapper_names}
     return options
 
 
@@ -362,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tag",
         default="",
-        help="steps* methods: a=<a_step>,u=<update>,h=<head_lr>,ref=<current or initial> (each optional)",
+        help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,ref=<current or initial>,h=<head_lr>,"
+        "e=<measure_every>,p=<measure_phases>,c=<control_every> (each optional)",
     )
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],
