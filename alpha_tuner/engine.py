@@ -95,6 +95,7 @@ class EngineOptions:
     control: ControlConfig | None = None
     head_lr: float | None = HEAD_LR
     steps: StepLaw | Literal["auto"] | None = "auto"
+    fast_start: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in ("principled", "keep"):
@@ -120,6 +121,8 @@ class EngineOptions:
             )
         if self.rule is not None and not isinstance(self.rule, AlphaRule):
             raise TypeError(f"rule must be an alpha_tuner.AlphaRule, got {type(self.rule).__name__}.")
+        if not isinstance(self.fast_start, bool):
+            raise TypeError(f"fast_start must be True or False, got {self.fast_start!r}.")
         if self.adapt and self.measure is False:
             raise ValueError("adapt=True needs measure=True: the controller acts on measured drift ratios.")
 
@@ -298,6 +301,8 @@ class TuningEngine:
             steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False, law=law
         )
         self._measuring_now = False
+        #: The fast start's one-phase meter (see _fast_now), dropped when the fast start ends.
+        self._full_meter = self._new_start_meter()
 
     # ------------------------------------------------------------------------ construction
     def _placements(self, norms: Tensor) -> tuple[list[float], list[float], list[bool]]:
@@ -320,8 +325,8 @@ class TuningEngine:
             placed.append((m, mu) is not UNPLACED)
         return alphas, balances, placed
 
-    def _new_meter(self) -> DriftMeter:
-        return DriftMeter(self.targets, self.device, phases=self.options.measure_phases)
+    def _new_meter(self, phases: int | None = None) -> DriftMeter:
+        return DriftMeter(self.targets, self.device, phases=phases or self.options.measure_phases)
 
     def _factor_ids(self) -> tuple[int, ...]:
         """Identity of the live A and B factors (checked at each measurement: cheap lookups)."""
@@ -354,15 +359,49 @@ class TuningEngine:
         if self._factor_ids() != self._meter_params:
             # Parameters were replaced after wrapping (FSDP2 via Accelerate): re-group.
             self.meter = self._new_meter()
+            self._full_meter = self._new_start_meter()
             self._meter_params = self._factor_ids()
-        self.meter.snapshot(self.state.phase)  # type: ignore[union-attr]
+        if self._fast_now():
+            self._start_meter().snapshot(0)
+        else:
+            self._full_meter = None  # the fast start is over: free its snapshot
+            self.meter.snapshot(self.state.phase)  # type: ignore[union-attr]
+
+    def _fast_now(self) -> bool:
+        """Whether the coming step is in the fast start: the first control interval of an
+        adaptive step law with ``fast_start``, where every measurement covers every layer and
+        is followed by a control step."""
+        return (
+            self.options.fast_start
+            and self.adapt
+            and self.step_law is not None
+            and self.state.steps < self.options.control_every
+        )
+
+    def _start_meter(self) -> DriftMeter:
+        """The meter of the fast start: one phase, every layer in each measurement."""
+        meter = self._full_meter or self.meter
+        assert meter is not None  # only called while measuring
+        return meter
+
+    def _new_start_meter(self) -> DriftMeter | None:
+        """A one-phase meter for the fast start, made outside the hot path (its index tensors
+        are host-to-device copies); ``None`` when the fast start does not apply or the meter
+        already has one phase."""
+        meter = self.meter
+        if meter is None or meter.num_phases == 1 or not self.options.fast_start:
+            return None
+        if not self.adapt or self.step_law is None or self.state.steps >= self.options.control_every:
+            return None
+        return self._new_meter(phases=1)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Measure ρ of the step just taken (if snapshotted) and act on the control cadence."""
         state = self.state
+        fast = self._fast_now()
         if self._measuring_now and self.meter is not None:
-            m = self.meter.measure()
+            m = (self._start_meter() if fast else self.meter).measure()
             if state.law is not None and self.step_law is not None:
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
@@ -377,13 +416,15 @@ class TuningEngine:
             state = state._replace(
                 rho=torch.where(m.measured, m.rho, state.rho),
                 measured_once=True,
-                phase=(state.phase + 1) % self.meter.num_phases,
+                # the fast start's measurements cover every layer: the rotation starts after it
+                phase=state.phase if fast else (state.phase + 1) % self.meter.num_phases,
             )
-            self._measuring_now = False
+        decide = self._measuring_now and fast  # the fast start decides after each measurement
+        self._measuring_now = False
         state = state._replace(steps=state.steps + 1)
         self.state = state
         self._before_init = None  # only a load before the first step may need it
-        if self.adapt and state.steps % self.options.control_every == 0:
+        if self.adapt and (decide or state.steps % self.options.control_every == 0):
             self._control_step()
 
     def _read_schedule(self) -> None:

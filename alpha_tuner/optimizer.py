@@ -96,6 +96,14 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
             unless ``rule``, a rule field or ``control`` is given, else the rule. ``None``: the
             rule and the back-off law. An explicit ``StepLaw`` with another optimizer warns
             and keeps the rule.
+        fast_start: With the adaptive step law, measure every layer at each measurement of
+            the first control interval (every ``measure_every`` steps, all phases at once) and
+            decide after each, instead of one decision at the interval's end: a start far
+            from the targets (a recipe's α far off, a placement that misjudges Adam's later
+            steps) is corrected within the first interval rather than over several, each
+            capped at ``StepLaw.max_change``. Costs one full measurement (the snapshot of
+            every factor) and one control step per ``measure_every`` steps in that interval
+            only. Does nothing under the α rule or with ``adapt=False``.
 
     Raises:
         TypeError: If ``optimizer`` is not a torch optimizer, needs a closure (LBFGS), or
@@ -127,13 +135,14 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         control: ControlConfig | None = None,
         head_lr: float | None = HEAD_LR,
         steps: StepLaw | Literal["auto"] | None = "auto",
+        fast_start: bool = False,
     ) -> None:
         if isinstance(optimizer, AlphaTunedOptimizer):
             raise TypeError("optimizer is already an AlphaTunedOptimizer; wrap the inner optimizer once.")
         options = EngineOptions(
             init=init, adapt=adapt, measure=measure, measure_every=measure_every,
             measure_phases=measure_phases, control_every=control_every, control=control, head_lr=head_lr,
-            steps=steps, rule=resolve_rule(
+            steps=steps, fast_start=fast_start, rule=resolve_rule(
                 rule, c=c, reference_lr=reference_lr, lr_exponent=lr_exponent,
                 rank_exponent=rank_exponent, rank_exponent_slope=rank_exponent_slope,
             ),
@@ -230,6 +239,6 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         return (
             f"AlphaTunedOptimizer({type(self.optimizer).__name__}, layers={len(self.targets)}, "
             f"adapt={self.adapt}, measure_every={self.measure_every}, measure_phases={self.measure_phases}, "
-            f"control_every={self.control_every}, head_lr={self.head_lr}, "
+            f"control_every={self.control_every}, fast_start={self.fast_start}, head_lr={self.head_lr}, "
             f"law={'steps' if self.engine.step_law is not None else 'rule'})"
         )

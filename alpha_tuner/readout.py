@@ -50,6 +50,9 @@ class TunerReadout:
     measure_every: _Engine[int] = _Engine("options.measure_every", "Steps between measurements.")
     measure_phases: _Engine[int] = _Engine("options.measure_phases", "Layer subsets measured in turn.")
     control_every: _Engine[int] = _Engine("options.control_every", "Steps between control decisions.")
+    fast_start: _Engine[bool] = _Engine(
+        "options.fast_start", "Whether the first interval decides after each measurement."
+    )
     head_lr: _Engine[float | None] = _Engine("options.head_lr", "Least LR of ``modules_to_save``.")
     head_params_lifted: _Engine[int] = _Engine("head_params_lifted", "Head parameters whose LR was raised.")
     device: _Engine[torch.device] = _Engine("device", "Where the tuner's tensors live.")

@@ -182,8 +182,9 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
 
     The step law's fields: ``a`` (``a_step``), ``u`` (``update``), ``m`` (``max_change``) and
     ``ref`` (``a_reference``: ``current`` or ``initial``); the wrapper's: ``h`` (``head_lr``),
-    ``e`` (``measure_every``), ``p`` (``measure_phases``) and ``c`` (``control_every``). A field
-    left out keeps its default. Raises ``ValueError`` naming an unknown field.
+    ``e`` (``measure_every``), ``p`` (``measure_phases``), ``c`` (``control_every``) and ``f``
+    (``fast_start``, 0 or 1). A field left out keeps its default. Raises ``ValueError`` naming an
+    unknown field.
     """
     if not run.method.startswith("steps") or not run.tag:
         return None
@@ -192,11 +193,12 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     fields = dict(item.split("=") for item in run.tag.split(","))
     law_names = {"a": "a_step", "u": "update", "m": "max_change"}
     wrapper_names = {"e": "measure_every", "p": "measure_phases", "c": "control_every"}
-    unknown = sorted(set(fields) - {*law_names, *wrapper_names, "h", "ref"})
+    unknown = sorted(set(fields) - {*law_names, *wrapper_names, "h", "ref", "f"})
     if unknown:
         raise ValueError(
             f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, m=<max_change>, "
-            "ref=<a_reference>, h=<head_lr>, e=<measure_every>, p=<measure_phases>, c=<control_every>."
+            "ref=<a_reference>, h=<head_lr>, e=<measure_every>, p=<measure_phases>, c=<control_every>, "
+            "f=<fast_start: 0 or 1>."
         )
     law: dict[str, Any] = {law_names[key]: float(value) for key, value in fields.items() if key in law_names}
     if "ref" in fields:
@@ -205,6 +207,10 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     if "h" in fields:
         options["head_lr"] = float(fields["h"])
     options |= {wrapper_names[key]: int(value) for key, value in fields.items() if key in wrapper_names}
+    if "f" in fields:
+        if fields["f"] not in ("0", "1"):
+            raise ValueError(f"--tag: f (fast_start) must be 0 or 1, got {fields['f']!r}.")
+        options["fast_start"] = fields["f"] == "1"
     return options
 
 
@@ -366,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tag",
         default="",
         help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,ref=<current or initial>,h=<head_lr>,"
-        "e=<measure_every>,p=<measure_phases>,c=<control_every> (each optional)",
+        "e=<measure_every>,p=<measure_phases>,c=<control_every>,f=<fast_start 0/1> (each optional)",
     )
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],

@@ -234,6 +234,26 @@ def test_step_law_syncs_once_per_control_step(guard: SyncGuard, inner: str) -> N
 
 
 @pytest.mark.parametrize("inner", list(INNER))
+def test_the_fast_start_syncs_only_on_its_control_steps(guard: SyncGuard, inner: str) -> None:
+    """``fast_start``: in the first interval every measurement (steps 10, 20, 30, 40) is a control
+    step with one ``tolist``; its one-phase meter was made at construction, so no step copies
+    index tensors to the device; after it, the default cadence (step 80 only)."""
+    model, opt = _wrapped(guard, inner, steps=StepLaw(), fast_start=True)
+    for i in range(2 * opt.control_every):
+        _random_grads(model, i)
+        step = i + 1
+        control_step = (
+            step <= opt.control_every and step % opt.measure_every == 0
+        ) or step % opt.control_every == 0
+        with guard.armed_for(("tolist",) if control_step else ()) as calls:
+            opt.step()
+        assert calls == (Counter(tolist=1) if control_step else Counter()), f"step {step}"
+        if inner != "fused":
+            assert guard.host_to_device == Counter(), f"step {step}"
+    assert opt.engine._full_meter is None  # the fast start's snapshot is freed after it
+
+
+@pytest.mark.parametrize("inner", list(INNER))
 def test_frequent_control_steps_sync_once_each(guard: SyncGuard, inner: str) -> None:
     model, opt = _wrapped(
         guard, inner, control=ControlConfig(rho_max=1e-12), measure_every=2, measure_phases=2, control_every=4

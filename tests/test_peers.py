@@ -134,13 +134,16 @@ def test_a_steps_tag_sets_the_law_targets_and_the_head_lr() -> None:
     assert options == {"steps": StepLaw(update=1e-3), "head_lr": 1e-3}
     options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="a=2e-2,ref=initial"))
     assert options == {"steps": StepLaw(a_step=2e-2, a_reference="initial")}
-    options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="m=16,p=1,c=10,e=10"))
+    options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="m=16,p=1,c=10,e=10,f=1"))
     assert options == {
         "steps": StepLaw(max_change=16.0),
         "measure_phases": 1,
         "control_every": 10,
         "measure_every": 10,
+        "fast_start": True,
     }
+    with pytest.raises(ValueError, match=r"f \(fast_start\) must be 0 or 1"):
+        _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="f=yes"))
     with pytest.raises(ValueError, match="a_reference must be one of"):
         _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="ref=start"))
     with pytest.raises(ValueError, match="unknown field"):

@@ -180,6 +180,37 @@ def test_the_online_part_corrects_a_wrong_start() -> None:
     assert float((law.log_update - math.log(StepLaw().update)).abs().max()) < math.log(4.0)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "fast-start"])
+def test_the_fast_start_corrects_a_far_start_within_the_first_interval(fast: bool, monkeypatch) -> None:
+    """α ÷ 64 at wrap time (B's step 64× below target): with ``fast_start`` the law decides after
+    every measurement of the first interval (steps 2, 4, 6, 8), each measuring every layer, and
+    ends it near the target; without, one decision at step 8 moves α by at most ``max_change``."""
+    kw = {"measure_every": 2, "measure_phases": 2, "control_every": 8, "fast_start": fast}
+    model, opt = _train(1e-4, steps=0, **kw)
+    opt.rescale_({name: a / 64 for name, a in opt.alphas().items()})
+    start = dict(opt.alphas())
+    decided: list[int] = []
+    real = opt.engine._control_step
+
+    def counted() -> None:
+        decided.append(opt.engine.state.steps)
+        real()
+
+    monkeypatch.setattr(opt.engine, "_control_step", counted)
+    for i in range(8):
+        model(**lm_batch(seed=i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert decided == ([2, 4, 6, 8] if fast else [8])
+    assert opt.fast_start is fast and f"fast_start={fast}" in repr(opt)
+    law = opt.engine.state.law
+    assert law is not None and bool((law.n_measured == (4 if fast else 2)).all())  # every layer, each time
+    raised = min(opt.alphas()[n] / start[n] for n in start)
+    assert (raised > 16.0) == fast  # 4 decisions can undo 64×; one moves it at most 4× (with A's)
+    error = float((law.log_update - math.log(StepLaw().update)).abs().max())
+    assert (error < math.log(2.0)) == fast
+
+
 def _non_adam(name: str, params: object) -> torch.optim.Optimizer:
     from transformers.optimization import Adafactor
 
@@ -219,9 +250,15 @@ def test_non_adam_optimizers_keep_the_static_rule_with_a_warning(name: str) -> N
     assert moved > 0  # the adapters trained, so the equality is not of two untouched models
 
 
-@pytest.mark.parametrize("reference", ["current", "initial"])
-def test_state_dict_round_trip_resumes_exactly(reference: str) -> None:
-    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 3, "law": StepLaw(a_reference=reference)}
+@pytest.mark.parametrize(
+    ("reference", "cadence"),
+    [("current", {"measure_every": 1, "measure_phases": 1, "control_every": 3}),
+     ("initial", {"measure_every": 1, "measure_phases": 1, "control_every": 3}),
+     ("current", {"measure_every": 2, "measure_phases": 2, "control_every": 8, "fast_start": True})],
+    ids=["current", "initial", "saved-in-the-fast-start"],
+)  # fmt: skip
+def test_state_dict_round_trip_resumes_exactly(reference: str, cadence: dict) -> None:
+    kw = {**cadence, "law": StepLaw(a_reference=reference)}
     model, opt = _train(1e-4, steps=7, **kw)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())  # the live dict holds the moments themselves
