@@ -243,7 +243,7 @@ def gap_report(
     if peers is None:  # every standard peer that ran on these seeds
         ran = {m for (m, _, _) in by_label}
         peers = [p for p in PEERS if p in ran]
-    header = "| r | lr | vs oracle | " + " | ".join(f"vs {p}" for p in peers) + " |"
+    header = "| " + " | ".join(["r", "lr", "vs oracle", *(f"vs {p}" for p in peers)]) + " |"
     lines = [
         f"Paired gaps of `{method}`, mean ± SE over seeds {list(seeds)} (relative; negative = better):",
         "",

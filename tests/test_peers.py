@@ -201,6 +201,7 @@ def test_a_longer_horizon_takes_the_oracle_cell_chosen_at_the_task_s_own(tmp_pat
     long = (tmp_path / "lm_600steps.md").read_text()
     assert "600 steps" in long and "r = 8: α = 64, lr 0.001" in long
     assert "| oracle (α=64, lr=0.001) | 2.5000 ± 0.0000 |" in long
+    assert "| r | lr | vs oracle |\n|---|---|---|\n" in long  # no peer ran: no empty column
     row = next(line for line in long.splitlines() if line.startswith("| 8 | 0.0001 |"))
     assert row.startswith("| 8 | 0.0001 | -1.8% ± 0.2% |")  # (2.45 − 2.5)/2.5, (2.46 − 2.5)/2.5
     assert "2.5000" not in out.with_suffix(".md").read_text()  # 300 steps: the task's own report
