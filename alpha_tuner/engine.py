@@ -362,7 +362,7 @@ class TuningEngine:
             self._full_meter = self._new_start_meter()
             self._meter_params = self._factor_ids()
         if self._fast_now():
-            self._start_meter().snapshot(0)
+            self._full_meter.snapshot(0)  # type: ignore[union-attr]
         else:
             self._full_meter = None  # the fast start is over: free its snapshot
             self.meter.snapshot(self.state.phase)  # type: ignore[union-attr]
@@ -378,22 +378,13 @@ class TuningEngine:
             and self.state.steps < self.options.control_every
         )
 
-    def _start_meter(self) -> DriftMeter:
-        """The meter of the fast start: one phase, every layer in each measurement."""
-        meter = self._full_meter or self.meter
-        assert meter is not None  # only called while measuring
-        return meter
-
     def _new_start_meter(self) -> DriftMeter | None:
-        """A one-phase meter for the fast start, made outside the hot path (its index tensors
-        are host-to-device copies); ``None`` when the fast start does not apply or the meter
-        already has one phase."""
-        meter = self.meter
-        if meter is None or meter.num_phases == 1 or not self.options.fast_start:
+        """The fast start's meter, one phase (every layer in each measurement): the rotation's
+        own when it has one phase, else a new one, made outside the hot path (its index tensors
+        are host-to-device copies); ``None`` when the fast start is not (or no longer) on."""
+        if self.meter is None or not self._fast_now():
             return None
-        if not self.adapt or self.step_law is None or self.state.steps >= self.options.control_every:
-            return None
-        return self._new_meter(phases=1)
+        return self.meter if self.meter.num_phases == 1 else self._new_meter(phases=1)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -401,7 +392,7 @@ class TuningEngine:
         state = self.state
         fast = self._fast_now()
         if self._measuring_now and self.meter is not None:
-            m = (self._start_meter() if fast else self.meter).measure()
+            m = (self._full_meter if fast else self.meter).measure()  # type: ignore[union-attr]
             if state.law is not None and self.step_law is not None:
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
@@ -697,5 +688,6 @@ class TuningEngine:
             measured_once=state.measured_once or restored.rho is not None,
             law=restored.law,
         )
+        self._full_meter = self._new_start_meter()  # the restored step may be in the fast start or past it
         self._restore_schedule(restored.schedule, resumed=bool(restored.steps))
         self._sync_units(restored.units)

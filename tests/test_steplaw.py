@@ -250,14 +250,18 @@ def test_non_adam_optimizers_keep_the_static_rule_with_a_warning(name: str) -> N
     assert moved > 0  # the adapters trained, so the equality is not of two untouched models
 
 
+_FAST = {"measure_every": 2, "measure_phases": 2, "control_every": 8, "fast_start": True}
+
+
 @pytest.mark.parametrize(
-    ("reference", "cadence"),
-    [("current", {"measure_every": 1, "measure_phases": 1, "control_every": 3}),
-     ("initial", {"measure_every": 1, "measure_phases": 1, "control_every": 3}),
-     ("current", {"measure_every": 2, "measure_phases": 2, "control_every": 8, "fast_start": True})],
-    ids=["current", "initial", "saved-in-the-fast-start"],
+    ("reference", "cadence", "ahead"),
+    [("current", {"measure_every": 1, "measure_phases": 1, "control_every": 3}, 0),
+     ("initial", {"measure_every": 1, "measure_phases": 1, "control_every": 3}, 0),
+     ("current", _FAST, 0),
+     ("current", _FAST, 12)],
+    ids=["current", "initial", "saved-in-the-fast-start", "loaded-into-a-run-past-it"],
 )  # fmt: skip
-def test_state_dict_round_trip_resumes_exactly(reference: str, cadence: dict) -> None:
+def test_state_dict_round_trip_resumes_exactly(reference: str, cadence: dict, ahead: int) -> None:
     kw = {**cadence, "law": StepLaw(a_reference=reference)}
     model, opt = _train(1e-4, steps=7, **kw)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
@@ -270,7 +274,7 @@ def test_state_dict_round_trip_resumes_exactly(reference: str, cadence: dict) ->
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model2, opt2 = _train(1e-4, steps=0, **kw)
+        model2, opt2 = _train(1e-4, steps=ahead, **kw)  # ahead: a run already past the fast start
     model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     for i in range(7, 12):
