@@ -95,7 +95,7 @@ class EngineOptions:
     control: ControlConfig | None = None
     head_lr: float | None = HEAD_LR
     steps: StepLaw | Literal["auto"] | None = "auto"
-    fast_start: bool = False
+    fast_start: bool = True
 
     def __post_init__(self) -> None:
         if self.init not in ("principled", "keep"):

@@ -103,7 +103,9 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
             steps) is corrected within the first interval rather than over several, each
             capped at ``StepLaw.max_change``. Costs one full measurement (the snapshot of
             every factor) and one control step per ``measure_every`` steps in that interval
-            only. Does nothing under the α rule or with ``adapt=False``.
+            only. On by default (the placement under-steps Adam's later steps 2–4×, and the
+            first interval is where that is cheapest to correct); ``False`` keeps the regular
+            cadence from the first step. Does nothing under the α rule or with ``adapt=False``.
 
     Raises:
         TypeError: If ``optimizer`` is not a torch optimizer, needs a closure (LBFGS), or
@@ -135,7 +137,7 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         control: ControlConfig | None = None,
         head_lr: float | None = HEAD_LR,
         steps: StepLaw | Literal["auto"] | None = "auto",
-        fast_start: bool = False,
+        fast_start: bool = True,
     ) -> None:
         if isinstance(optimizer, AlphaTunedOptimizer):
             raise TypeError("optimizer is already an AlphaTunedOptimizer; wrap the inner optimizer once.")

@@ -174,7 +174,9 @@ def test_guard_catches_a_sync_in_the_wrapper(guard: SyncGuard, monkeypatch: pyte
 
 @pytest.mark.parametrize("inner", list(INNER))
 def test_measurement_and_plain_steps_do_not_sync(guard: SyncGuard, inner: str) -> None:
-    model, opt = _wrapped(guard, inner, measure_every=1, control_every=1000)
+    # The rotation's steady state: with control_every 1000 the fast start would decide after
+    # every measurement of its first interval.
+    model, opt = _wrapped(guard, inner, measure_every=1, control_every=1000, fast_start=False)
     for i in range(8):  # every step measures; none controls
         _random_grads(model, i)
         with guard.armed_for():
@@ -213,12 +215,13 @@ def test_default_cadence_syncs_once_per_control_step(guard: SyncGuard, inner: st
 
 @pytest.mark.parametrize("inner", list(INNER))
 def test_step_law_syncs_once_per_control_step(guard: SyncGuard, inner: str) -> None:
-    """The step law at the default cadence: one ``tolist`` per control step, nothing else.
+    """The step law at the default cadence without the fast start: one ``tolist`` per control
+    step (steps 40 and 80), nothing else.
 
     Its placement reads the factor norms once, at construction (outside the guard); each
     control step moves α and the balance of every layer with no host-to-device copy.
     """
-    model, opt = _wrapped(guard, inner, steps=StepLaw())
+    model, opt = _wrapped(guard, inner, steps=StepLaw(), fast_start=False)
     law0 = opt.engine.state.law
     assert law0 is not None
     for i in range(2 * opt.control_every):
@@ -235,10 +238,11 @@ def test_step_law_syncs_once_per_control_step(guard: SyncGuard, inner: str) -> N
 
 @pytest.mark.parametrize("inner", list(INNER))
 def test_the_fast_start_syncs_only_on_its_control_steps(guard: SyncGuard, inner: str) -> None:
-    """``fast_start``: in the first interval every measurement (steps 10, 20, 30, 40) is a control
-    step with one ``tolist``; its one-phase meter was made at construction, so no step copies
-    index tensors to the device; after it, the default cadence (step 80 only)."""
-    model, opt = _wrapped(guard, inner, steps=StepLaw(), fast_start=True)
+    """The default ``fast_start``: in the first interval every measurement (steps 10, 20, 30, 40)
+    is a control step with one ``tolist``; its one-phase meter was made at construction, so no
+    step copies index tensors to the device; after it, the default cadence (step 80 only)."""
+    model, opt = _wrapped(guard, inner)  # AdamW: the adaptive step law, fast start on by default
+    assert opt.fast_start and opt.engine.step_law is not None
     for i in range(2 * opt.control_every):
         _random_grads(model, i)
         step = i + 1
