@@ -121,7 +121,7 @@ def table(
     wins: dict[str, int] = defaultdict(int)
     complete = 0
     for stats in rows.values():
-        peers = {m: v for m, v in stats.items() if not m.startswith("oracle") and v[2] == len(seeds)}
+        peers = {m: v for m, v in stats.items() if competes(m) and v[2] == len(seeds)}
         if peers:
             complete += 1
             wins[min(peers, key=lambda m: peers[m][0])] += 1
@@ -161,12 +161,25 @@ def format_report(result: Mapping[str, Any], *, seeds: Sequence[int], title: str
         for m in methods:
             shown = [_fmt(rows[(rank, lr)].get(m), len(seeds)) for lr in lrs]
             lines.append(f"| {m} | " + " | ".join(shown) + " |")
-    lines += ["", f"Best method per complete (rank, LR) cell, of {result['cells']}:"]
+    lines += [
+        "",
+        f"Best method per complete (rank, LR) cell, of {result['cells']} (peers and the law's defaults; "
+        "probes and wrong starts not counted):",
+    ]
     for m, n in sorted(result["wins"].items(), key=lambda kv: -kv[1]):
         lines.append(f"- {m}: {n} ({n / max(result['cells'], 1):.0%})")
     lines += ["", "Median step time (s/step, same machine, every run of the method):"]
     lines += [f"- {m}: {s:.2f}" for m, s in sorted(result["step_s"].items())]
     return "\n".join(lines) + "\n"
+
+
+def competes(label: str) -> bool:
+    """Whether a row is a method in the per-cell count: a peer or the law with its defaults
+    (adaptive or static), not the oracle, a probe with tagged options (``steps [...]``) or a
+    deliberately wrong start (``steps-up16``, ``steps-down16``, ``steps-peak``)."""
+    if label.startswith("oracle") or "[" in label:
+        return False
+    return not label.startswith(("steps-up", "steps-down", "steps-peak"))
 
 
 def _order(method: str) -> tuple[int, str]:

@@ -91,6 +91,13 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     assert cell["loraplus"][1] == pytest.approx(0.0005)  # SE of {2.900, 2.901}
     # lr 1e-5: LoRA+ is best (2.9005 < 2.95); lr 1e-4: plain LoRA at α=16 (2.75) beats it
     assert result["wins"] == {"loraplus": 1, "lora α=16": 1} and result["cells"] == 2
+    # A probe with tagged options and a wrong start are rows of the table, never winners.
+    probes = [rec("steps", 4, 1e-5, s, 1.0) | {"config": vars(LMRun("steps", 4, 1e-5, s, tag="f=0"))}
+              for s in (100, 101)]  # fmt: skip
+    probes += [rec("steps-down16", 4, 1e-5, s, 1.0) for s in (100, 101)]
+    probed = table(records + probes, seeds=[100, 101], selection_seeds=[0, 1])
+    assert {"steps [f=0]", "steps-down16"} <= set(probed["rows"][(4, 1e-5)])
+    assert probed["wins"] == result["wins"]
     text = format_report(result, seeds=[100, 101], title="t")
     assert "| oracle (α=32, lr=0.0001) | 2.7000 ± 0.0000 | 2.7000 ± 0.0000 |" in text
 
