@@ -38,6 +38,13 @@ and the next step does not apply the same correction twice. Dividing by the sche
 means a warm-up or a decay still acts as the user set it: the law fixes the peak, never the
 shape.
 
+**When it decides** is the engine's cadence, not this module's: a control step every
+``control_every`` steps, and by default (``fast_start``) one after every measurement of the
+first control interval, each of every layer. The placement's size-η elements overestimate
+Adam's later steps (which average noisy signs) 2–4× on the benchmarks, so the first decisions
+are the ones with the most to correct; made early, with every layer measured, they cost three
+extra control steps in the whole run.
+
 Every function is pure and reads no tensor value on the host.
 """
 
