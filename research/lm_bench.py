@@ -263,9 +263,13 @@ def grid(
     (``"2r"`` or a number; ``lora`` runs the oracle grid only when ``methods`` is ``None``).
     """
     runs: list[LMRun] = []
+    tagged = fields.pop("tag", "")
     for seed in seeds:
         for rank in ranks:
             for method in methods or ("lora", *PEERS, *sorted(LR_FREE)):
+                # A tag sets the law's options: it names only runs of the law, so one command can
+                # list the law (tagged) beside the peers (whose keys, and results, stay the same).
+                fields["tag"] = tagged if method.startswith("steps") else ""
                 if method in LR_FREE:
                     runs.append(LMRun(method, rank, 1.0, seed, **fields))
                     continue

@@ -157,6 +157,14 @@ def test_a_steps_tag_sets_the_law_targets_and_the_head_lr() -> None:
         _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="b=2"))
 
 
+def test_a_tag_names_only_the_law_runs_of_a_grid() -> None:
+    """``--methods steps,lora-metered --tag f=0``: the peer's key is the untagged one, so the
+    command reuses its recorded runs instead of running them again under a new key."""
+    runs = grid([0], [4], methods=["steps", "lora-metered", "prodigy"], lrs=[1e-4], tag="f=0")
+    assert {r.method: r.tag for r in runs} == {"steps": "f=0", "lora-metered": "", "prodigy": ""}
+    assert LMRun("lora-metered", 4, 1e-4, 0).key() in {r.key() for r in runs}
+
+
 def test_the_report_keeps_to_one_schedule_and_horizon(tmp_path: Path) -> None:
     """Probes at a constant LR or another horizon in the same file do not enter the tables (they
     once chose the oracle from a constant-LR cell of a cosine task)."""
