@@ -156,6 +156,14 @@ def format_report(result: Mapping[str, Any], *, seeds: Sequence[int], title: str
     for rank in sorted({k[0] for k in rows}):
         lrs = sorted(lr for r, lr in rows if r == rank)
         methods = sorted({m for (r, _), cell in rows.items() if r == rank for m in cell}, key=_order)
+        if not methods:
+            lines += [
+                "",
+                f"### r = {rank}",
+                "",
+                "No runs on these seeds yet (its records are on other seeds).",
+            ]
+            continue
         lines += ["", f"### r = {rank}", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"]
         lines.append("|---|" + "---|" * len(lrs))
         for m in methods:

@@ -100,6 +100,10 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     assert probed["wins"] == result["wins"]
     text = format_report(result, seeds=[100, 101], title="t")
     assert "| oracle (α=32, lr=0.0001) | 2.7000 ± 0.0000 | 2.7000 ± 0.0000 |" in text
+    # A rank run on the selection seeds only says so instead of printing an empty table.
+    early = [*records, rec("steps", 64, 1e-4, 0, 2.5)]
+    text = format_report(table(early, seeds=[100, 101], selection_seeds=[0, 1]), seeds=[100, 101], title="t")
+    assert "### r = 64\n\nNo runs on these seeds yet" in text
 
 
 def test_the_gap_report_pairs_seeds_and_shows_every_peer_that_ran() -> None:

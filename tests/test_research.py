@@ -194,6 +194,9 @@ def test_claims_on_benchmark_records() -> None:
     assert "slope of log ρ against log α median +0.00" in text and "against log LR median +1.00" in text
     assert "lr 0.0001: r = 4: α 32, r = 16: α 64" in text and "+0.50 at lr 0.0001" in text
     assert "No complete plain-LoRA grid cells" in format_claims(records, (0, 1, 2))
+    # One α run at a third rank is no choice of α: it neither appears nor moves the fit.
+    lone = [rec(64, 1e-4, 16.0, s, 0.5) for s in (0, 1)]
+    assert format_claims(records + lone, (0, 1)).split("3. ")[1] == text.split("3. ")[1]
 
 
 def test_rho_slopes_measure_the_power() -> None:
