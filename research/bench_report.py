@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .peers import LR_FREE
+from .peers import LR_FREE, PROBES
 
 #: The peers a gap report compares against, as row labels, in its column order.
 PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy", "dadapt", "schedulefree")
@@ -183,11 +183,9 @@ def format_report(result: Mapping[str, Any], *, seeds: Sequence[int], title: str
 
 def competes(label: str) -> bool:
     """Whether a row is a method in the per-cell count: a peer or the law with its defaults
-    (adaptive or static), not the oracle, a probe with tagged options (``steps [...]``) or a
-    deliberately wrong start (``steps-up16``, ``steps-down16``, ``steps-peak``)."""
-    if label.startswith("oracle") or "[" in label:
-        return False
-    return not label.startswith(("steps-up", "steps-down", "steps-peak"))
+    (adaptive or static), not the oracle, a run with tagged options (``steps [...]``) or one of
+    :data:`research.peers.PROBES`."""
+    return not (label.startswith("oracle") or "[" in label or label.split(" ")[0] in PROBES)
 
 
 def _order(method: str) -> tuple[int, str]:

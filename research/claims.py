@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,20 +48,14 @@ def as_grid_records(records: Sequence[Record], seeds: Sequence[int]) -> list[dic
 def best_alphas(cells: Mapping[tuple[int, float, float], Sequence[float]]) -> dict[float, dict[int, float]]:
     """Per LR and rank, the grid's α of lowest mean loss, where the grid has run at least two α
     there (one cell is no choice of α, and would enter the fit of α* ∝ r^p as if it were)."""
-    best: dict[float, dict[int, tuple[float, float]]] = {}
-    tried: dict[tuple[int, float], int] = {}
+    tried: dict[tuple[float, int], list[tuple[float, float]]] = defaultdict(list)
     for (rank, lr, alpha), losses in cells.items():
-        tried[rank, lr] = tried.get((rank, lr), 0) + 1
-        mean = statistics.fmean(losses)
-        current = best.setdefault(lr, {}).get(rank)
-        if current is None or mean < current[0]:
-            best[lr][rank] = (mean, alpha)
-    chosen = {
-        lr: {rank: a for rank, (_, a) in sorted(by.items()) if tried[rank, lr] >= 2}
-        for lr, by in best.items()
-    }
-    chosen = dict(sorted(chosen.items()))
-    return {lr: by for lr, by in chosen.items() if by}
+        tried[lr, rank].append((statistics.fmean(losses), alpha))
+    best: dict[float, dict[int, float]] = {}
+    for (lr, rank), cell in sorted(tried.items()):
+        if len(cell) >= 2:
+            best.setdefault(lr, {})[rank] = min(cell, key=lambda mean_alpha: mean_alpha[0])[1]
+    return best
 
 
 def format_claims(records: Sequence[Record], seeds: Sequence[int], *, tolerance: float = 2.5) -> str:

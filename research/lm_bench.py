@@ -253,6 +253,7 @@ def grid(
     methods: Sequence[str] | None = None,
     recipe_alphas: Sequence[str] = ("2r",),
     lrs: Sequence[float] = LRS,
+    tag: str = "",
     **fields: Any,
 ) -> list[LMRun]:
     """The oracle grid and the peers, seed by seed and rank by rank (the order of the work).
@@ -263,20 +264,23 @@ def grid(
     (``"2r"`` or a number; ``lora`` runs the oracle grid only when ``methods`` is ``None``).
     """
     runs: list[LMRun] = []
-    tagged = fields.pop("tag", "")
     for seed in seeds:
         for rank in ranks:
             for method in methods or ("lora", *PEERS, *sorted(LR_FREE)):
                 # A tag sets the law's options: it names only runs of the law, so one command can
                 # list the law (tagged) beside the peers (whose keys, and results, stay the same).
-                fields["tag"] = tagged if method.startswith("steps") else ""
+                run_tag = tag if method.startswith("steps") else ""
                 if method in LR_FREE:
-                    runs.append(LMRun(method, rank, 1.0, seed, **fields))
+                    runs.append(LMRun(method, rank, 1.0, seed, tag=run_tag, **fields))
                     continue
                 recipe = [None if a == "2r" else float(a) for a in recipe_alphas]
                 oracle = method == "lora" and methods is None
                 alphas: list[float | None] = oracle_alphas(rank) if oracle else recipe  # type: ignore[assignment]
-                runs += [LMRun(method, rank, lr, seed, alpha, **fields) for lr in lrs for alpha in alphas]
+                runs += [
+                    LMRun(method, rank, lr, seed, alpha, tag=run_tag, **fields)
+                    for lr in lrs
+                    for alpha in alphas
+                ]
     return runs
 
 

@@ -70,8 +70,10 @@ def test_the_grid_runs_each_lr_free_method_once_per_rank_and_seed() -> None:
 def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     from research.bench_report import format_report, oracle_cells, table
 
-    def rec(method: str, rank: int, lr: float, seed: int, loss: float, alpha: float | None = None) -> dict:
-        run = LMRun(method, rank, lr, seed, alpha=alpha)
+    def rec(
+        method: str, rank: int, lr: float, seed: int, loss: float, alpha: float | None = None, tag: str = ""
+    ) -> dict:
+        run = LMRun(method, rank, lr, seed, alpha=alpha, tag=tag)
         return {"key": run.key(), "config": vars(run) | {}, "eval_loss": loss, "step_s": 1.0}
 
     records = []
@@ -92,8 +94,7 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     # lr 1e-5: LoRA+ is best (2.9005 < 2.95); lr 1e-4: plain LoRA at α=16 (2.75) beats it
     assert result["wins"] == {"loraplus": 1, "lora α=16": 1} and result["cells"] == 2
     # A probe with tagged options and a wrong start are rows of the table, never winners.
-    probes = [rec("steps", 4, 1e-5, s, 1.0) | {"config": vars(LMRun("steps", 4, 1e-5, s, tag="f=0"))}
-              for s in (100, 101)]  # fmt: skip
+    probes = [rec("steps", 4, 1e-5, s, 1.0, tag="f=0") for s in (100, 101)]
     probes += [rec("steps-down16", 4, 1e-5, s, 1.0) for s in (100, 101)]
     probed = table(records + probes, seeds=[100, 101], selection_seeds=[0, 1])
     assert {"steps [f=0]", "steps-down16"} <= set(probed["rows"][(4, 1e-5)])
