@@ -87,6 +87,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "beta": (-1e-300, 1.0, "0 <= beta < 1"),
     "warmup": (-1e-300, math.inf, "warmup an integer >= 0"),
     "schedule_mean": (0.0, math.inf, "schedule_mean None or 0 < schedule_mean < inf"),
+    "step_rms": (0.0, math.inf, "0 < step_rms < inf"),
 }
 
 
@@ -112,6 +113,11 @@ class StepLaw:
             step; ``"initial"``, A's norm at wrap time in the current balance's units, so that
             the law holds A's absolute step and its relative step falls as A grows, as plain
             Adam's does.
+        step_rms: The size of Adam's per-element step, as a fraction of its learning rate,
+            that the wrap-time placement assumes, > 0. 1 (default): Adam's first steps, whose
+            elements all move by the full LR. Later steps average noisy gradient signs and are
+            smaller, down to ``√((1 − β₁)/(1 + β₁))`` (0.23 for β₁ = 0.9) where noise
+            dominates; a smaller value places both steps higher by ``1/step_rms``.
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.
@@ -126,6 +132,7 @@ class StepLaw:
     warmup: int = 1
     schedule_mean: float | None = None
     a_reference: AReference = "current"
+    step_rms: float = 1.0
 
     def __post_init__(self) -> None:
         if self.a_reference not in _REFERENCES:
@@ -320,18 +327,19 @@ def placement(
 ) -> tuple[float, float]:
     """The wrap-time ``(m, μ)`` that put a fresh layer (B = 0) at the law's targets under Adam.
 
-    Adam's first steps move every element by about its learning rate, so a step of A is
-    ``a ≈ lr_a·√(rank·fan_in)/a_norm`` and one of B changes the weight by
-    ``u ≈ scaling·lr_b·√fan_out·a_norm/weight_norm``. With μ = a*/a and ``m/μ = u*/u`` both
-    are on target.
+    Adam's first steps move every element by about its learning rate (``step_rms`` of it, in
+    general: :attr:`StepLaw.step_rms`), so a step of A is ``a ≈ lr_a·√(rank·fan_in)/a_norm``
+    and one of B changes the weight by ``u ≈ scaling·lr_b·√fan_out·a_norm/weight_norm``, each
+    times ``step_rms``. With μ = a*/a and ``m/μ = u*/u`` both are on target.
 
     Returns:
         ``(m, μ)``: multiply α by ``m`` and divide A by ``μ`` (:func:`rescale_target_`'s
         ``balance``). :data:`UNPLACED`, ``(1, 1)``, when a quantity is zero or not finite
         (nothing to place).
     """
-    a = lr_a * math.sqrt(rank * fan_in) / a_norm if a_norm > 0 else math.nan
-    u = scaling * lr_b * math.sqrt(fan_out) * a_norm / weight_norm if weight_norm > 0 else math.nan
+    rms = config.step_rms
+    a = rms * lr_a * math.sqrt(rank * fan_in) / a_norm if a_norm > 0 else math.nan
+    u = rms * scaling * lr_b * math.sqrt(fan_out) * a_norm / weight_norm if weight_norm > 0 else math.nan
     if not all(math.isfinite(x) and x > 0 for x in (a, u)):
         return UNPLACED
     mu = config.a_step / a

@@ -128,6 +128,23 @@ def test_placement_puts_the_first_adam_steps_on_target() -> None:
     ) == (1.0, 1.0)  # fmt: skip
 
 
+def test_a_smaller_step_rms_places_both_steps_higher_by_its_inverse() -> None:
+    """``step_rms = k``: Adam's steps are assumed k× the LR, so A's step (μ) is raised 1/k× and
+    B's (``m/μ``) 1/k× too, i.e. α (m) by 1/k²."""
+    kw = {"lr_a": 1e-4, "lr_b": 2e-4, "scaling": 2.0, "rank": 4, "fan_in": 64, "fan_out": 32,
+          "a_norm": 0.5, "weight_norm": 4.0}  # fmt: skip
+    m1, mu1 = placement(**kw, config=StepLaw())  # type: ignore[arg-type]
+    m, mu = placement(**kw, config=StepLaw(step_rms=0.25))  # type: ignore[arg-type]
+    assert mu == pytest.approx(4 * mu1) and m / mu == pytest.approx(4 * m1 / mu1)
+    assert m == pytest.approx(16 * m1)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf"), True, "0.2"])
+def test_a_step_rms_out_of_range_is_named(value: object) -> None:
+    with pytest.raises(ValueError, match=r"StepLaw.step_rms must satisfy 0 < step_rms < inf"):
+        StepLaw(step_rms=value)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------- the engine
 def _train(
     lr: float, *, steps: int = 12, alpha: float | None = None, law: StepLaw | None = None, **kw: object
