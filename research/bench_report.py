@@ -122,7 +122,7 @@ def table(
     complete = 0
     for stats in rows.values():
         peers = {m: v for m, v in stats.items() if competes(m) and v[2] == len(seeds)}
-        if peers:
+        if len(peers) > 1:  # a cell where one method ran is not a comparison
             complete += 1
             wins[min(peers, key=lambda m: peers[m][0])] += 1
     step = defaultdict(list)
@@ -171,8 +171,8 @@ def format_report(result: Mapping[str, Any], *, seeds: Sequence[int], title: str
             lines.append(f"| {m} | " + " | ".join(shown) + " |")
     lines += [
         "",
-        f"Best method per complete (rank, LR) cell, of {result['cells']} (peers and the law's defaults; "
-        "probes and wrong starts not counted):",
+        f"Best method per (rank, LR) cell where two or more methods ran on every seed, of {result['cells']} "
+        "(peers and the law's defaults; probes and wrong starts not counted):",
     ]
     for m, n in sorted(result["wins"].items(), key=lambda kv: -kv[1]):
         lines.append(f"- {m}: {n} ({n / max(result['cells'], 1):.0%})")

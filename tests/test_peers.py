@@ -99,6 +99,12 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     probed = table(records + probes, seeds=[100, 101], selection_seeds=[0, 1])
     assert {"steps [f=0]", "steps-down16"} <= set(probed["rows"][(4, 1e-5)])
     assert probed["wins"] == result["wins"]
+    # A cell where the law ran alone (no peer on every seed) is not a win.
+    alone = [rec("steps", 8, 1e-3, s, 1.0) for s in (100, 101)]
+    alone += [rec("loraplus", 8, 1e-3, 100, 3.0)]  # one seed of two: not complete
+    lonely = table(records + alone, seeds=[100, 101], selection_seeds=[0, 1])
+    assert lonely["rows"][(8, 1e-3)]["steps"][0] == 1.0
+    assert lonely["wins"] == result["wins"] and lonely["cells"] == 2
     text = format_report(result, seeds=[100, 101], title="t")
     assert "| oracle (α=32, lr=0.0001) | 2.7000 ± 0.0000 | 2.7000 ± 0.0000 |" in text
     # A rank run on the selection seeds only says so instead of printing an empty table.
