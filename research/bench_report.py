@@ -183,9 +183,11 @@ def format_report(result: Mapping[str, Any], *, seeds: Sequence[int], title: str
 
 def competes(label: str) -> bool:
     """Whether a row is a method in the per-cell count: a peer or the law with its defaults
-    (adaptive or static), not the oracle, a run with tagged options (``steps [...]``) or one of
-    :data:`research.peers.PROBES`."""
-    return not (label.startswith("oracle") or "[" in label or label.split(" ")[0] in PROBES)
+    (adaptive or static) from the benchmark's recipe (α = 2r), not the oracle, a run with tagged
+    options (``steps [...]``), the law from another recipe α (``steps α=16``: one row per method
+    in the count) or one of :data:`research.peers.PROBES`."""
+    other_alpha = label.startswith("steps") and " α=" in label
+    return not (label.startswith("oracle") or "[" in label or other_alpha or label.split(" ")[0] in PROBES)
 
 
 def _order(method: str) -> tuple[int, str]:

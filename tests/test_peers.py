@@ -93,11 +93,13 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     assert cell["loraplus"][1] == pytest.approx(0.0005)  # SE of {2.900, 2.901}
     # lr 1e-5: LoRA+ is best (2.9005 < 2.95); lr 1e-4: plain LoRA at α=16 (2.75) beats it
     assert result["wins"] == {"loraplus": 1, "lora α=16": 1} and result["cells"] == 2
-    # A probe with tagged options and a wrong start are rows of the table, never winners.
+    # A probe with tagged options, a wrong start and the law from another recipe α are rows of
+    # the table, never winners.
     probes = [rec("steps", 4, 1e-5, s, 1.0, tag="f=0") for s in (100, 101)]
     probes += [rec("steps-down16", 4, 1e-5, s, 1.0) for s in (100, 101)]
+    probes += [rec("steps", 4, 1e-5, s, 1.0, alpha=16.0) for s in (100, 101)]  # another recipe α
     probed = table(records + probes, seeds=[100, 101], selection_seeds=[0, 1])
-    assert {"steps [f=0]", "steps-down16"} <= set(probed["rows"][(4, 1e-5)])
+    assert {"steps [f=0]", "steps-down16", "steps α=16"} <= set(probed["rows"][(4, 1e-5)])
     assert probed["wins"] == result["wins"]
     # A cell where the law ran alone (no peer on every seed) is not a win.
     alone = [rec("steps", 8, 1e-3, s, 1.0) for s in (100, 101)]
