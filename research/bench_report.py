@@ -16,8 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .peers import LR_FREE, PROBES
+from .peers import LR_FREE
 
+#: The law's rows that compete in the per-cell count (:func:`competes`).
+_LAW_DEFAULTS = frozenset({"steps", "steps-static"})
 #: The peers a gap report compares against, as row labels, in its column order.
 PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy", "dadapt", "schedulefree")
 
@@ -182,12 +184,14 @@ def format_report(result: Mapping[str, Any], *, seeds: Sequence[int], title: str
 
 
 def competes(label: str) -> bool:
-    """Whether a row is a method in the per-cell count: a peer or the law with its defaults
-    (adaptive or static) from the benchmark's recipe (α = 2r), not the oracle, a run with tagged
-    options (``steps [...]``), the law from another recipe α (``steps α=16``: one row per method
-    in the count) or one of :data:`research.peers.PROBES`."""
-    other_alpha = label.startswith("steps") and " α=" in label
-    return not (label.startswith("oracle") or "[" in label or other_alpha or label.split(" ")[0] in PROBES)
+    """Whether a row is a method in the per-cell count: a peer, or the law as its defaults from the
+    benchmark's recipe (α = 2r), adaptive or static (``steps``, ``steps-static``). Not the oracle,
+    nor any other row of the law: tagged options (``steps [...]``), another recipe α
+    (``steps α=16``: one row per method in the count) or a deliberately wrong start
+    (``steps-up16``, ``steps-down16``, ``steps-peak``)."""
+    if label.startswith("steps"):
+        return label in _LAW_DEFAULTS
+    return not label.startswith("oracle")
 
 
 def _order(method: str) -> tuple[int, str]:

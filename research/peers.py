@@ -34,7 +34,7 @@ from torch import nn
 
 from alpha_tuner.demo.models import LORAPLUS_RATIO, RSLORA_ALPHA
 
-__all__ = ["LR_FREE", "METHODS", "PROBES", "PeerOptimizer", "build_peer", "lora_alpha", "uses_rslora"]
+__all__ = ["LR_FREE", "METHODS", "PeerOptimizer", "build_peer", "lora_alpha", "uses_rslora"]
 
 #: Methods that ignore the base LR (their step size is estimated).
 LR_FREE = frozenset({"prodigy", "dadapt"})
@@ -54,8 +54,6 @@ METHODS = (
     "steps-peak",
     "lora-metered",
 )
-#: Runs of the law started or held deliberately off its defaults: rows of a report, never methods.
-PROBES = frozenset({"steps-up16", "steps-down16", "steps-peak"})
 
 
 @dataclass
