@@ -327,10 +327,10 @@ def placement(
 ) -> tuple[float, float]:
     """The wrap-time ``(m, μ)`` that put a fresh layer (B = 0) at the law's targets under Adam.
 
-    Adam's first steps move every element by about its learning rate (``step_rms`` of it, in
-    general: :attr:`StepLaw.step_rms`), so a step of A is ``a ≈ lr_a·√(rank·fan_in)/a_norm``
-    and one of B changes the weight by ``u ≈ scaling·lr_b·√fan_out·a_norm/weight_norm``, each
-    times ``step_rms``. With μ = a*/a and ``m/μ = u*/u`` both are on target.
+    Adam moves every element by about ``k = step_rms`` times its learning rate (k = 1 for its
+    first steps; :attr:`StepLaw.step_rms`), so a step of A is ``a ≈ k·lr_a·√(rank·fan_in)/a_norm``
+    and one of B changes the weight by ``u ≈ k·scaling·lr_b·√fan_out·a_norm/weight_norm``. With
+    μ = a*/a and ``m/μ = u*/u`` both are on target.
 
     Returns:
         ``(m, μ)``: multiply α by ``m`` and divide A by ``μ`` (:func:`rescale_target_`'s
