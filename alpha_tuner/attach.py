@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import EngineOptions, TuningEngine
+from .engine import TuningEngine
 from .optimizer import AlphaTunedOptimizer
+from .options import EngineOptions
 from .readout import TunerReadout
 from .rule import pop_rule
 

@@ -15,50 +15,50 @@ State (:class:`TunerState`, a typed tuple): host counters (steps, phase) and dev
 the factors on measurement steps; ``after_step`` measures ρ, folds it into the controller and,
 on control steps, moves α through the function-preserving rescale. Steps that are not control
 steps never read a device value on the host; a control step makes one batched transfer.
+
+The settings are :mod:`alpha_tuner.options`; what the step law reads from the layers and writes
+back outside the hot path (placement, the schedule's shift, gradient units) is
+:mod:`alpha_tuner.lawlayers`, and its maths :mod:`alpha_tuner.steplaw`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
-from .distributed import broadcast_state, is_sharded, unwrap_model
-from .drift import lora_matrices
+from .distributed import broadcast_state, unwrap_model
 from .gradunits import GradUnits
-from .heads import HEAD_LR, find_head_parameters, lift_head_lr_
+from .heads import find_head_parameters, lift_head_lr_
+from .lawlayers import (
+    all_factors,
+    layer_norms,
+    place_layers,
+    remove_units,
+    restore_units,
+    schedule_shifted,
+    unit_rows,
+)
 from .measure import DriftMeter
+from .options import EngineOptions, check_optimizer, resolve_steps
 from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import principled_alphas
-from .rescale import group_map, rescale_state_, rescale_targets_, update_adapter_config, write_alpha
+from .rescale import rescale_targets_, update_adapter_config, write_alpha
 from .rule import AlphaRule
 from .schedule import ScheduleShape, read_schedule
-from .steplaw import (
-    UNPLACED,
-    StepLaw,
-    StepState,
-    decide_steps,
-    for_schedule,
-    init_steps,
-    observe_steps,
-    placement,
-    schedule_shift,
-)
+from .steplaw import StepLaw, StepState, decide_steps, for_schedule, init_steps, observe_steps, schedule_shift
 from .telemetry import summarize
 
-__all__ = ["EngineOptions", "TunerState", "TuningEngine"]
+__all__ = ["TunerState", "TuningEngine"]
 
 #: Relative change of α below which a control step leaves a layer alone (float32 round-off).
 _ALPHA_RTOL = 1e-6
-_CLOSURE_OPTIMIZERS = ("LBFGS",)
 
 
 class TunerState(NamedTuple):
@@ -79,121 +79,6 @@ class TunerState(NamedTuple):
     rho: Tensor
     measured_once: bool
     law: StepState | None = None
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """The engine's settings, validated once (see :class:`alpha_tuner.AlphaTunedOptimizer`)."""
-
-    init: Literal["principled", "keep"] = "principled"
-    adapt: bool = True
-    measure: bool | None = None
-    measure_every: int = 10
-    measure_phases: int = 4
-    control_every: int = 40
-    rule: AlphaRule | None = None
-    control: ControlConfig | None = None
-    head_lr: float | None = HEAD_LR
-    steps: StepLaw | Literal["auto"] | None = "auto"
-    fast_start: bool = True
-
-    def __post_init__(self) -> None:
-        if self.init not in ("principled", "keep"):
-            raise ValueError(f"init must be 'principled' or 'keep', got {self.init!r}.")
-        check_int("measure_every", self.measure_every, 1)
-        check_int("measure_phases", self.measure_phases, 1)
-        check_int("control_every", self.control_every, 1)
-        cycle = self.measure_every * self.measure_phases
-        if self.control_every % cycle:
-            fix = -(-self.control_every // cycle) * cycle  # the next multiple
-            raise ValueError(
-                f"control_every ({self.control_every}) must be a multiple of measure_every × "
-                f"measure_phases ({self.measure_every} × {self.measure_phases} = {cycle}) so that every "
-                f"control decision sees a fresh measurement of every layer: use control_every={fix}, "
-                "or change measure_every or measure_phases."
-            )
-        if self.control is not None and not isinstance(self.control, ControlConfig):
-            got = type(self.control).__name__
-            raise TypeError(f"control must be an alpha_tuner.ControlConfig, got {got}.")
-        if self.steps is not None and self.steps != "auto" and not isinstance(self.steps, StepLaw):
-            raise TypeError(
-                f"steps must be an alpha_tuner.StepLaw, 'auto' or None, got {type(self.steps).__name__}."
-            )
-        if self.rule is not None and not isinstance(self.rule, AlphaRule):
-            raise TypeError(f"rule must be an alpha_tuner.AlphaRule, got {type(self.rule).__name__}.")
-        if not isinstance(self.fast_start, bool):
-            raise TypeError(f"fast_start must be True or False, got {self.fast_start!r}.")
-        if self.adapt and self.measure is False:
-            raise ValueError("adapt=True needs measure=True: the controller acts on measured drift ratios.")
-
-
-def check_optimizer(optimizer: object) -> torch.optim.Optimizer:
-    """``optimizer`` if the engine can tune around it.
-
-    Raises:
-        TypeError: If it is not a constructed torch optimizer, or needs a closure (LBFGS).
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a constructed torch.optim.Optimizer, got {type(optimizer).__name__}. "
-            "Example: AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)."
-        )
-    if type(optimizer).__name__ in _CLOSURE_OPTIMIZERS:
-        raise TypeError(
-            f"{type(optimizer).__name__} re-evaluates the loss through a closure several times per "
-            "step, so a step has no single LoRA update to measure or rescale. Use a first-order "
-            "optimizer such as torch.optim.AdamW."
-        )
-    return optimizer
-
-
-def _adam_family(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every group steps like Adam (``betas`` and a second-moment state): the step law's
-    placement and response model assume that each element moves by about its learning rate."""
-    return all("betas" in group for group in optimizer.param_groups)
-
-
-def resolve_steps(options: EngineOptions, optimizer: torch.optim.Optimizer) -> StepLaw | None:
-    """The step law this run uses, or ``None`` for the α rule and the back-off law.
-
-    ``"auto"`` (the default) is :class:`StepLaw` with its defaults for an Adam-family optimizer
-    and the rule otherwise; naming a ``rule`` or a ``control`` asks for the rule, so ``"auto"``
-    gives the rule then too. An explicit :class:`StepLaw` applies to Adam-family optimizers
-    only (the caller warns for the others).
-
-    Args:
-        options: The engine's options (``steps``, ``rule`` and ``control`` are read).
-        optimizer: The inner optimizer.
-
-    Returns:
-        The step law to run, or ``None``.
-    """
-    if not _adam_family(optimizer):
-        return None
-    if options.steps == "auto":
-        return None if options.rule is not None or options.control is not None else StepLaw()
-    return options.steps
-
-
-def _all_factors(targets: Iterable[LoraTarget]) -> list[nn.Parameter]:
-    """A, B and B's bias of every target."""
-    return [p for t in targets for p in (t.weight_a, *t.factor_params())]
-
-
-def _weight_norm(target: LoraTarget) -> Tensor:
-    """``‖W₀‖_F`` of the frozen weight the layer adapts (NaN when it is not a float tensor)."""
-    weight = getattr(target.layer.get_base_layer(), "weight", None)
-    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.is_meta:
-        # Quantised, absent or not materialised: the law leaves the layer alone. On A's device,
-        # so that it stacks with the norms of the others (a QLoRA model on CUDA).
-        return torch.tensor(math.nan, device=target.weight_a.device)
-    return _norm(weight)
-
-
-def _norm(tensor: Tensor) -> Tensor:
-    """``‖tensor‖_F`` as a plain tensor (a sharded DTensor's norm is reduced over its shards)."""
-    norm = tensor.detach().float().norm()
-    return norm.full_tensor() if is_sharded(norm) else norm
 
 
 class TuningEngine:
@@ -253,19 +138,15 @@ class TuningEngine:
         self._before_init: list[tuple[nn.Parameter, Tensor]] | None = None
         recipe_alphas = [t.alpha for t in self.targets]
         # With the step law, gradients of the rescaled factors are reported in the recipe's units.
-        self._units = GradUnits(_all_factors(self.targets)) if self.step_law is not None else None
+        self._units = GradUnits(all_factors(self.targets)) if self.step_law is not None else None
         placed = [False] * len(self.targets)  # layers the law placed (re-placed for the schedule)
-        norms = None  # (2, L) for the law: ‖A‖ before placement and ‖W₀‖ of every layer
-        if self.step_law is not None:
-            with torch.no_grad():
-                norms = torch.stack(
-                    [torch.stack((_norm(t.weight_a), _weight_norm(t))) for t in self.targets], dim=1
-                )
+        # (2, L) for the law: ‖A‖ before placement and ‖W₀‖ of every layer
+        norms = layer_norms(self.targets) if self.step_law is not None else None
         if options.init == "principled":
             alphas = principled_alphas(self.targets, optimizer.param_groups, self.rule)
             balances = [1.0] * len(self.targets)
-            if norms is not None:
-                alphas, balances, placed = self._placements(norms)
+            if norms is not None and self.step_law is not None:
+                alphas, balances, placed = place_layers(self.targets, optimizer, self.step_law, norms)
             factors = [p for t in self.targets for p in t.factor_params()]
             with torch.no_grad():  # construction time: one host read for all layers
                 trained = bool(torch.stack([p.detach().ne(0).any() for p in factors]).any())
@@ -305,26 +186,6 @@ class TuningEngine:
         self._full_meter = self._new_start_meter()
 
     # ------------------------------------------------------------------------ construction
-    def _placements(self, norms: Tensor) -> tuple[list[float], list[float], list[bool]]:
-        """α, balance and whether it was placed, of every layer, from
-        :func:`~alpha_tuner.steplaw.placement` and the (2, L) ``‖A‖``, ``‖W₀‖`` (one host read)."""
-        assert self.step_law is not None  # only called with the step law on
-        # The schedule's base LR: a scheduler made before wrapping has already lowered ``lr``.
-        groups = self.optimizer.param_groups
-        lr_of = {id(p): float(g.get("initial_lr", g["lr"])) for g in groups for p in g["params"]}
-        alphas, balances, placed = [], [], []
-        for t, (a_norm, w_norm) in zip(self.targets, norms.T.tolist(), strict=True):
-            a2d, b2d = lora_matrices(t.weight_a, t.weight_b)
-            m, mu = placement(
-                lr_a=lr_of[id(t.weight_a)], lr_b=lr_of[id(t.weight_b)],
-                scaling=t.scaling, rank=t.rank, fan_in=a2d.shape[1], fan_out=b2d.shape[0],
-                a_norm=a_norm, weight_norm=w_norm, config=self.step_law,
-            )  # fmt: skip
-            alphas.append(t.alpha * m)
-            balances.append(mu)
-            placed.append((m, mu) is not UNPLACED)
-        return alphas, balances, placed
-
     def _new_meter(self, phases: int | None = None) -> DriftMeter:
         return DriftMeter(self.targets, self.device, phases=phases or self.options.measure_phases)
 
@@ -444,16 +305,7 @@ class TuningEngine:
         moved = [t for t, placed in zip(self.targets, self._placed_list, strict=True) if placed]
         self._rescale(moved, [t.alpha * m for t in moved], balances=[mu] * len(moved))
         update_adapter_config(self.model, self.targets)
-        log_m, log_mu = math.log(m), math.log(mu)
-        shift = lambda x, by: torch.where(self._placed, x + by, x)  # noqa: E731
-        self.state = self.state._replace(
-            law=law._replace(
-                log_alpha=shift(law.log_alpha, log_m),
-                log_alpha0=shift(law.log_alpha0, log_m),
-                log_balance=shift(law.log_balance, log_mu),
-                log_balance0=shift(law.log_balance0, log_mu),
-            )
-        )
+        self.state = self.state._replace(law=schedule_shifted(law, self._placed, m, mu))
 
     def _restore_schedule(self, saved: tuple[float, str] | None, *, resumed: bool) -> None:
         """The law's schedule from a checkpoint: its saved shape, or for a resumed run saved
@@ -492,7 +344,7 @@ class TuningEngine:
         self.state = self.state._replace(control=control)
         # The one host transfer of a control interval: PEFT keeps its scalings as floats. The
         # device log α already holds these values, so no host-to-device copy follows.
-        self._apply_alphas(torch.exp(control.log_alpha).tolist())
+        self._apply(torch.exp(control.log_alpha).tolist())
 
     def _law_step(self, law: StepState, config: StepLaw) -> None:
         new, d_a = decide_steps(law, config)
@@ -500,15 +352,7 @@ class TuningEngine:
         # The one host transfer of a control interval: PEFT's scalings and the rescale take floats.
         values = torch.stack((torch.exp(new.log_alpha), torch.exp(d_a))).tolist()
         self.state = self.state._replace(law=new)
-        changed = [
-            (target, alpha, balance)
-            for target, alpha, balance in zip(self.targets, *values, strict=True)
-            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL or abs(balance - 1.0) > _ALPHA_RTOL
-        ]
-        if changed:
-            moved, alphas, balances = zip(*changed, strict=True)
-            self._rescale(moved, alphas, balances=balances)
-            update_adapter_config(self.model, self.targets)
+        self._apply(*values)
 
     def _rescale(
         self,
@@ -522,52 +366,29 @@ class TuningEngine:
         if targets:
             rescale_targets_(targets, alphas, self.optimizer, balances=balances, units=self._units)
 
-    def _unit_row(self, target: LoraTarget) -> list[float]:
-        units = self._units
-        assert units is not None  # only called with the step law on
-        bias = 1.0 if target.bias_b is None else units.scale(target.bias_b)
-        return [units.scale(target.weight_a), units.scale(target.weight_b), bias]
-
     def _sync_units(self, saved: Mapping[int, Sequence[float]] | None) -> None:
-        """Set the factors' gradient units after a checkpoint is loaded: the saved ones, else
-        (an entry without them) as the law's state implies."""
-        law, units = self.state.law, self._units
-        if law is None or units is None:
-            return
-        log_a = -law.log_balance
-        log_b = law.log_balance + law.log_alpha_recipe - law.log_alpha
-        rows = torch.stack((log_a, log_b, law.log_alpha_recipe - law.log_alpha)).exp().T.tolist()
-        for i, row in (saved or {}).items():
-            rows[i] = list(row)
-        for target, (k_a, k_b, k_bias) in zip(self.targets, rows, strict=True):
-            units.set_(target.weight_a, k_a)
-            units.set_(target.weight_b, k_b)
-            if target.bias_b is not None:
-                units.set_(target.bias_b, k_bias)
+        """Set the factors' gradient units after a checkpoint is loaded (:func:`restore_units`)."""
+        if self.state.law is not None and self._units is not None:
+            restore_units(self.targets, self._units, self.state.law, saved)
 
     def close(self) -> None:
         """Remove the gradient hooks, putting the moments of hooked factors back in raw units."""
-        units = self._units
-        if units is None:
-            return
-        groups = group_map(self.optimizer)
-        for p in _all_factors(self.targets):
-            k = units.scale(p)
-            if units.hooked(p) and k != 1.0:
-                rescale_state_(self.optimizer, p, k, groups.get(id(p), {}))
-        units.remove()
-        self._units = None
+        if self._units is not None:
+            remove_units(self.targets, self._units, self.optimizer)
+            self._units = None
 
-    def _apply_alphas(self, alphas: Iterable[float]) -> None:
+    def _apply(self, alphas: Sequence[float], balances: Sequence[float] | None = None) -> None:
+        """Rescale the layers whose α (or balance) a control step moved beyond round-off."""
+        mus = [1.0] * len(alphas) if balances is None else balances
         changed = [
-            (target, alpha)
-            for target, alpha in zip(self.targets, alphas, strict=True)
-            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL
+            (target, alpha, mu)
+            for target, alpha, mu in zip(self.targets, alphas, mus, strict=True)
+            if abs(alpha / target.alpha - 1.0) > _ALPHA_RTOL or abs(mu - 1.0) > _ALPHA_RTOL
         ]
         if not changed:
             return
-        moved, alphas = zip(*changed, strict=True)
-        self._rescale(moved, alphas)
+        moved, new_alphas, new_mus = zip(*changed, strict=True)
+        self._rescale(moved, new_alphas, balances=None if balances is None else new_mus)
         update_adapter_config(self.model, self.targets)
 
     def _sync_control_alpha(self) -> None:
@@ -642,7 +463,7 @@ class TuningEngine:
             control=state.control,
             rho=state.rho,
             law=state.law,
-            units=None if self._units is None else [self._unit_row(t) for t in self.targets],
+            units=None if self._units is None else unit_rows(self.targets, self._units),
             schedule=None if self.schedule is None else (self.schedule.mean, self.schedule.source),
         )
 

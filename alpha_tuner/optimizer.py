@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .control import ControlConfig, ControlState
-from .engine import EngineOptions, TuningEngine
+from .engine import TuningEngine
 from .heads import HEAD_LR
 from .measure import DriftMeter
+from .options import EngineOptions
 from .readout import TunerReadout
 from .rule import AlphaRule, resolve_rule
 from .steplaw import StepLaw
