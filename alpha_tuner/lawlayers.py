@@ -84,14 +84,15 @@ def place_layers(
     alphas, balances, placed = [], [], []
     for t, (a_norm, w_norm) in zip(targets, norms.T.tolist(), strict=True):
         a2d, b2d = lora_matrices(t.weight_a, t.weight_b)
-        m, mu = placement(
+        where = placement(
             lr_a=lr_of[id(t.weight_a)], lr_b=lr_of[id(t.weight_b)],
             scaling=t.scaling, rank=t.rank, fan_in=a2d.shape[1], fan_out=b2d.shape[0],
             a_norm=a_norm, weight_norm=w_norm, config=law,
         )  # fmt: skip
+        m, mu = where
         alphas.append(t.alpha * m)
         balances.append(mu)
-        placed.append((m, mu) is not UNPLACED)
+        placed.append(where is not UNPLACED)  # the object itself: a re-packed (m, μ) never is
     return alphas, balances, placed
 
 

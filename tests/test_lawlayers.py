@@ -9,12 +9,13 @@ import torch
 from conftest import tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from alpha_tuner import StepLaw, lawlayers
 from alpha_tuner.discovery import find_lora_targets
 from alpha_tuner.drift import lora_matrices
 from alpha_tuner.gradunits import GradUnits
-from alpha_tuner.steplaw import init_steps, placement
+from alpha_tuner.steplaw import UNPLACED, init_steps, placement
 
 
 def test_layer_norms_are_the_factor_and_base_weight_norms() -> None:
@@ -25,6 +26,19 @@ def test_layer_norms_are_the_factor_and_base_weight_norms() -> None:
         assert float(norms[0, i]) == pytest.approx(float(t.weight_a.detach().norm()), rel=1e-6)
         weight = t.layer.get_base_layer().weight
         assert float(norms[1, i]) == pytest.approx(float(weight.detach().norm()), rel=1e-6)
+
+
+def test_an_unreadable_base_weight_gives_nan_and_the_layer_is_not_placed() -> None:
+    model = tiny_llama(seed=1)
+    targets = find_lora_targets(model)
+    base = targets[0].layer.get_base_layer()
+    base.weight = nn.Parameter(torch.empty(base.weight.shape, device="meta"), requires_grad=False)
+    norms = lawlayers.layer_norms(targets)
+    assert math.isnan(float(norms[1, 0])) and not torch.isnan(norms[1, 1:]).any()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    alphas, balances, placed = lawlayers.place_layers(targets, inner, StepLaw(), norms)
+    assert placed[0] is False and all(placed[1:])
+    assert (alphas[0] / targets[0].alpha, balances[0]) == UNPLACED
 
 
 def test_placement_reads_the_schedule_base_lr_of_each_factor() -> None:

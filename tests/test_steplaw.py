@@ -472,3 +472,28 @@ def test_a_layer_whose_base_weight_cannot_be_read_is_left_alone(device: str) -> 
             p.grad = torch.randn_like(p)
     opt.step()
     assert all(math.isfinite(a) for a in opt.alphas().values())
+
+
+def test_a_layer_the_law_cannot_place_is_not_moved_by_the_schedule_shift() -> None:
+    """Under a warm-up + decay schedule the first step moves every *placed* layer to the run-mean
+    targets; a layer with a quantised base weight was not placed and keeps its recipe α."""
+    from transformers import get_linear_schedule_with_warmup
+
+    model = tiny_llama(seed=3)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    base = layer.get_base_layer()
+    base.weight = torch.nn.Parameter(torch.ones_like(base.weight, dtype=torch.int8), requires_grad=False)
+    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), model)
+    scheduler = get_linear_schedule_with_warmup(opt, 2, 20)
+    before = opt.alphas()
+    for p in model.parameters():  # no forward: the int8 stand-in has no quantised kernel
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    scheduler.step()
+    assert opt.engine.schedule is not None and opt.engine.schedule.mean < 1.0
+    after = opt.alphas()
+    frozen = next(name for name in after if "layers.0.self_attn.q_proj" in name)
+    assert after[frozen] == before[frozen] == layer.lora_alpha["default"]
+    moved = [name for name in after if after[name] != pytest.approx(before[name])]
+    assert len(moved) == len(after) - 1  # every placed layer moved to the schedule's targets
