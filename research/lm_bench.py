@@ -21,7 +21,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,8 +116,15 @@ def _step_timer() -> Any:
     return StepTimer()
 
 
-def execute(run: LMRun) -> dict[str, Any]:
-    """Fine-tune one configuration through the Trainer and return its record."""
+def execute(run: LMRun, *, watch: Callable[[Any, Any], Sequence[Any]] | None = None) -> dict[str, Any]:
+    """Fine-tune one configuration through the Trainer and return its record.
+
+    Args:
+        run: The configuration.
+        watch: Called with the method's tuner (``None`` for a peer) and the PEFT model before
+            training; the Trainer callbacks it returns run beside the step timer (probes read
+            the run through them, :mod:`research.probes.adam_caution`).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -141,6 +148,7 @@ def execute(run: LMRun) -> dict[str, Any]:
     )  # fmt: skip
     alpha_start = _mean_alpha(peer.tuner)
     timer = _step_timer()
+    watchers = list(watch(peer.tuner, model)) if watch else []
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, max_steps=run.steps, per_device_train_batch_size=run.batch_size,
@@ -151,7 +159,7 @@ def execute(run: LMRun) -> dict[str, Any]:
         )  # fmt: skip
         trainer = Trainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-            optimizers=(peer.optimizer, None), callbacks=[timer],
+            optimizers=(peer.optimizer, None), callbacks=[timer, *watchers],
             data_collator=collator(run.model),
         )  # fmt: skip
         start = time.perf_counter()

@@ -240,3 +240,37 @@ def test_held_out_rank_compares_the_measured_best_alpha_with_the_other_ranks_fit
     (tmp_path / "empty.jsonl").write_text(_grid_lines([4, 16], law))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode != 0 and "run the grid first" in proc.stderr
+
+
+def test_adam_rms_is_one_after_adam_s_first_step() -> None:
+    """Adam's first bias-corrected step is the gradient's sign: RMS(m̂/√v̂) = 1 (ε small)."""
+    import torch
+
+    from research.probes.adam_caution import adam_rms
+
+    params = [torch.nn.Parameter(torch.randn(5, 7)) for _ in range(3)]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, eps=1e-12)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert adam_rms(optimizer, params) == pytest.approx(1.0, rel=1e-5)
+    for p in params:  # a second gradient of the other sign: m̂ shrinks, √v̂ does not
+        p.grad = -p.grad
+    optimizer.step()
+    assert adam_rms(optimizer, params) < 0.5
+
+
+def test_adam_caution_traces_the_law_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "caution.jsonl"
+    args = ("--model", "tiny", "--rank", "4", "--seeds", "0", "--steps", "20", "--out", str(out))
+    _script("adam_caution", *args, runs=2)  # the rerun finds the run done and trains nothing
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 1 and math.isfinite(records[0]["eval_loss"])
+    trace = records[0]["trace"]
+    assert [row["step"] for row in trace] == [10, 20]
+    assert all(0 < row["adam_rms_a"] < 3 and 0 < row["adam_rms_b"] < 3 for row in trace)  # ~1 early
+    lo, mid, hi = trace[-1]["log_alpha_moved"]
+    assert lo <= mid <= hi and hi > lo  # the fast start moved the layers, each its own way
+    _script("adam_caution", "--out", str(out), "--report")
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| step | Adam RMS(m̂/√v̂), A |" in table and "\n| 20 | " in table

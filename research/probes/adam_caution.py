@@ -1,0 +1,142 @@
+"""Adam's caution and the step law: what the law does when Adam's own steps shrink.
+
+Adam divides each step by ``√v̂``, a long memory of squared gradients (β₂ = 0.999). After a burst
+of large gradients, or when the gradient loses its sign from step to step, its normalised step
+``RMS(m̂ / (√v̂ + ε))`` falls far below its usual value, and the steps with it. The step law holds
+each layer's measured step at a target, so it answers such a fall by raising the layer's
+learning rates. This probe trains one run of the benchmark (:func:`research.lm_bench.execute`,
+the same Trainer path) and records every 10 steps the median over the LoRA factors of Adam's
+normalised step RMS, and the law's per-layer log α against its placement.
+
+Usage::
+
+    python -m research.probes.adam_caution --model minilm --rank 4 --seeds 107,106
+    python -m research.probes.adam_caution --model minilm --rank 4 --seeds 107 --tag f=0
+    python -m research.probes.adam_caution --report      # benchmarks/results/adam_caution.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from research.lm_bench import TASK_DEFAULTS, LMRun, execute
+from research.runner import append_line, finite_json
+
+OUT = Path("benchmarks/results/adam_caution.jsonl")
+EVERY = 10
+
+
+@torch.no_grad()
+def adam_rms(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> float:
+    """Median over ``params`` of ``RMS(m̂ / (√v̂ + ε))``, Adam's step in units of its LR."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    values = []
+    for p in params:
+        state = optimizer.state.get(p, {})
+        if "exp_avg" not in state:
+            continue
+        group = groups[id(p)]
+        beta1, beta2 = group["betas"]
+        t = float(state["step"])
+        m = state["exp_avg"] / (1 - beta1**t)
+        v = state["exp_avg_sq"] / (1 - beta2**t)
+        values.append(float((m / (v.sqrt() + group["eps"])).pow(2).mean().sqrt()))
+    return statistics.median(values) if values else float("nan")
+
+
+def watcher(trace: list[dict[str, Any]]) -> Any:
+    """A factory for :func:`execute`'s ``watch``: appends one row to ``trace`` every 10 steps."""
+    from transformers import TrainerCallback
+
+    def make(tuner: Any, model: torch.nn.Module) -> list[Any]:
+        if tuner is None or tuner.engine.state.law is None:
+            raise SystemExit("adam_caution probes the step law: use a steps* method.")
+        engine = tuner.engine
+        a_params = [t.weight_a for t in engine.targets]
+        b_params = [t.weight_b for t in engine.targets]
+
+        class Trace(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step % EVERY:
+                    return
+                law = engine.state.law
+                moved = (law.log_alpha - law.log_alpha0).tolist()
+                trace.append({
+                    "step": state.global_step,
+                    "adam_rms_a": adam_rms(engine.optimizer, a_params),
+                    "adam_rms_b": adam_rms(engine.optimizer, b_params),
+                    "log_alpha_moved": [min(moved), statistics.median(moved), max(moved)],
+                    "log_balance_moved": statistics.median((law.log_balance - law.log_balance0).tolist()),
+                })  # fmt: skip
+
+        return [Trace()]
+
+    return make
+
+
+def probe(run: LMRun) -> dict[str, Any]:
+    """Train ``run`` with the trace on; its benchmark record plus the trace."""
+    trace: list[dict[str, Any]] = []
+    record = execute(run, watch=watcher(trace))
+    keep = ("key", "config", "eval_loss", "train_curve", "alpha_start", "alpha_end")
+    return {**{k: record[k] for k in keep}, "trace": trace}
+
+
+def report(path: Path) -> str:
+    """One table per recorded run: Adam's step RMS and how far the law moved α, over training."""
+    out = ["# Adam's normalised step and the step law's α (`research/probes/adam_caution.py`)", ""]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        out += [f"## {rec['key']}: held-out loss {rec['eval_loss']:.4f}", ""]
+        out += ["| step | Adam RMS(m̂/√v̂), A | same, B | log(α/α₀): min / median / max | median log(μ/μ₀) |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for row in rec["trace"]:
+            lo, mid, hi = row["log_alpha_moved"]
+            out.append(
+                f"| {row['step']} | {row['adam_rms_a']:.3f} | {row['adam_rms_b']:.3f} | "
+                f"{lo:+.2f} / {mid:+.2f} / {hi:+.2f} | {row['log_balance_moved']:+.2f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2", "tiny"))
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--seeds", default="107")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, help="default: the task's (600 minilm, 300 smollm2)")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--report", action="store_true", help="write the tables next to --out, run nothing")
+    args = parser.parse_args(argv)
+    if args.report:
+        target = args.out.with_suffix(".md")
+        target.write_text(report(args.out), encoding="utf-8")
+        print(f"wrote {target}")
+        return 0
+    done = set()
+    if args.out.exists():
+        done = {json.loads(line)["key"] for line in args.out.read_text(encoding="utf-8").splitlines()}
+    d = TASK_DEFAULTS[args.model]
+    torch.set_num_threads(1)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        run = LMRun(
+            method="steps", rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps,
+            batch_size=d.batch_size, block=d.block, schedule=d.schedule, model=args.model, tag=args.tag,
+        )  # fmt: skip
+        if run.key() in done:
+            continue
+        append_line(args.out, json.dumps(finite_json(probe(run))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
