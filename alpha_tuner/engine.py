@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .adamstate import adam_step_rms
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
@@ -259,8 +260,9 @@ class TuningEngine:
                 update = scaling * m.signal / self._weight_norms
                 factor = self._schedule_factor()
                 law = observe_steps(
-                    state.law, m.a_step, update, factor, self.step_law, m.measured, a_norm=m.a_norm
-                )
+                    state.law, m.a_step, update, factor, self.step_law, m.measured, a_norm=m.a_norm,
+                    adam_rms=self._adam_rms() if self.step_law.adam_floor is not None else None,
+                )  # fmt: skip
                 state = state._replace(law=law)
             else:  # the rule's controller (idle under the step law: its kernels would be wasted)
                 control = observe(state.control, m.rho, self.control_config, mask=m.measured)
@@ -278,6 +280,12 @@ class TuningEngine:
         self._before_init = None  # only a load before the first step may need it
         if self.adapt and (decide or state.steps % self.options.control_every == 0):
             self._control_step()
+
+    def _adam_rms(self) -> Tensor:
+        """(2, L): Adam's normalised step RMS of every layer's A and B (``StepLaw.adam_floor``)."""
+        a = adam_step_rms(self.optimizer, [t.weight_a for t in self.targets], self.device)
+        b = adam_step_rms(self.optimizer, [t.weight_b for t in self.targets], self.device)
+        return torch.stack((a, b))
 
     def _read_schedule(self) -> None:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the

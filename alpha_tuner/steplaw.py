@@ -88,6 +88,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "warmup": (-1e-300, math.inf, "warmup an integer >= 0"),
     "schedule_mean": (0.0, math.inf, "schedule_mean None or 0 < schedule_mean < inf"),
     "step_rms": (0.0, math.inf, "0 < step_rms < inf"),
+    "adam_floor": (0.0, math.inf, "adam_floor None or 0 < adam_floor < inf"),
 }
 
 
@@ -118,6 +119,14 @@ class StepLaw:
             elements all move by the full LR. Later steps average noisy gradient signs and are
             smaller, down to ``√((1 − β₁)/(1 + β₁))`` (0.23 for β₁ = 0.9) where noise
             dominates; a smaller value places both steps higher by ``1/step_rms``.
+        adam_floor: ``None`` (default): the law holds the measured steps whatever makes them
+            small. A number: where Adam's own normalised step ``RMS(m̂/(√v̂ + ε))`` of a factor
+            (:mod:`alpha_tuner.adamstate`) is below it, the law takes that factor's measured
+            step as if Adam's were at the floor, so a step that is small because Adam is
+            cautious (a gradient whose sign flips from step to step, or a ``v̂`` that
+            remembers larger gradients) is not answered by a larger LR. The level of pure
+            noise, ``√((1 − β₁)/(1 + β₁))`` = 0.23 for β₁ = 0.9, is the natural floor: only
+            those two cases go below it.
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.
@@ -133,13 +142,14 @@ class StepLaw:
     schedule_mean: float | None = None
     a_reference: AReference = "current"
     step_rms: float = 1.0
+    adam_floor: float | None = None
 
     def __post_init__(self) -> None:
         if self.a_reference not in _REFERENCES:
             raise ValueError(f"StepLaw.a_reference must be one of {_REFERENCES}, got {self.a_reference!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "a_reference" or (f.name == "schedule_mean" and value is None):
+            if f.name == "a_reference" or (f.name in ("schedule_mean", "adam_floor") and value is None):
                 continue
             lo, hi, valid = _RANGES[f.name]
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -238,6 +248,7 @@ def observe_steps(
     mask: Tensor | None = None,
     *,
     a_norm: Tensor | None = None,
+    adam_rms: Tensor | None = None,
 ) -> StepState:
     """Fold one measurement of ``a`` and ``u`` (shape (L,)) taken at schedule factor ``scale``.
 
@@ -251,6 +262,10 @@ def observe_steps(
         a_norm: ``‖A‖`` before the step per layer; needed with ``a_reference="initial"``,
             where ``a`` is measured against A's wrap-time norm in today's units instead,
             ``a·‖A‖ / (a_norm0·e^{−log_balance})``.
+        adam_rms: (2, L): Adam's normalised step RMS of A and of B in this step
+            (:func:`alpha_tuner.adamstate.adam_step_rms`); with ``config.adam_floor`` set, ``a``
+            is multiplied by ``max(1, floor / rms_A)`` and ``u`` by ``max(1, floor / rms_B)``
+            (NaN: 1), see :attr:`StepLaw.adam_floor`.
 
     Returns:
         The new state. A layer whose ``a`` or ``u`` is not finite and positive, or any layer
@@ -267,6 +282,9 @@ def observe_steps(
     # a and u as one (2, L) tensor: the same arithmetic per element in half the kernel launches,
     # which are what a measuring step costs on an accelerator.
     x = torch.stack((a_step.detach(), update.detach())).to(torch.float32)
+    if config.adam_floor is not None and adam_rms is not None:
+        lift = (config.adam_floor / adam_rms.to(x)).clamp(min=1.0)
+        x = x * torch.where(torch.isfinite(lift), lift, 1.0)
     valid = observed & (torch.isfinite(x) & (x > 0)).all(dim=0)
     if not (scale > 0 and math.isfinite(scale)):
         valid = torch.zeros_like(valid)

@@ -189,7 +189,8 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     """Options from a ``steps*`` run's tag, comma-separated ``key=value`` fields, each optional.
 
     The step law's fields: ``a`` (``a_step``), ``u`` (``update``), ``m`` (``max_change``),
-    ``rms`` (``step_rms``) and ``ref`` (``a_reference``: ``current`` or ``initial``); the
+    ``rms`` (``step_rms``), ``af`` (``adam_floor``) and ``ref`` (``a_reference``: ``current`` or
+    ``initial``); the
     wrapper's: ``h`` (``head_lr``), ``e`` (``measure_every``), ``p`` (``measure_phases``), ``c``
     (``control_every``) and ``f`` (``fast_start``, 0 or 1). A field left out keeps its default.
     Raises ``ValueError`` naming an unknown field.
@@ -199,14 +200,14 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     from alpha_tuner import StepLaw
 
     fields = dict(item.split("=") for item in run.tag.split(","))
-    law_names = {"a": "a_step", "u": "update", "m": "max_change", "rms": "step_rms"}
+    law_names = {"a": "a_step", "u": "update", "m": "max_change", "rms": "step_rms", "af": "adam_floor"}
     wrapper_names = {"e": "measure_every", "p": "measure_phases", "c": "control_every"}
     unknown = sorted(set(fields) - {*law_names, *wrapper_names, "h", "ref", "f"})
     if unknown:
         raise ValueError(
             f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, m=<max_change>, "
-            "rms=<step_rms>, ref=<a_reference>, h=<head_lr>, e=<measure_every>, p=<measure_phases>, "
-            "c=<control_every>, f=<fast_start: 0 or 1>."
+            "rms=<step_rms>, af=<adam_floor>, ref=<a_reference>, h=<head_lr>, e=<measure_every>, "
+            "p=<measure_phases>, c=<control_every>, f=<fast_start: 0 or 1>."
         )
     law: dict[str, Any] = {law_names[key]: float(value) for key, value in fields.items() if key in law_names}
     if "ref" in fields:
@@ -387,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tag",
         default="",
-        help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,rms=<step_rms>,ref=<current or initial>,"
-        "h=<head_lr>,e=<measure_every>,p=<measure_phases>,c=<control_every>,f=<fast_start 0/1> (optional)",
+        help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,rms=<step_rms>,af=<adam_floor>,"
+        "ref=<current or initial>,h=<head_lr>,e=<measure_every>,p=<measure_phases>,c=<control_every>,"
+        "f=<fast_start 0/1> (optional)",
     )
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],

@@ -31,7 +31,7 @@ def _observed(a: float, u: float, *, n: int = 3, law: StepLaw | None = None, sca
 @pytest.mark.parametrize(
     ("field", "value"),
     [("a_step", 0.0), ("update", -1.0), ("gain", math.inf), ("max_change", 1.0), ("bound", 0.5),
-     ("beta", 1.0), ("warmup", 1.5), ("a_step", True)],
+     ("beta", 1.0), ("warmup", 1.5), ("a_step", True), ("adam_floor", 0.0), ("adam_floor", math.nan)],
 )  # fmt: skip
 def test_bad_settings_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"StepLaw.{field} must satisfy"):
@@ -497,3 +497,48 @@ def test_a_layer_the_law_cannot_place_is_not_moved_by_the_schedule_shift() -> No
     assert after[frozen] == before[frozen] == layer.lora_alpha["default"]
     moved = [name for name in after if after[name] != pytest.approx(before[name])]
     assert len(moved) == len(after) - 1  # every placed layer moved to the schedule's targets
+
+
+def test_the_adam_floor_lifts_only_steps_where_adam_is_below_it() -> None:
+    """``a`` and ``u`` are read as if Adam's normalised step were at least the floor."""
+    n = 4
+    state = init_steps(torch.full((n,), 8.0))
+    a, u = torch.full((n,), 1e-2), torch.full((n,), 3e-4)
+    rms = torch.tensor([[0.5, 0.1, math.nan, 0.23], [0.05, 0.3, 0.2, math.nan]])
+    floored = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=0.23), adam_rms=rms)
+    plain = observe_steps(state, a, u, 1.0, StepLaw(), adam_rms=rms)
+    lift_a = torch.tensor([1.0, 2.3, 1.0, 1.0])
+    lift_u = torch.tensor([4.6, 1.0, 1.15, 1.0])
+    torch.testing.assert_close(floored.log_a_step, plain.log_a_step + lift_a.log())
+    torch.testing.assert_close(floored.log_update, plain.log_update + lift_u.log())
+    unread = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=0.23))  # no Adam state given
+    torch.testing.assert_close(unread.log_a_step, plain.log_a_step)
+
+
+def _alternating(floor: float | None) -> float:
+    """Median log-change of α after 24 steps whose gradient flips sign every step (m̂ → 0)."""
+    model = tiny_llama(seed=5).double()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    law = StepLaw(adam_floor=floor)
+    opt = AlphaTunedOptimizer(inner, model, steps=law, head_lr=None, measure_every=1, measure_phases=1,
+                              control_every=4, fast_start=False)  # fmt: skip
+    start = opt.engine.state.law
+    assert start is not None
+    torch.manual_seed(0)
+    grads = {p: torch.randn_like(p) for p in model.parameters() if p.requires_grad}
+    for step in range(24):
+        for p, g in grads.items():
+            p.grad = g.clone() if step % 2 else -g
+        opt.step()
+    law_state = opt.engine.state.law
+    assert law_state is not None
+    return float((law_state.log_alpha - start.log_alpha).median())
+
+
+def test_the_adam_floor_keeps_the_law_from_answering_a_flipping_gradient_with_a_larger_lr() -> None:
+    """A gradient whose sign flips every step shrinks Adam's steps ~20× (an overshooting step):
+    the law without a floor raises α to restore the measured step; with the floor at the
+    noise level it takes the steps for what Adam's own normalisation says and raises far less."""
+    without, with_floor = _alternating(None), _alternating(0.23)
+    assert without > math.log(8.0)
+    assert with_floor < without - math.log(4.0)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alpha_tuner.adamstate import adam_step_rms
 from research.lm_bench import TASK_DEFAULTS, LMRun, execute
 from research.runner import append_line, finite_json
 
@@ -32,22 +34,10 @@ OUT = Path("benchmarks/results/adam_caution.jsonl")
 EVERY = 10
 
 
-@torch.no_grad()
 def adam_rms(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> float:
-    """Median over ``params`` of ``RMS(m̂ / (√v̂ + ε))``, Adam's step in units of its LR."""
-    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    values = []
-    for p in params:
-        state = optimizer.state.get(p, {})
-        if "exp_avg" not in state:
-            continue
-        group = groups[id(p)]
-        beta1, beta2 = group["betas"]
-        t = float(state["step"])
-        m = state["exp_avg"] / (1 - beta1**t)
-        v = state["exp_avg_sq"] / (1 - beta2**t)
-        values.append(float((m / (v.sqrt() + group["eps"])).pow(2).mean().sqrt()))
-    return statistics.median(values) if values else float("nan")
+    """Median over ``params`` of :func:`alpha_tuner.adamstate.adam_step_rms` (NaN: not stepped)."""
+    values = [v for v in adam_step_rms(optimizer, params, torch.device("cpu")).tolist() if math.isfinite(v)]
+    return statistics.median(values) if values else math.nan
 
 
 def watcher(trace: list[dict[str, Any]]) -> Any:
