@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .distributed import local_tensor
+
 __all__ = ["adam_step_rms", "noise_rms"]
 
 
@@ -42,7 +44,7 @@ def adam_step_rms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], de
     """
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out = []
-    nan = torch.tensor(math.nan, device=device)
+    nan = torch.full((), math.nan, device=device)  # a fill kernel: no host-to-device copy
     for p in params:
         state = optimizer.state.get(p, {})
         group = groups.get(id(p))
@@ -50,7 +52,8 @@ def adam_step_rms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], de
             out.append(nan)
             continue
         beta1, beta2 = group["betas"]
-        m, v = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        # FSDP2's sharded state: this rank's shard (no collective; rank 0's decisions are broadcast).
+        m, v = local_tensor(state["exp_avg"]).float(), local_tensor(state["exp_avg_sq"]).float()
         step = state["step"]
         if isinstance(step, Tensor) and step.device.type == "cpu":
             step = float(step)  # host memory: reading it waits for no device
