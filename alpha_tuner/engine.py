@@ -283,9 +283,8 @@ class TuningEngine:
 
     def _adam_rms(self) -> Tensor:
         """(2, L): Adam's normalised step RMS of every layer's A and B (``StepLaw.adam_floor``)."""
-        a = adam_step_rms(self.optimizer, [t.weight_a for t in self.targets], self.device)
-        b = adam_step_rms(self.optimizer, [t.weight_b for t in self.targets], self.device)
-        return torch.stack((a, b))
+        factors = [t.weight_a for t in self.targets] + [t.weight_b for t in self.targets]
+        return adam_step_rms(self.optimizer, factors, self.device).view(2, len(self.targets))
 
     def _read_schedule(self) -> None:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the
