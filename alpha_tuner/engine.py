@@ -254,14 +254,19 @@ class TuningEngine:
         state = self.state
         fast = self._fast_now()
         if self._measuring_now and self.meter is not None:
-            m = (self._full_meter if fast else self.meter).measure()  # type: ignore[union-attr]
+            meter = self._full_meter if fast else self.meter
+            assert meter is not None  # the fast start's meter exists while it is on
+            m = meter.measure()
             if state.law is not None and self.step_law is not None:
+                adam_rms = None
+                if self.step_law.adam_floor is not None:
+                    adam_rms = self._adam_rms(*meter.phase_targets(0 if fast else state.phase))
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
                 factor = self._schedule_factor()
                 law = observe_steps(
                     state.law, m.a_step, update, factor, self.step_law, m.measured, a_norm=m.a_norm,
-                    adam_rms=self._adam_rms() if self.step_law.adam_floor is not None else None,
+                    adam_rms=adam_rms,
                 )  # fmt: skip
                 state = state._replace(law=law)
             else:  # the rule's controller (idle under the step law: its kernels would be wasted)
@@ -281,10 +286,14 @@ class TuningEngine:
         if self.adapt and (decide or state.steps % self.options.control_every == 0):
             self._control_step()
 
-    def _adam_rms(self) -> Tensor:
-        """(2, L): Adam's normalised step RMS of every layer's A and B (``StepLaw.adam_floor``)."""
-        factors = [t.weight_a for t in self.targets] + [t.weight_b for t in self.targets]
-        return adam_step_rms(self.optimizer, factors, self.device).view(2, len(self.targets))
+    def _adam_rms(self, layers: list[int], index: Tensor) -> Tensor:
+        """(2, L): Adam's normalised step RMS of the A and B of the measured ``layers``
+        (``StepLaw.adam_floor``; ``index``: the same on the device), NaN for the others (the law
+        reads only the measured layers), so each measurement reads only its phase's state."""
+        factors = [self.targets[i].weight_a for i in layers] + [self.targets[i].weight_b for i in layers]
+        values = adam_step_rms(self.optimizer, factors, self.device).view(2, len(layers))
+        out = torch.full((2, len(self.targets)), math.nan, device=self.device)
+        return out.index_copy_(1, index, values)
 
     def _read_schedule(self) -> None:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the

@@ -219,6 +219,7 @@ class DriftMeter:
         # Per phase and Gram buffer: the target index of each row; per phase: its layers.
         self._rows: list[dict[_Key, Tensor]] = []
         self._measured: list[Tensor] = []
+        self._targets: list[tuple[list[int], Tensor]] = []  # per phase: its layers, host and device
         kept_bytes: dict[torch.device, int] = {}
         for p in range(phases):
             rows: dict[_Key, list[int]] = {}
@@ -236,8 +237,10 @@ class DriftMeter:
                 kept_bytes[dev] = max(kept_bytes.get(dev, 0), n)
             self._rows.append({k: torch.tensor(v, dtype=torch.long, device=device) for k, v in rows.items()})
             mask = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
-            mask[[i for v in rows.values() for i in v]] = True
+            targets = sorted(i for v in rows.values() for i in v)
+            mask[targets] = True
             self._measured.append(mask)
+            self._targets.append((targets, torch.tensor(targets, dtype=torch.long, device=device)))
         # On CPU (keep_snapshot): one buffer per device for the snapshot of any one phase.
         self._kept_bytes = kept_bytes
         self._kept: dict[torch.device, Tensor] = {}
@@ -268,6 +271,11 @@ class DriftMeter:
     def phase_layers(self, phase: int) -> Tensor:
         """Bool mask over the targets of the layers that ``phase`` measures."""
         return self._measured[phase]
+
+    def phase_targets(self, phase: int) -> tuple[list[int], Tensor]:
+        """The target indices that ``phase`` measures, ascending: a host list (to pick the
+        parameters) and the same on ``device`` (to scatter per-layer values without a sync)."""
+        return self._targets[self._check_phase(phase)]
 
     def _check_phase(self, phase: int) -> int:
         if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < self.num_phases:

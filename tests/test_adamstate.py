@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from alpha_tuner import AlphaTunedOptimizer, StepLaw
 from alpha_tuner.adamstate import adam_step_rms, noise_rms
+from tests.conftest import tiny_llama
 
 CPU = torch.device("cpu")
 
@@ -37,6 +39,36 @@ def test_pure_noise_gives_the_noise_level_and_a_flipping_sign_goes_below_it() ->
     noise, flipping = adam_step_rms(optimizer, params, CPU).tolist()
     assert noise == pytest.approx(noise_rms(0.9), rel=0.1)  # √(0.1 / 1.9) = 0.229
     assert flipping < 0.25 * noise_rms(0.9)  # (1 − β₁)/(1 + β₁) = 0.053 of the gradient's size
+
+
+def test_a_measurement_reads_the_adam_state_of_its_own_phase_only() -> None:
+    """With the floor on, each measurement reads Adam's step of the layers its phase measured
+    (the law uses no other), the same values as a read of every factor; the others are NaN."""
+    model = tiny_llama(seed=3)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = AlphaTunedOptimizer(inner, model, steps=StepLaw(adam_floor=0.23), head_lr=None, measure_every=1,
+                              measure_phases=2, control_every=4, fast_start=False)  # fmt: skip
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) if p.requires_grad else None
+    opt.step()
+    engine = opt.engine
+    assert engine.meter is not None and engine.meter.num_phases == 2
+    factors = [t.weight_a for t in engine.targets] + [t.weight_b for t in engine.targets]
+    every = adam_step_rms(inner, factors, CPU).view(2, -1)
+    seen = torch.zeros(len(engine.targets), dtype=torch.bool)
+    for phase in range(2):
+        layers, index = engine.meter.phase_targets(phase)
+        assert 0 < len(layers) < len(engine.targets)
+        assert index.tolist() == layers
+        got = engine._adam_rms(layers, index)
+        mine = torch.zeros_like(seen)
+        mine[layers] = True
+        torch.testing.assert_close(got[:, mine], every[:, mine], rtol=0, atol=0)
+        assert bool(got[:, ~mine].isnan().all())
+        assert not bool((seen & mine).any())
+        seen |= mine
+    assert bool(seen.all())
 
 
 def test_parameters_without_adam_state_read_nan() -> None:
