@@ -189,10 +189,10 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     """Options from a ``steps*`` run's tag, comma-separated ``key=value`` fields, each optional.
 
     The step law's fields: ``a`` (``a_step``), ``u`` (``update``), ``m`` (``max_change``),
-    ``rms`` (``step_rms``), ``af`` (``adam_floor``) and ``ref`` (``a_reference``: ``current`` or
-    ``initial``); the
-    wrapper's: ``h`` (``head_lr``), ``e`` (``measure_every``), ``p`` (``measure_phases``), ``c``
-    (``control_every``) and ``f`` (``fast_start``, 0 or 1). A field left out keeps its default.
+    ``rms`` (``step_rms``), ``af`` (``adam_floor``, ``none`` for off) and ``ref``
+    (``a_reference``: ``current`` or ``initial``); the wrapper's: ``h`` (``head_lr``), ``e``
+    (``measure_every``), ``p`` (``measure_phases``), ``c`` (``control_every``) and ``f``
+    (``fast_start``, 0 or 1). A field left out keeps its default.
     Raises ``ValueError`` naming an unknown field.
     """
     if not run.method.startswith("steps") or not run.tag:
@@ -206,10 +206,14 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     if unknown:
         raise ValueError(
             f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, m=<max_change>, "
-            "rms=<step_rms>, af=<adam_floor>, ref=<a_reference>, h=<head_lr>, e=<measure_every>, "
+            "rms=<step_rms>, af=<adam_floor or none>, ref=<a_reference>, h=<head_lr>, e=<measure_every>, "
             "p=<measure_phases>, c=<control_every>, f=<fast_start: 0 or 1>."
         )
-    law: dict[str, Any] = {law_names[key]: float(value) for key, value in fields.items() if key in law_names}
+    law: dict[str, Any] = {
+        law_names[key]: None if (key == "af" and value == "none") else float(value)
+        for key, value in fields.items()
+        if key in law_names
+    }
     if "ref" in fields:
         law["a_reference"] = fields["ref"]
     options: dict[str, Any] = {"steps": StepLaw(**law)}
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tag",
         default="",
-        help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,rms=<step_rms>,af=<adam_floor>,"
+        help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,rms=<step_rms>,af=<adam_floor or none>,"
         "ref=<current or initial>,h=<head_lr>,e=<measure_every>,p=<measure_phases>,c=<control_every>,"
         "f=<fast_start 0/1> (optional)",
     )
