@@ -39,8 +39,9 @@ def adam_step_rms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], de
 
     Returns:
         float32 values; NaN for a parameter without that state (not stepped yet, or another
-        optimizer's layout). Nothing waits for the device: a ``step`` kept on the host (torch's
-        default) is read there, one kept on the device (capturable, fused) is used as a tensor.
+        optimizer's layout). Nothing reads a value on the host: the bias corrections are
+        tensor operations on the ``step`` counter, wherever torch keeps it (the host by
+        default, the device for capturable and fused Adam).
     """
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out = []
@@ -54,10 +55,10 @@ def adam_step_rms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], de
         beta1, beta2 = group["betas"]
         # FSDP2's sharded state: this rank's shard (no collective; rank 0's decisions are broadcast).
         m, v = local_tensor(state["exp_avg"]).float(), local_tensor(state["exp_avg_sq"]).float()
+        # A tensor wherever torch keeps it: on the host by default (a value in host memory, no
+        # device to wait for), on the device for capturable/fused Adam (no transfer either way).
         step = state["step"]
-        if isinstance(step, Tensor) and step.device.type == "cpu":
-            step = float(step)  # host memory: reading it waits for no device
-        # On the device for capturable/fused Adam (their step lives there): no transfer.
+        step = step.double() if isinstance(step, Tensor) else float(step)  # as torch's Adam: in double
         ratio = (m / (1.0 - beta1**step)) / ((v / (1.0 - beta2**step)).sqrt() + group.get("eps", 1e-8))
         out.append(ratio.square().mean().sqrt().to(device))
     if not out:
