@@ -45,6 +45,16 @@ Adam's later steps (which average noisy signs) 2–4× on the benchmarks, so the
 are the ones with the most to correct; made early, with every layer measured, they cost three
 extra control steps in the whole run.
 
+**Adam's caution** (``adam_floor``): the law holds *measured* steps, and assumes that a larger
+LR gives a larger step. Past some size that fails: a step that overshoots makes the gradient's
+sign flip from step to step, ``m̂`` averages to nothing, and Adam's normalised step
+``RMS(m̂/(√v̂ + ε))`` falls from its usual 0.2–0.5 to 0.01–0.02. Read as steps that are too
+small, that raised α ×90 on one benchmark run (MiniLM-600, r = 4, seed 107) and the model fell
+to chance. So where a factor's normalised step is below the floor, the law takes its measured
+step as if Adam's were at the floor. The floor is the pure-noise level ``√((1 − β₁)/(1 + β₁))``
+(0.23 for β₁ = 0.9): healthy runs sit at or above it; an oscillating gradient, or a ``v̂`` that
+remembers larger gradients, goes below it.
+
 Every function is pure and reads no tensor value on the host.
 """
 
@@ -119,14 +129,15 @@ class StepLaw:
             elements all move by the full LR. Later steps average noisy gradient signs and are
             smaller, down to ``√((1 − β₁)/(1 + β₁))`` (0.23 for β₁ = 0.9) where noise
             dominates; a smaller value places both steps higher by ``1/step_rms``.
-        adam_floor: ``None`` (default): the law holds the measured steps whatever makes them
-            small. A number: where Adam's own normalised step ``RMS(m̂/(√v̂ + ε))`` of a factor
+        adam_floor: Where Adam's own normalised step ``RMS(m̂/(√v̂ + ε))`` of a factor
             (:mod:`alpha_tuner.adamstate`) is below it, the law takes that factor's measured
             step as if Adam's were at the floor, so a step that is small because Adam is
             cautious (a gradient whose sign flips from step to step, or a ``v̂`` that
-            remembers larger gradients) is not answered by a larger LR. The level of pure
-            noise, ``√((1 − β₁)/(1 + β₁))`` = 0.23 for β₁ = 0.9, is the natural floor: only
-            those two cases go below it.
+            remembers larger gradients) is not answered by a larger LR. 0.23 (default): the
+            level of pure noise, ``√((1 − β₁)/(1 + β₁))`` for β₁ = 0.9 (set
+            :func:`~alpha_tuner.adamstate.noise_rms` of yours for other betas). ``None``: the
+            law holds the measured steps whatever makes them small. No effect where the inner
+            optimizer keeps no Adam state (``exp_avg``, ``exp_avg_sq``, ``step``).
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.
@@ -142,7 +153,7 @@ class StepLaw:
     schedule_mean: float | None = None
     a_reference: AReference = "current"
     step_rms: float = 1.0
-    adam_floor: float | None = None
+    adam_floor: float | None = 0.23
 
     def __post_init__(self) -> None:
         if self.a_reference not in _REFERENCES:

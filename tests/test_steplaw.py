@@ -506,7 +506,7 @@ def test_the_adam_floor_lifts_only_steps_where_adam_is_below_it() -> None:
     a, u = torch.full((n,), 1e-2), torch.full((n,), 3e-4)
     rms = torch.tensor([[0.5, 0.1, math.nan, 0.23], [0.05, 0.3, 0.2, math.nan]])
     floored = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=0.23), adam_rms=rms)
-    plain = observe_steps(state, a, u, 1.0, StepLaw(), adam_rms=rms)
+    plain = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=None), adam_rms=rms)
     lift_a = torch.tensor([1.0, 2.3, 1.0, 1.0])
     lift_u = torch.tensor([4.6, 1.0, 1.15, 1.0])
     torch.testing.assert_close(floored.log_a_step, plain.log_a_step + lift_a.log())
