@@ -1,4 +1,4 @@
-"""Adam's own step size, read from the optimizer's state without a host sync.
+"""Adam's own step size, without a host sync.
 
 Adam moves each element by ``lr · m̂ / (√v̂ + ε)``. The RMS of ``m̂ / (√v̂ + ε)`` over a tensor is
 its step in units of the learning rate: 1 at Adam's first step (the gradient's sign), about
@@ -7,19 +7,33 @@ when the gradient's sign flips from step to step (an overshooting step) or ``v̂
 gradients than the present ones. :class:`~alpha_tuner.StepLaw` reads it to tell a step that is
 small because the LR is small from one that is small because Adam is being cautious
 (``StepLaw.adam_floor``).
+
+Two ways to get it, equal in exact arithmetic:
+
+* :class:`AppliedStep`, what the tuner uses: from the step the factor actually took, which the
+  drift meter has already measured. AdamW's step is ``dP = −lr·(m̂/(√v̂ + ε)) − lr·λ·P`` (λ its
+  decoupled weight decay; Adam's coupled decay is inside ``m̂``), so
+  ``RMS(m̂/(√v̂ + ε)) = ‖dP + lr·λ·P‖ / (lr·√n)``, and ``‖dP + c·P‖² = ‖dP‖² + 2c⟨P, dP⟩ + c²‖P‖²``
+  comes from the Gram traces of the measurement. No optimizer state is read: nothing beyond a
+  few kernels on ``(2, L)`` tensors.
+* :func:`adam_step_rms`: from the optimizer's moments, one pass over each factor's state (a
+  diagnostic, and the reference the tests hold the first to).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
+from .discovery import LoraTarget
 from .distributed import local_tensor
 
-__all__ = ["adam_step_rms", "noise_rms"]
+__all__ = ["AppliedStep", "adam_step_rms", "applied_step_rms", "noise_rms"]
 
 
 def noise_rms(beta1: float) -> float:
@@ -54,13 +68,78 @@ def adam_step_rms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], de
             continue
         beta1, beta2 = group["betas"]
         # FSDP2's sharded state: this rank's shard (no collective; rank 0's decisions are broadcast).
-        m, v = local_tensor(state["exp_avg"]).float(), local_tensor(state["exp_avg_sq"]).float()
+        m, v = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])
         # A tensor wherever torch keeps it: on the host by default (a value in host memory, no
         # device to wait for), on the device for capturable/fused Adam (no transfer either way).
         step = state["step"]
         step = step.double() if isinstance(step, Tensor) else float(step)  # as torch's Adam: in double
-        ratio = (m / (1.0 - beta1**step)) / ((v / (1.0 - beta2**step)).sqrt() + group.get("eps", 1e-8))
-        out.append(ratio.square().mean().sqrt().to(device))
+        root_c2 = (1.0 - beta2**step) ** 0.5
+        # m̂/(√v̂ + ε) = (√c₂/c₁)·m/(√v + ε√c₂), c = 1 − β^t: one buffer and four passes over it
+        # (this runs at every measurement, over every factor of the phase).
+        ratio = v.float().sqrt_() if v.dtype != torch.float32 else v.sqrt()
+        ratio = ratio.add_(root_c2 * group.get("eps", 1e-8))
+        ratio = torch.div(m, ratio, out=ratio)
+        norm = torch.linalg.vector_norm(ratio) * (root_c2 / (1.0 - beta1**step) / ratio.numel() ** 0.5)
+        out.append(norm.to(device, torch.float32))
     if not out:
         return torch.empty(0, device=device)
     return torch.stack(out)
+
+
+def applied_step_rms(traces: Tensor, lr: Tensor, decay: Tensor, numel: Tensor) -> Tensor:
+    """``RMS(m̂/(√v̂ + ε))`` of each layer's A and B step, from the step they took.
+
+    Args:
+        traces: ``(6, L)``: ``‖A‖²``, ``⟨A, dA⟩``, ``‖dA‖²``, ``‖B‖²``, ``⟨dB, B⟩``, ``‖dB‖²``
+            per layer (:attr:`alpha_tuner.measure.Measurement.traces`).
+        lr: ``(2, L)``: the learning rate of each factor's step.
+        decay: ``(2, L)``: ``lr·λ`` of each factor's decoupled weight decay (0 without one).
+        numel: ``(2, L)``: elements of each factor.
+
+    Returns:
+        ``(2, L)`` float32; NaN or inf where a layer was not measured or its LR is 0.
+    """
+    norm, cross, step = traces[0::3], traces[1::3], traces[2::3]  # (2, L) each: A's row, then B's
+    adam_sq = step + 2.0 * decay * cross + decay.square() * norm
+    return adam_sq.clamp(min=0.0).sqrt() / (lr * numel.sqrt())
+
+
+def _decoupled(optimizer: Optimizer, group: dict[str, Any]) -> bool:
+    """Whether a group's weight decay is AdamW's (decoupled) rather than an L2 term in the gradient."""
+    return bool(group.get("decoupled_weight_decay", "AdamW" in type(optimizer).__name__))
+
+
+class AppliedStep:
+    """Adam's normalised step of every layer's A and B, read from a measurement (module docstring).
+
+    Args:
+        optimizer: The inner (Adam-family) optimizer.
+        targets: The tuner's LoRA layers.
+        device: The tuner's device.
+
+    Made once per tuner: the factors' param groups (A and B may be in different ones, as LoRA+
+    puts them) and sizes are looked up here, so a measurement copies nothing to the device.
+    """
+
+    def __init__(self, optimizer: Optimizer, targets: Sequence[LoraTarget], device: torch.device) -> None:
+        self.optimizer = optimizer
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        where = [[group_of.get(id(f), -1) for f in factors] for factors in (
+            [t.weight_a for t in targets], [t.weight_b for t in targets])]  # fmt: skip
+        index = torch.tensor(where, device=device)
+        #: (group index, (2, L) mask of the factors it holds) for every group holding one.
+        self.groups = [(g, index == g) for g in sorted({g for row in where for g in row} - {-1})]
+        sizes = [[t.weight_a.numel() for t in targets], [t.weight_b.numel() for t in targets]]
+        self.numel = torch.tensor(sizes, dtype=torch.float32, device=device)
+
+    def rms(self, traces: Tensor) -> Tensor:
+        """``(2, L)``: RMS of Adam's normalised step of A and B in the measured step (NaN where
+        not measured, or where a factor is in no group of the optimizer)."""
+        lr = torch.full_like(self.numel, math.nan)
+        decay = torch.zeros_like(self.numel)
+        for g, mask in self.groups:
+            group = self.optimizer.param_groups[g]
+            lr = torch.where(mask, group["lr"], lr)
+            if _decoupled(self.optimizer, group) and group.get("weight_decay", 0.0):
+                decay = torch.where(mask, group["lr"] * group["weight_decay"], decay)
+        return applied_step_rms(traces, lr, decay, self.numel)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .adamstate import adam_step_rms
+from .adamstate import AppliedStep
 from .control import ControlConfig, ControlState, init_control, observe, update_alpha
 from .discovery import LoraTarget, display_names, find_lora_targets, param_ids
 from .distributed import broadcast_state, unwrap_model
@@ -183,6 +183,8 @@ class TuningEngine:
             steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False, law=law
         )
         self._measuring_now = False
+        #: Adam's normalised step of each factor, read from the measurements (StepLaw.adam_floor).
+        self._adam_step = AppliedStep(optimizer, self.targets, self.device)
         #: The fast start's one-phase meter (see _fast_now), dropped when the fast start ends.
         self._full_meter = self._new_start_meter()
 
@@ -254,13 +256,9 @@ class TuningEngine:
         state = self.state
         fast = self._fast_now()
         if self._measuring_now and self.meter is not None:
-            meter = self._full_meter if fast else self.meter
-            assert meter is not None  # the fast start's meter exists while it is on
-            m = meter.measure()
+            m = (self._full_meter if fast else self.meter).measure()  # type: ignore[union-attr]
             if state.law is not None and self.step_law is not None:
-                adam_rms = None
-                if self.step_law.adam_floor is not None:
-                    adam_rms = self._adam_rms(*meter.phase_targets(0 if fast else state.phase))
+                adam_rms = None if self.step_law.adam_floor is None else self._adam_step.rms(m.traces)
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
                 factor = self._schedule_factor()
@@ -285,15 +283,6 @@ class TuningEngine:
         self._before_init = None  # only a load before the first step may need it
         if self.adapt and (decide or state.steps % self.options.control_every == 0):
             self._control_step()
-
-    def _adam_rms(self, layers: list[int], index: Tensor) -> Tensor:
-        """(2, L): Adam's normalised step RMS of the A and B of the measured ``layers``
-        (``StepLaw.adam_floor``; ``index``: the same on the device), NaN for the others (the law
-        reads only the measured layers), so each measurement reads only its phase's state."""
-        factors = [self.targets[i].weight_a for i in layers] + [self.targets[i].weight_b for i in layers]
-        values = adam_step_rms(self.optimizer, factors, self.device).view(2, len(layers))
-        out = torch.full((2, len(self.targets)), math.nan, device=self.device)
-        return out.index_copy_(1, index, values)
 
     def _read_schedule(self) -> None:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the

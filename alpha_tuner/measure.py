@@ -82,6 +82,9 @@ class Measurement:
         a_step: ``‖dA‖_F / ‖A‖_F`` per layer, A's relative step, float32 (NaN where not
             measured).
         a_norm: ``‖A‖_F`` before the step per layer, float32 (NaN where not measured).
+        traces: ``(6, L)`` float32, the traces of the six Gram blocks (:data:`GRAM_BLOCKS`):
+            ``‖A‖²``, ``⟨A, dA⟩``, ``‖dA‖²``, ``‖B‖²``, ``⟨dB, B⟩``, ``‖dB‖²`` per layer (NaN
+            where not measured).
     """
 
     signal: Tensor
@@ -90,6 +93,7 @@ class Measurement:
     measured: Tensor
     a_step: Tensor
     a_norm: Tensor
+    traces: Tensor
 
 
 @dataclass
@@ -219,7 +223,6 @@ class DriftMeter:
         # Per phase and Gram buffer: the target index of each row; per phase: its layers.
         self._rows: list[dict[_Key, Tensor]] = []
         self._measured: list[Tensor] = []
-        self._targets: list[tuple[list[int], Tensor]] = []  # per phase: its layers, host and device
         kept_bytes: dict[torch.device, int] = {}
         for p in range(phases):
             rows: dict[_Key, list[int]] = {}
@@ -237,10 +240,8 @@ class DriftMeter:
                 kept_bytes[dev] = max(kept_bytes.get(dev, 0), n)
             self._rows.append({k: torch.tensor(v, dtype=torch.long, device=device) for k, v in rows.items()})
             mask = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
-            targets = sorted(i for v in rows.values() for i in v)
-            mask[targets] = True
+            mask[[i for v in rows.values() for i in v]] = True
             self._measured.append(mask)
-            self._targets.append((targets, torch.tensor(targets, dtype=torch.long, device=device)))
         # On CPU (keep_snapshot): one buffer per device for the snapshot of any one phase.
         self._kept_bytes = kept_bytes
         self._kept: dict[torch.device, Tensor] = {}
@@ -271,11 +272,6 @@ class DriftMeter:
     def phase_layers(self, phase: int) -> Tensor:
         """Bool mask over the targets of the layers that ``phase`` measures."""
         return self._measured[phase]
-
-    def phase_targets(self, phase: int) -> tuple[list[int], Tensor]:
-        """The target indices that ``phase`` measures, ascending: a host list (to pick the
-        parameters) and the same on ``device`` (to scatter per-layer values without a sync)."""
-        return self._targets[self._check_phase(phase)]
 
     def _check_phase(self, phase: int) -> int:
         if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < self.num_phases:
@@ -364,9 +360,9 @@ class DriftMeter:
         self._pending = None
         signal = torch.full((self.num_layers,), math.nan, dtype=torch.float32, device=self.device)
         drift = signal.clone()
-        # ‖A‖² and ‖dA‖² of every layer, gathered per group and turned into a_step and a_norm
-        # once for all layers (fewer small kernels than per group).
-        squares = torch.full((2, self.num_layers), math.nan, dtype=torch.float32, device=self.device)
+        # The Grams' traces (‖A‖², ⟨A, dA⟩, ‖dA‖², ...) of every layer, gathered per group and
+        # turned into a_step and a_norm once for all layers (fewer small kernels than per group).
+        traces = torch.full((6, self.num_layers), math.nan, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             grams = {
                 key: torch.empty(6, len(idx), key[0], key[0], dtype=key[1], device=key[2])
@@ -386,10 +382,10 @@ class DriftMeter:
                 norms = norms_from_grams(g)
                 signal.index_copy_(0, self._rows[phase][key], norms.signal.to(self.device, torch.float32))
                 drift.index_copy_(0, self._rows[phase][key], norms.drift.to(self.device, torch.float32))
-                trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # (6, n): squared norms of A, dA, ...
-                squares.index_copy_(1, self._rows[phase][key], trace[0:3:2].to(self.device, torch.float32))
-            a_norm = squares[0].sqrt()
-            a_step = (squares[1] / squares[0]).sqrt()
+                trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # (6, n)
+                traces.index_copy_(1, self._rows[phase][key], trace.to(self.device, torch.float32))
+            a_norm = traces[0].sqrt()
+            a_step = (traces[2] / traces[0]).sqrt()
         rho = drift_ratio(DriftNorms(signal=signal, drift=drift))
         # A non-finite norm (NaN/inf gradients, an overflowing step) is not a measurement:
         # inf/inf or finite/inf would otherwise read as a valid ρ (NaN or 0). Nor is a step that
@@ -399,6 +395,4 @@ class DriftMeter:
         measured = self._measured[phase]
         moved = (signal > 0) | (drift > 0)
         rho = torch.where(measured & torch.isfinite(signal) & torch.isfinite(drift) & moved, rho, math.nan)
-        return Measurement(
-            signal=signal, drift=drift, rho=rho, measured=measured, a_step=a_step, a_norm=a_norm
-        )
+        return Measurement(signal, drift, rho, measured, a_step, a_norm, traces)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from alpha_tuner import AlphaTunedOptimizer, StepLaw
-from alpha_tuner.adamstate import adam_step_rms, noise_rms
+from alpha_tuner.adamstate import AppliedStep, adam_step_rms, noise_rms
+from alpha_tuner.discovery import find_lora_targets
+from alpha_tuner.measure import DriftMeter
 from tests.conftest import tiny_llama
 
 CPU = torch.device("cpu")
@@ -41,34 +42,64 @@ def test_pure_noise_gives_the_noise_level_and_a_flipping_sign_goes_below_it() ->
     assert flipping < 0.25 * noise_rms(0.9)  # (1 − β₁)/(1 + β₁) = 0.053 of the gradient's size
 
 
-def test_a_measurement_reads_the_adam_state_of_its_own_phase_only() -> None:
-    """With the floor on, each measurement reads Adam's step of the layers its phase measured
-    (the law uses no other), the same values as a read of every factor; the others are NaN."""
-    model = tiny_llama(seed=3)
-    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt = AlphaTunedOptimizer(inner, model, steps=StepLaw(adam_floor=0.23), head_lr=None, measure_every=1,
-                              measure_phases=2, control_every=4, fast_start=False)  # fmt: skip
-    torch.manual_seed(0)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) if p.requires_grad else None
-    opt.step()
-    engine = opt.engine
-    assert engine.meter is not None and engine.meter.num_phases == 2
-    factors = [t.weight_a for t in engine.targets] + [t.weight_b for t in engine.targets]
-    every = adam_step_rms(inner, factors, CPU).view(2, -1)
-    seen = torch.zeros(len(engine.targets), dtype=torch.bool)
-    for phase in range(2):
-        layers, index = engine.meter.phase_targets(phase)
-        assert 0 < len(layers) < len(engine.targets)
-        assert index.tolist() == layers
-        got = engine._adam_rms(layers, index)
-        mine = torch.zeros_like(seen)
-        mine[layers] = True
-        torch.testing.assert_close(got[:, mine], every[:, mine], rtol=0, atol=0)
-        assert bool(got[:, ~mine].isnan().all())
-        assert not bool((seen & mine).any())
-        seen |= mine
-    assert bool(seen.all())
+def _groups(model: torch.nn.Module, *, b_lr: float = 1e-3, decay: float = 0.0) -> list[dict]:
+    a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    return [{"params": a}, {"params": b, "lr": b_lr, "weight_decay": decay}]
+
+
+#: Inner optimizers: AdamW's decoupled decay, fused; Adam's L2 decay (inside m̂) and its
+#: decoupled option; LoRA+'s layout (B in its own group at 16× the LR).
+INNERS = {
+    "adamw": lambda m: torch.optim.AdamW(_groups(m, decay=0.1), lr=1e-3, weight_decay=0.05),
+    "adamw-fused": lambda m: torch.optim.AdamW(_groups(m, decay=0.1), lr=1e-3, weight_decay=0.05, fused=True),
+    "adam-l2": lambda m: torch.optim.Adam(_groups(m, decay=0.1), lr=1e-3, weight_decay=0.05),
+    "adam-decoupled": lambda m: torch.optim.Adam(
+        _groups(m, decay=0.1), lr=1e-3, weight_decay=0.05, decoupled_weight_decay=True
+    ),
+    "loraplus": lambda m: torch.optim.AdamW(_groups(m, b_lr=1.6e-2), lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_step_taken_gives_adam_s_normalised_step(inner: str, dtype: torch.dtype) -> None:
+    """AppliedStep, from the measured step's Gram traces, is the RMS that adam_step_rms reads
+    from the moments: to rounding in float64, within 1 % in float32 (the step is a difference of
+    two weights), for each kind of weight decay and with A and B in separate groups."""
+    model = tiny_llama(seed=4).to(dtype)
+    optimizer = INNERS[inner](model)
+    targets = find_lora_targets(model)
+    meter = DriftMeter(targets, CPU)
+    reader = AppliedStep(optimizer, targets, CPU)
+    torch.manual_seed(1)
+    for step in range(4):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn_like(p) * (1 + step)
+        if step == 3:
+            meter.snapshot()
+        optimizer.step()
+    got = reader.rms(meter.measure().traces)
+    factors = [t.weight_a for t in targets] + [t.weight_b for t in targets]
+    want = adam_step_rms(optimizer, factors, CPU).view(2, -1)
+    assert bool(((want > 0.1) & (want < 1.0)).all())  # a real range, not a constant
+    rtol = 1e-6 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+
+
+def test_an_unmeasured_layer_or_an_lr_of_zero_gives_no_reading() -> None:
+    model = tiny_llama(seed=4)
+    targets = find_lora_targets(model)
+    optimizer = torch.optim.AdamW(_groups(model, b_lr=0.0), lr=1e-3, weight_decay=0.0)
+    reader = AppliedStep(optimizer, targets, CPU)
+    traces = torch.full((6, len(targets)), math.nan)
+    traces[:, 0] = torch.tensor([4.0, 0.0, 1e-6, 9.0, 0.0, 1e-6])
+    rms = reader.rms(traces)
+    assert bool(rms[:, 1:].isnan().all())  # not measured
+    assert not bool(torch.isfinite(rms[1, 0]))  # B's LR is 0: no reading (the law's lift is 1)
+    expected = 1e-3 / (1e-3 * targets[0].weight_a.numel() ** 0.5)
+    assert float(rms[0, 0]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_parameters_without_adam_state_read_nan() -> None:
