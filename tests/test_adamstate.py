@@ -65,7 +65,7 @@ INNERS = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_step_taken_gives_adam_s_normalised_step(inner: str, dtype: torch.dtype) -> None:
     """AppliedStep, from the measured step's Gram traces, is the RMS that adam_step_rms reads
-    from the moments: to rounding in float64, within 1 % in float32 (the step is a difference of
+    from the moments: to rounding in float64, within 1e-4 in float32 (the step is a difference of
     two weights), for each kind of weight decay and with A and B in separate groups."""
     model = tiny_llama(seed=4).to(dtype)
     optimizer = INNERS[inner](model)
@@ -84,7 +84,7 @@ def test_the_step_taken_gives_adam_s_normalised_step(inner: str, dtype: torch.dt
     factors = [t.weight_a for t in targets] + [t.weight_b for t in targets]
     want = adam_step_rms(optimizer, factors, CPU).view(2, -1)
     assert bool(((want > 0.1) & (want < 1.0)).all())  # a real range, not a constant
-    rtol = 1e-6 if dtype == torch.float64 else 1e-2
+    rtol = 1e-6 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(got, want, rtol=rtol, atol=0)
 
 
