@@ -140,6 +140,6 @@ class AppliedStep:
         for g, mask in self.groups:
             group = self.optimizer.param_groups[g]
             lr = torch.where(mask, group["lr"], lr)
-            if _decoupled(self.optimizer, group) and group.get("weight_decay", 0.0):
-                decay = torch.where(mask, group["lr"] * group["weight_decay"], decay)
+            if _decoupled(self.optimizer, group):  # (no truth test of a value: it may be a tensor)
+                decay = torch.where(mask, group["lr"] * group.get("weight_decay", 0.0), decay)
         return applied_step_rms(traces, lr, decay, self.numel)

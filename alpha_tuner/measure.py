@@ -395,4 +395,7 @@ class DriftMeter:
         measured = self._measured[phase]
         moved = (signal > 0) | (drift > 0)
         rho = torch.where(measured & torch.isfinite(signal) & torch.isfinite(drift) & moved, rho, math.nan)
-        return Measurement(signal, drift, rho, measured, a_step, a_norm, traces)
+        return Measurement(
+            signal=signal, drift=drift, rho=rho, measured=measured, a_step=a_step, a_norm=a_norm,
+            traces=traces,
+        )  # fmt: skip
