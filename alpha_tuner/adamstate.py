@@ -23,6 +23,7 @@ Two ways to get it, equal in exact arithmetic:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch.optim import Optimizer
 from .discovery import LoraTarget
 from .distributed import local_tensor
 
-__all__ = ["AppliedStep", "adam_step_rms", "applied_step_rms", "noise_rms"]
+__all__ = ["AppliedStep", "adam_step_rms", "applied_step_rms", "noise_rms", "steps_like_adam"]
 
 
 def noise_rms(beta1: float) -> float:
@@ -104,6 +105,20 @@ def applied_step_rms(traces: Tensor, lr: Tensor, decay: Tensor, numel: Tensor) -
     return adam_sq.clamp(min=0.0).sqrt() / (lr * numel.sqrt())
 
 
+#: Class names (bitsandbytes' among them) whose step is Adam's ``lr·m̂/(√v̂ + ε)``.
+_ADAM_NAMES = re.compile(r"(Paged)?AdamW?(8bit|32bit)?")
+
+
+def steps_like_adam(optimizer: Optimizer) -> bool:
+    """Whether the optimizer's step is Adam's or AdamW's, ``lr·m̂/(√v̂ + ε)`` (plus a decay).
+
+    Other Adam-family steps are not: RAdam's first steps are SGD's (``lr·m̂``, far below the
+    noise level), Adamax divides by an infinity norm, NAdam mixes in the raw gradient; for those
+    :class:`AppliedStep` reads nothing and the floor does not act.
+    """
+    return isinstance(optimizer, torch.optim.Adam) or bool(_ADAM_NAMES.fullmatch(type(optimizer).__name__))
+
+
 def _decoupled(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     """Whether a group's weight decay is AdamW's (decoupled) rather than an L2 term in the gradient."""
     return bool(group.get("decoupled_weight_decay", "AdamW" in type(optimizer).__name__))
@@ -127,14 +142,17 @@ class AppliedStep:
         where = [[group_of.get(id(f), -1) for f in factors] for factors in (
             [t.weight_a for t in targets], [t.weight_b for t in targets])]  # fmt: skip
         index = torch.tensor(where, device=device)
-        #: (group index, (2, L) mask of the factors it holds) for every group holding one.
-        self.groups = [(g, index == g) for g in sorted({g for row in where for g in row} - {-1})]
+        #: (group index, (2, L) mask of the factors it holds) for every group holding one; none
+        #: where the step is not Adam's (every reading is then NaN: the floor does not act).
+        held = sorted({g for row in where for g in row} - {-1}) if steps_like_adam(optimizer) else []
+        self.groups = [(g, index == g) for g in held]
         sizes = [[t.weight_a.numel() for t in targets], [t.weight_b.numel() for t in targets]]
         self.numel = torch.tensor(sizes, dtype=torch.float32, device=device)
 
     def rms(self, traces: Tensor) -> Tensor:
         """``(2, L)``: RMS of Adam's normalised step of A and B in the measured step (NaN where
-        not measured, or where a factor is in no group of the optimizer)."""
+        not measured, where a factor is in no group of the optimizer, or where the optimizer's
+        step is not Adam's, :func:`steps_like_adam`)."""
         lr = torch.full_like(self.numel, math.nan)
         decay = torch.zeros_like(self.numel)
         for g, mask in self.groups:

@@ -136,8 +136,9 @@ class StepLaw:
             remembers larger gradients) is not answered by a larger LR. 0.23 (default): the
             level of pure noise, ``√((1 − β₁)/(1 + β₁))`` for β₁ = 0.9 (set
             :func:`~alpha_tuner.adamstate.noise_rms` of yours for other betas). ``None``: the
-            law holds the measured steps whatever makes them small. No effect where the inner
-            optimizer keeps no Adam state (``exp_avg``, ``exp_avg_sq``, ``step``).
+            law holds the measured steps whatever makes them small. Acts where the inner
+            optimizer's step is Adam's or AdamW's
+            (:func:`~alpha_tuner.adamstate.steps_like_adam`), not with RAdam, NAdam or Adamax.
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.

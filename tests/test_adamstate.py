@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alpha_tuner.adamstate import AppliedStep, adam_step_rms, noise_rms
+from alpha_tuner.adamstate import AppliedStep, adam_step_rms, noise_rms, steps_like_adam
 from alpha_tuner.discovery import find_lora_targets
 from alpha_tuner.measure import DriftMeter
 from tests.conftest import tiny_llama
@@ -86,6 +86,31 @@ def test_the_step_taken_gives_adam_s_normalised_step(inner: str, dtype: torch.dt
     assert bool(((want > 0.1) & (want < 1.0)).all())  # a real range, not a constant
     rtol = 1e-6 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("name", ["RAdam", "NAdam", "Adamax"])
+def test_other_adam_family_steps_give_no_reading(name: str) -> None:
+    """RAdam's first steps are SGD's (``lr·m̂``: read as Adam's they would sit far below the
+    floor), Adamax's and NAdam's are not ``lr·m̂/(√v̂ + ε)`` either: no reading, no floor."""
+    model = tiny_llama(seed=4)
+    targets = find_lora_targets(model)
+    optimizer = getattr(torch.optim, name)(_groups(model), lr=1e-3)
+    reader = AppliedStep(optimizer, targets, CPU)
+    assert not steps_like_adam(optimizer)
+    assert bool(reader.rms(torch.ones(6, len(targets))).isnan().all())
+
+
+def test_adam_and_adamw_by_class_or_by_name() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert steps_like_adam(torch.optim.Adam(params)) and steps_like_adam(torch.optim.AdamW(params))
+    for name, expected in [
+        ("PagedAdamW8bit", True),
+        ("AdamW8bit", True),
+        ("Adam32bit", True),
+        ("Lion", False),
+    ]:
+        cls = type(name, (torch.optim.SGD,), {})
+        assert steps_like_adam(cls(params, lr=1e-3)) is expected
 
 
 def test_an_unmeasured_layer_or_an_lr_of_zero_gives_no_reading() -> None:
