@@ -69,19 +69,13 @@ def adam_step_rms(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], de
             continue
         beta1, beta2 = group["betas"]
         # FSDP2's sharded state: this rank's shard (no collective; rank 0's decisions are broadcast).
-        m, v = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])
+        m, v = local_tensor(state["exp_avg"]).float(), local_tensor(state["exp_avg_sq"]).float()
         # A tensor wherever torch keeps it: on the host by default (a value in host memory, no
         # device to wait for), on the device for capturable/fused Adam (no transfer either way).
         step = state["step"]
         step = step.double() if isinstance(step, Tensor) else float(step)  # as torch's Adam: in double
-        root_c2 = (1.0 - beta2**step) ** 0.5
-        # m̂/(√v̂ + ε) = (√c₂/c₁)·m/(√v + ε√c₂), c = 1 − β^t: one buffer and four passes over it
-        # (this runs at every measurement, over every factor of the phase).
-        ratio = v.float().sqrt_() if v.dtype != torch.float32 else v.sqrt()
-        ratio = ratio.add_(root_c2 * group.get("eps", 1e-8))
-        ratio = torch.div(m, ratio, out=ratio)
-        norm = torch.linalg.vector_norm(ratio) * (root_c2 / (1.0 - beta1**step) / ratio.numel() ** 0.5)
-        out.append(norm.to(device, torch.float32))
+        ratio = (m / (1.0 - beta1**step)) / ((v / (1.0 - beta2**step)).sqrt() + group.get("eps", 1e-8))
+        out.append(ratio.square().mean().sqrt().to(device))
     if not out:
         return torch.empty(0, device=device)
     return torch.stack(out)
@@ -142,10 +136,12 @@ class AppliedStep:
         where = [[group_of.get(id(f), -1) for f in factors] for factors in (
             [t.weight_a for t in targets], [t.weight_b for t in targets])]  # fmt: skip
         index = torch.tensor(where, device=device)
-        #: (group index, (2, L) mask of the factors it holds) for every group holding one; none
+        #: (group index, (2, L) mask of the factors it holds, whether its weight decay is
+        #: decoupled) for every group holding one; none
         #: where the step is not Adam's (every reading is then NaN: the floor does not act).
         held = sorted({g for row in where for g in row} - {-1}) if steps_like_adam(optimizer) else []
-        self.groups = [(g, index == g) for g in held]
+        groups = optimizer.param_groups
+        self.groups = [(g, index == g, _decoupled(optimizer, groups[g])) for g in held]
         sizes = [[t.weight_a.numel() for t in targets], [t.weight_b.numel() for t in targets]]
         self.numel = torch.tensor(sizes, dtype=torch.float32, device=device)
 
@@ -155,9 +151,9 @@ class AppliedStep:
         step is not Adam's, :func:`steps_like_adam`)."""
         lr = torch.full_like(self.numel, math.nan)
         decay = torch.zeros_like(self.numel)
-        for g, mask in self.groups:
+        for g, mask, decoupled in self.groups:
             group = self.optimizer.param_groups[g]
             lr = torch.where(mask, group["lr"], lr)
-            if _decoupled(self.optimizer, group):  # (no truth test of a value: it may be a tensor)
+            if decoupled:  # (no truth test of a value: the decay may be a tensor)
                 decay = torch.where(mask, group["lr"] * group.get("weight_decay", 0.0), decay)
         return applied_step_rms(traces, lr, decay, self.numel)

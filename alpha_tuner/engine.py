@@ -183,8 +183,13 @@ class TuningEngine:
             steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False, law=law
         )
         self._measuring_now = False
-        #: Adam's normalised step of each factor, read from the measurements (StepLaw.adam_floor).
-        self._adam_step = AppliedStep(optimizer, self.targets, self.device)
+        #: Adam's normalised step of each factor, read from the measurements; only where the
+        #: step law's floor uses it (StepLaw.adam_floor; the schedule's law keeps the floor).
+        self._adam_step = (
+            AppliedStep(optimizer, self.targets, self.device)
+            if self.step_law is not None and self.step_law.adam_floor is not None
+            else None
+        )
         #: The fast start's one-phase meter (see _fast_now), dropped when the fast start ends.
         self._full_meter = self._new_start_meter()
 
@@ -258,7 +263,7 @@ class TuningEngine:
         if self._measuring_now and self.meter is not None:
             m = (self._full_meter if fast else self.meter).measure()  # type: ignore[union-attr]
             if state.law is not None and self.step_law is not None:
-                adam_rms = None if self.step_law.adam_floor is None else self._adam_step.rms(m.traces)
+                adam_rms = None if self._adam_step is None else self._adam_step.rms(m.traces)
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
                 factor = self._schedule_factor()
