@@ -23,6 +23,7 @@ back outside the hot path (placement, the schedule's shift, gradient units) is
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -336,14 +337,22 @@ class TuningEngine:
         lora = self._lora_ids
         return next((i for i, g in enumerate(groups) if any(id(p) in lora for p in g["params"])), None)
 
-    def _schedule_factor(self) -> float:
-        """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler)."""
+    def _schedule_factor(self) -> float | Tensor:
+        """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler).
+
+        A tensor LR (fused or capturable optimizers) gives a 0-dim tensor on the tuner's device,
+        never a host read; an initial LR of 0 gives 0 (or a non-finite factor from a tensor),
+        which :func:`observe_steps` skips.
+        """
         index = self._lora_group_index()
         if index is None:
             return 1.0
         group = self.optimizer.param_groups[index]
-        initial = group.get("initial_lr", group["lr"])
-        return float(group["lr"]) / float(initial) if initial else 0.0
+        lr, initial = group["lr"], group.get("initial_lr", group["lr"])
+        if isinstance(lr, Tensor) or isinstance(initial, Tensor):
+            as_device = functools.partial(torch.as_tensor, dtype=torch.float32, device=self.device)
+            return as_device(lr) / as_device(initial)
+        return float(lr) / float(initial) if initial else 0.0
 
     def _control_step(self) -> None:
         if self.state.law is not None and self.step_law is not None:

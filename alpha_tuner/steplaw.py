@@ -255,7 +255,7 @@ def observe_steps(
     state: StepState,
     a_step: Tensor,
     update: Tensor,
-    scale: float,
+    scale: float | Tensor,
     config: StepLaw,
     mask: Tensor | None = None,
     *,
@@ -268,7 +268,8 @@ def observe_steps(
         state: Current state.
         a_step: ``‖dA‖/‖A‖`` per layer; NaN where not measured.
         update: ``s·‖dB·A + B·dA‖/‖W₀‖`` per layer; NaN where not measured.
-        scale: The schedule's factor ``lr / initial_lr`` of the measured step (a host float).
+        scale: The schedule's factor ``lr / initial_lr`` of the measured step: a host float,
+            or a 0-dim tensor when the optimizer's LR is a tensor (never read on the host).
         config: The law (uses ``beta`` and ``a_reference``).
         mask: Bool (L,): the layers this measurement covered (``None``: all).
         a_norm: ``‖A‖`` before the step per layer; needed with ``a_reference="initial"``,
@@ -298,9 +299,16 @@ def observe_steps(
         lift = (config.adam_floor / adam_rms.to(x)).clamp(min=1.0)
         x = x * torch.where(torch.isfinite(lift), lift, 1.0)
     valid = observed & (torch.isfinite(x) & (x > 0)).all(dim=0)
-    if not (scale > 0 and math.isfinite(scale)):
-        valid = torch.zeros_like(valid)
-    log_scale = math.log(scale) if scale > 0 and math.isfinite(scale) else 0.0
+    log_scale: float | Tensor
+    if isinstance(scale, Tensor):  # a tensor LR's factor: checked on the device, never read
+        scale = scale.detach().to(x)
+        usable = (scale > 0) & torch.isfinite(scale)
+        valid = valid & usable
+        log_scale = torch.where(usable, scale, 1.0).log()
+    elif scale > 0 and math.isfinite(scale):
+        log_scale = math.log(scale)
+    else:
+        valid, log_scale = torch.zeros_like(valid), 0.0
     weight = (1.0 - 1.0 / (state.n_measured + 1).to(torch.float32)).clamp(max=config.beta)
     old = torch.stack((state.log_a_step, state.log_update))
     new = torch.log(torch.where(valid, x, 1.0).clamp(min=_FLOOR)) - log_scale

@@ -236,6 +236,31 @@ def test_step_law_syncs_once_per_control_step(guard: SyncGuard, inner: str) -> N
     assert law is not None and not torch.equal(law.log_balance, law0.log_balance)  # the law acted
 
 
+def test_a_tensor_learning_rate_is_not_read_on_the_host(guard: SyncGuard) -> None:
+    """A tensor LR (fused AdamW accepts one) under a warm-up scheduler: the law's schedule factor
+    ``lr / initial_lr`` stays on the device, so measuring steps still read nothing on the host."""
+    model = tiny_llama(seed=7)
+    base = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), fused=True)
+    law = StepLaw(schedule_mean=1.0)
+    opt = AlphaTunedOptimizer(base, model, steps=law, fast_start=False, measure_every=2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 10))
+    assert isinstance(base.param_groups[0]["lr"], torch.Tensor)
+    law0 = opt.engine.state.law
+    assert law0 is not None
+    for i in range(opt.control_every):
+        _random_grads(model, i)
+        control_step = (i + 1) % opt.control_every == 0
+        with guard.armed_for(("tolist",) if control_step else ()) as calls:
+            opt.step()
+        assert calls == (Counter(tolist=1) if control_step else Counter()), f"step {i}"
+        sched.step()
+    law = opt.engine.state.law
+    assert law is not None
+    # every layer was measured at the warm-up's factors and folded in (none skipped)
+    assert bool((law.n_measured > 0).all()) and int(law.n_skipped.sum()) == 0
+    assert not torch.equal(law.log_balance, law0.log_balance)  # and the law acted
+
+
 @pytest.mark.parametrize("inner", list(INNER))
 def test_the_fast_start_syncs_only_on_its_control_steps(guard: SyncGuard, inner: str) -> None:
     """The default ``fast_start``: in the first interval every measurement (steps 10, 20, 30, 40)

@@ -99,6 +99,22 @@ def test_the_schedule_factor_is_divided_out() -> None:
     torch.testing.assert_close(full.log_update, half.log_update)
 
 
+@pytest.mark.parametrize("scale", [0.5, 1.0, 0.0, math.inf, math.nan])
+def test_a_tensor_schedule_factor_acts_as_the_float(scale: float) -> None:
+    """A tensor LR's factor (a 0-dim tensor) folds in as the same host float does, and an
+    unusable one (0, inf, NaN) is skipped and counted in the same way."""
+    law = StepLaw()
+    state = init_steps(torch.tensor([8.0, 8.0]))
+    a, u = torch.tensor([1e-2, 3e-3]), torch.tensor([1e-4, 2e-4])
+    for _ in range(2):  # twice: the second fold mixes with the first
+        host = observe_steps(state, a, u, scale, law)
+        device = observe_steps(state, a, u, torch.tensor(scale, dtype=torch.float64), law)
+        for name in ("log_a_step", "log_update", "n_measured", "n_skipped"):
+            torch.testing.assert_close(getattr(device, name), getattr(host, name), msg=name)
+        state = host
+    assert state.n_measured.tolist() == ([2, 2] if 0 < scale < math.inf else [0, 0])
+
+
 def test_invalid_measurements_are_skipped_and_counted() -> None:
     law = StepLaw()
     state = init_steps(torch.tensor([8.0, 8.0, 8.0]))
