@@ -23,7 +23,6 @@ back outside the hot path (placement, the schedule's shift, gradient units) is
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -47,14 +46,14 @@ from .lawlayers import (
     schedule_shifted,
     unit_rows,
 )
+from .lawschedule import LawSchedule
 from .measure import DriftMeter
 from .options import EngineOptions, check_optimizer, resolve_steps
 from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import principled_alphas
 from .rescale import rescale_targets_, update_adapter_config, write_alpha
 from .rule import AlphaRule
-from .schedule import ScheduleShape, read_schedule
-from .steplaw import StepLaw, StepState, decide_steps, for_schedule, init_steps, observe_steps, schedule_shift
+from .steplaw import StepLaw, StepState, decide_steps, init_steps, observe_steps, schedule_shift
 from .telemetry import summarize
 
 __all__ = ["TunerState", "TuningEngine"]
@@ -102,19 +101,8 @@ class TuningEngine:
         self.options = options
         self.rule = options.rule or AlphaRule()
         self.control_config = options.control or ControlConfig()
-        #: The step law in force (its peak targets once the schedule is known), or None.
-        self.step_law = resolve_steps(options, optimizer)
-        self._given_law = self.step_law
-        #: The LR schedule's shape (:mod:`alpha_tuner.schedule`); read at the first step unless given.
-        self.schedule: ScheduleShape | None = None
-        #: Optimizers a scheduler may drive besides the inner one (the wrapper adds itself).
-        self.schedule_owners: list[torch.optim.Optimizer] = []
-        #: The run's number of optimizer steps, when known before the first step (the Trainer's
-        #: ``max_steps``, set by AlphaTunerCallback): the horizon of a schedule that names none.
-        self.run_length: int | None = None
-        if self.step_law is not None and self.step_law.schedule_mean is not None:
-            self._use_schedule(ScheduleShape(self.step_law.schedule_mean, "given"))
-        if isinstance(options.steps, StepLaw) and self.step_law is None:
+        step_law = resolve_steps(options, optimizer)
+        if isinstance(options.steps, StepLaw) and step_law is None:
             warnings.warn(
                 f"The step law needs an Adam-family optimizer (its placement assumes Adam's step), got "
                 f"{type(optimizer).__name__}; the tuner uses the alpha rule and the back-off law instead.",
@@ -127,6 +115,11 @@ class TuningEngine:
         self.targets: list[LoraTarget] = find_lora_targets(model)
         self.names = display_names(self.targets)
         self._check_in_optimizer()
+        self.device = self.targets[0].weight_b.device
+        #: The step law and the LR schedule it holds its targets over (read at the first step).
+        self.law_schedule = LawSchedule(
+            optimizer, step_law, param_ids(all_factors(self.targets)), self.device
+        )
         heads = [] if options.head_lr is None else [p for _, p in find_head_parameters(model)]
         #: How many parameters of ``modules_to_save`` had their learning rate raised to ``head_lr``
         #: (with the step law: set to it, lowered too, so the head does not follow the base LR).
@@ -159,12 +152,10 @@ class TuningEngine:
         self._b_versions = [t.weight_b._version for t in self.targets]
         update_adapter_config(model, self.targets)
 
-        self.device = self.targets[0].weight_b.device
         alpha0 = torch.tensor([t.alpha for t in self.targets], dtype=torch.float32, device=self.device)
         self.meter = self._new_meter() if self.measuring else None
         self._slots = [slot for t in self.targets for slot in t.factor_slots()]
         self._meter_params = self._factor_ids()
-        self._lora_ids = frozenset(self._meter_params)
         rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
         law = None
         if norms is not None:  # the step law
@@ -221,7 +212,7 @@ class TuningEngine:
     def before_step(self) -> None:
         """Snapshot the factors of this measurement's phase if the coming step is measured."""
         options = self.options
-        if self.schedule is None and self.step_law is not None:
+        if self.law_schedule.shape is None and self.step_law is not None:
             self._read_schedule()
         self._measuring_now = self.meter is not None and (self.state.steps + 1) % options.measure_every == 0
         if not self._measuring_now:
@@ -267,7 +258,7 @@ class TuningEngine:
                 adam_rms = None if self._adam_step is None else self._adam_step.rms(m.traces)
                 scaling = torch.exp(state.law.log_alpha) / self._divisors
                 update = scaling * m.signal / self._weight_norms
-                factor = self._schedule_factor()
+                factor = self.law_schedule.factor()
                 law = observe_steps(
                     state.law, m.a_step, update, factor, self.step_law, m.measured, a_norm=m.a_norm,
                     adam_rms=adam_rms,
@@ -293,22 +284,7 @@ class TuningEngine:
     def _read_schedule(self) -> None:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the
         schedule's mean factor and move every placed layer to the law's peak targets for it."""
-        shape = read_schedule(
-            [self.optimizer, *self.schedule_owners],
-            group=self._lora_group_index() or 0,
-            default_steps=self.run_length,
-        )
-        self._use_schedule(shape)
-        if shape.source.startswith("unknown"):
-            why = shape.source.removeprefix("unknown: ")
-            warnings.warn(
-                f"The step law cannot read the LR schedule's shape ({why}); "
-                "it holds its targets at the schedule's peak, which over-steps a constant-LR run and "
-                "under-steps a decaying one. Pass steps=StepLaw(schedule_mean=<mean of lr/peak over the "
-                "run>) to say it.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        shape = self.law_schedule.read(stacklevel=4)
         law = self.state.law
         if shape.mean == 1.0 or law is None or self.options.init != "principled":
             return  # init="keep": the control steps move the layers to the new targets
@@ -318,41 +294,11 @@ class TuningEngine:
         update_adapter_config(self.model, self.targets)
         self.state = self.state._replace(law=schedule_shifted(law, self._placed, m, mu))
 
-    def _restore_schedule(self, saved: tuple[float, str] | None, *, resumed: bool) -> None:
-        """The law's schedule from a checkpoint: its saved shape, or for a resumed run saved
-        before the law read schedules, the peak semantics it ran with (mean 1)."""
-        if self._given_law is None or (saved is None and not resumed):
-            return  # a fresh entry: the schedule is read at the first step as usual
-        self._use_schedule(ScheduleShape(*(saved if saved is not None else (1.0, "checkpoint"))))
-
-    def _use_schedule(self, shape: ScheduleShape) -> None:
-        """Hold the user's targets as run means over a schedule of this shape."""
-        assert self._given_law is not None  # only called with the step law on
-        self.schedule = shape
-        self.step_law = for_schedule(self._given_law, shape.mean)
-
-    def _lora_group_index(self) -> int | None:
-        """Index of the first param group holding LoRA factors (None if none does)."""
-        groups = self.optimizer.param_groups
-        lora = self._lora_ids
-        return next((i for i, g in enumerate(groups) if any(id(p) in lora for p in g["params"])), None)
-
-    def _schedule_factor(self) -> float | Tensor:
-        """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler).
-
-        A tensor LR (fused or capturable optimizers) gives a 0-dim tensor on the tuner's device,
-        never a host read; an initial LR of 0 gives 0 (or a non-finite factor from a tensor),
-        which :func:`observe_steps` skips.
-        """
-        index = self._lora_group_index()
-        if index is None:
-            return 1.0
-        group = self.optimizer.param_groups[index]
-        lr, initial = group["lr"], group.get("initial_lr", group["lr"])
-        if isinstance(lr, Tensor) or isinstance(initial, Tensor):
-            as_device = functools.partial(torch.as_tensor, dtype=torch.float32, device=self.device)
-            return as_device(lr) / as_device(initial)
-        return float(lr) / float(initial) if initial else 0.0
+    # ------------------------------------------------------------------- the law's schedule
+    @property
+    def step_law(self) -> StepLaw | None:
+        """The step law in force (its peak targets once the schedule is known), or None."""
+        return self.law_schedule.law
 
     def _control_step(self) -> None:
         if self.state.law is not None and self.step_law is not None:
@@ -467,7 +413,8 @@ class TuningEngine:
             law=state.law,
         )
         if state.law is not None:  # the schedule's mean factor the law divides its targets by
-            out["law_schedule_mean"] = math.nan if self.schedule is None else self.schedule.mean
+            shape = self.law_schedule.shape
+            out["law_schedule_mean"] = math.nan if shape is None else shape.mean
         return out
 
     # ------------------------------------------------------------------------- persistence
@@ -483,7 +430,7 @@ class TuningEngine:
             rho=state.rho,
             law=state.law,
             units=None if self._units is None else unit_rows(self.targets, self._units),
-            schedule=None if self.schedule is None else (self.schedule.mean, self.schedule.source),
+            schedule=None if (shape := self.law_schedule.shape) is None else (shape.mean, shape.source),
         )
 
     def load(self, entry: object) -> None:
@@ -529,5 +476,5 @@ class TuningEngine:
             law=restored.law,
         )
         self._full_meter = self._new_start_meter()  # the restored step may be in the fast start or past it
-        self._restore_schedule(restored.schedule, resumed=bool(restored.steps))
+        self.law_schedule.restore(restored.schedule, resumed=bool(restored.steps))
         self._sync_units(restored.units)

@@ -156,7 +156,7 @@ class AlphaTunedOptimizer(TunerReadout, torch.optim.Optimizer):
         # groups and state are then the inner optimizer's own objects.
         super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
         self._share_inner()
-        self.engine.schedule_owners.append(self)  # a scheduler built on the wrapper drives it
+        self.engine.law_schedule.owners.append(self)  # a scheduler built on the wrapper drives it
         self._ready = True
 
     def _share_inner(self) -> None:

@@ -241,7 +241,9 @@ def _law_readout(tuner: Any) -> dict[str, float]:
         "balance_end": float(law.log_balance.mean().exp()),
         "law_unmeasured": float((~seen).sum()),
         "law_skipped": float(law.n_skipped.sum()),
-        "schedule_mean": math.nan if tuner.engine.schedule is None else tuner.engine.schedule.mean,
+        "schedule_mean": math.nan
+        if tuner.engine.law_schedule.shape is None
+        else tuner.engine.law_schedule.shape.mean,
         # The drift ratio's mean over the layers at their last measurement (the paper's claim 2).
         "rho_end": _finite_mean(tuner.drift_ratios().values()),
     }

@@ -122,7 +122,7 @@ def test_the_read_schedule_runs_as_the_peak_targets_it_implies(adapt: bool) -> N
     """Linear warm-up + decay over 12 steps has f̄ = ½: the default law runs exactly as a law
     told to hold twice the targets at the peak (the shift is by powers of two, so bit for bit)."""
     model, opt = _run(StepLaw(), adapt=adapt)
-    assert opt.engine.schedule == (0.5, "LambdaLR")
+    assert opt.engine.law_schedule.shape == (0.5, "LambdaLR")
     assert opt.diagnostics()["law_schedule_mean"] == 0.5
     twice, opt2 = _run(StepLaw(a_step=2e-2, update=6e-4, schedule_mean=1.0), adapt=adapt)
     for x, y in zip(_lora(model), _lora(twice), strict=True):
@@ -134,7 +134,7 @@ def test_the_read_schedule_runs_as_the_peak_targets_it_implies(adapt: bool) -> N
 
 def test_without_a_scheduler_nothing_changes() -> None:
     model, opt = _run(StepLaw(), schedule=False)
-    assert opt.engine.schedule == (1.0, "none")
+    assert opt.engine.law_schedule.shape == (1.0, "none")
     same, _ = _run(StepLaw(schedule_mean=1.0), schedule=False)
     for x, y in zip(_lora(model), _lora(same), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
@@ -147,7 +147,7 @@ def test_a_schedule_it_cannot_read_warns_with_the_fix() -> None:
     model(**lm_batch()).loss.backward()
     with pytest.warns(RuntimeWarning, match=r"StepLaw\(schedule_mean="):
         opt.step()
-    assert opt.engine.schedule is not None and opt.engine.schedule.mean == 1.0
+    assert opt.engine.law_schedule.shape is not None and opt.engine.law_schedule.shape.mean == 1.0
 
 
 def test_attach_finds_a_schedule_on_the_optimizer_itself() -> None:
@@ -157,7 +157,7 @@ def test_attach_finds_a_schedule_on_the_optimizer_itself() -> None:
     kept = get_cosine_schedule_with_warmup(inner, 1, 10)  # noqa: F841
     model(**lm_batch()).loss.backward()
     inner.step()
-    assert handle.engine.schedule == (pytest.approx(read_schedule([inner]).mean), "LambdaLR")
+    assert handle.engine.law_schedule.shape == (pytest.approx(read_schedule([inner]).mean), "LambdaLR")
     handle.detach()
 
 
@@ -212,7 +212,7 @@ def test_the_trainer_path_reads_its_own_schedule(tmp_path: Path) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None))
     trainer.train()
     expected = mean_factor([trainer.lr_scheduler.lr_lambdas[0](t) for t in range(8)])  # type: ignore[attr-defined]
-    assert opt.engine.schedule == (pytest.approx(expected), "LambdaLR")
+    assert opt.engine.law_schedule.shape == (pytest.approx(expected), "LambdaLR")
     assert 0.3 < expected < 0.7
     lrs = [r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r]
     assert lrs[0] == pytest.approx(1e-3 * trainer.lr_scheduler.lr_lambdas[0](0))  # type: ignore[attr-defined]
@@ -239,8 +239,11 @@ def test_a_warm_up_then_constant_schedule_is_averaged_over_the_trainers_max_step
         return opt
 
     told = train([AlphaTunerCallback()])
-    assert told.engine.run_length == 10
-    assert told.engine.schedule == (pytest.approx(mean_factor([0, 0.25, 0.5, 0.75] + [1.0] * 6)), "LambdaLR")
+    assert told.engine.law_schedule.run_length == 10
+    assert told.engine.law_schedule.shape == (
+        pytest.approx(mean_factor([0, 0.25, 0.5, 0.75] + [1.0] * 6)),
+        "LambdaLR",
+    )
     with pytest.warns(RuntimeWarning, match="names no horizon"):
         untold = train([])
-    assert untold.engine.schedule is not None and untold.engine.schedule.mean == 1.0
+    assert untold.engine.law_schedule.shape is not None and untold.engine.law_schedule.shape.mean == 1.0

@@ -507,7 +507,7 @@ def test_a_layer_the_law_cannot_place_is_not_moved_by_the_schedule_shift() -> No
             p.grad = torch.randn_like(p)
     opt.step()
     scheduler.step()
-    assert opt.engine.schedule is not None and opt.engine.schedule.mean < 1.0
+    assert opt.engine.law_schedule.shape is not None and opt.engine.law_schedule.shape.mean < 1.0
     after = opt.alphas()
     frozen = next(name for name in after if "layers.0.self_attn.q_proj" in name)
     assert after[frozen] == before[frozen] == layer.lora_alpha["default"]

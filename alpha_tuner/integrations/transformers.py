@@ -203,7 +203,7 @@ class AlphaTunerCallback(TrainerCallback):
             )
         if tuner is not None and state.max_steps and state.max_steps > 0:
             # The run's length: the horizon of an LR schedule that names none (warm-up then constant).
-            tuner.engine.run_length = int(state.max_steps)
+            tuner.engine.law_schedule.run_length = int(state.max_steps)
         if tuner is None:
             self._warn_missing(optimizer)
         elif dynamic and _swapped_parameters(tuner):
