@@ -14,7 +14,6 @@ between steps, apart from the engine's hot path:
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterable
 
@@ -111,15 +110,21 @@ class LawSchedule:
         """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler).
 
         A tensor LR (fused or capturable optimizers) gives a 0-dim tensor on the tuner's device,
-        never a host read; an initial LR of 0 gives 0 (or a non-finite factor from a tensor),
-        which :func:`alpha_tuner.steplaw.observe_steps` skips.
+        never a host read: a tensor on the device is divided there, a CPU tensor is sent over
+        without waiting for the device (``non_blocking``), and a Python float stays a scalar
+        operand. An initial LR of 0 gives 0 (or a non-finite factor from a tensor), which
+        :func:`alpha_tuner.steplaw.observe_steps` skips.
         """
         index = self.group_index()
         if index is None:
             return 1.0
         group = self.optimizer.param_groups[index]
         lr, initial = group["lr"], group.get("initial_lr", group["lr"])
-        if isinstance(lr, Tensor) or isinstance(initial, Tensor):
-            as_device = functools.partial(torch.as_tensor, dtype=torch.float32, device=self.device)
-            return as_device(lr) / as_device(initial)
-        return float(lr) / float(initial) if initial else 0.0
+        if not isinstance(lr, Tensor) and not isinstance(initial, Tensor):
+            return float(lr) / float(initial) if initial else 0.0
+        return self._on_device(lr) / self._on_device(initial)  # one of the two is a tensor
+
+    def _on_device(self, value: float | Tensor) -> float | Tensor:
+        if isinstance(value, Tensor):
+            return value.detach().to(self.device, torch.float32, non_blocking=True)
+        return float(value)

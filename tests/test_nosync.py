@@ -295,6 +295,46 @@ def test_frequent_control_steps_sync_once_each(guard: SyncGuard, inner: str) -> 
         assert calls["tolist"] == int(control_step), f"step {i}"
 
 
+def _exempt_from_sync_debug(optimizer: torch.optim.Optimizer) -> None:
+    """Run the inner optimizer's own step with CUDA's sync debug mode off (it is not under test)."""
+    inner_step = optimizer.step
+
+    def exempt_step(*args: Any, **kw: Any) -> Any:
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return inner_step(*args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    optimizer.step = exempt_step  # type: ignore[method-assign]
+
+
+def _cuda_steps(
+    model: nn.Module, opt: AlphaTunedOptimizer, steps: int, after: Callable[[], object] | None = None
+) -> int:
+    """Train ``steps`` steps on CUDA with the sync debug mode at "error" around every step that is
+    not a control step (those transfer α by design); ``after`` runs after each step, unchecked.
+    Returns the number of steps checked."""
+    device = torch.device("cuda")
+    checked = 0
+    for i in range(steps):
+        batch = {k: v.to(device) for k, v in lm_batch(seed=i).items()}
+        model(**batch).loss.backward()
+        control_step = (i + 1) % opt.control_every == 0
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(0 if control_step else "error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        checked += not control_step
+        if after is not None:
+            after()
+        opt.zero_grad()
+    return checked
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("inner", ["foreach", "fused"])
@@ -308,17 +348,7 @@ def test_cuda_steps_do_not_sync(inner: str) -> None:
     model = tiny_llama(seed=7).to(device)
     kwargs, _ = INNER[inner]
     base = torch.optim.AdamW(model.parameters(), lr=1e-3, **kwargs)
-    inner_step = base.step
-
-    def exempt_step(*args: Any, **kw: Any) -> Any:
-        mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)
-        try:
-            return inner_step(*args, **kw)
-        finally:
-            torch.cuda.set_sync_debug_mode(mode)
-
-    base.step = exempt_step  # type: ignore[method-assign]
+    _exempt_from_sync_debug(base)
     opt = AlphaTunedOptimizer(
         base,
         model,
@@ -327,18 +357,25 @@ def test_cuda_steps_do_not_sync(inner: str) -> None:
         measure_phases=1,
         control_every=6,
     )
-    checked = 0
-    for i in range(13):
-        batch = {k: v.to(device) for k, v in lm_batch(seed=i).items()}
-        model(**batch).loss.backward()
-        control_step = (i + 1) % opt.control_every == 0
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode(0 if control_step else "error")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        checked += not control_step
-        opt.zero_grad()
-    assert checked == 11
+    assert _cuda_steps(model, opt, 13) == 11
     assert opt.diagnostics()["measurements"] >= 6 * len(opt.targets)  # every other step measured
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("lr_device", ["cpu", "cuda"])
+def test_cuda_step_law_with_a_tensor_lr_does_not_sync(lr_device: str) -> None:
+    """The step law under fused AdamW with a tensor LR (on the host or on the device) and a
+    warm-up scheduler: no measuring or plain step synchronises (the schedule factor is divided on
+    the device; a host LR goes over without waiting). The inner step and the scheduler run with
+    the debug mode off; control steps transfer α by design and are not checked."""
+    device = torch.device("cuda")
+    model = tiny_llama(seed=7).to(device)
+    base = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device=lr_device), fused=True)
+    _exempt_from_sync_debug(base)
+    law0 = StepLaw(schedule_mean=1.0)
+    opt = AlphaTunedOptimizer(base, model, steps=law0, fast_start=False, measure_every=2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 10))
+    assert _cuda_steps(model, opt, opt.control_every, after=sched.step) == opt.control_every - 1
+    law = opt.engine.state.law
+    assert law is not None and int(law.n_skipped.sum()) == 0 and bool((law.n_measured > 0).all())
