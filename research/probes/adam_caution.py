@@ -12,6 +12,7 @@ Usage::
 
     python -m research.probes.adam_caution --model minilm --rank 4 --seeds 107,106
     python -m research.probes.adam_caution --model minilm --rank 4 --seeds 107 --tag f=0
+    python -m research.probes.adam_caution --model minilm --rank 4 --seeds 101 --method steps-down16
     python -m research.probes.adam_caution --report      # benchmarks/results/adam_caution.md
 """
 
@@ -57,12 +58,19 @@ def watcher(trace: list[dict[str, Any]]) -> Any:
                     return
                 law = engine.state.law
                 moved = (law.log_alpha - law.log_alpha0).tolist()
+                config = engine.step_law
+                # What drives the next decision: log target − the EMA of the measured step
+                # (medians over the layers; > 0: the law reads the steps as too small).
+                a_err = (math.log(config.a_step) - law.log_a_step).tolist()
+                u_err = (math.log(config.update) - law.log_update).tolist()
                 trace.append({
                     "step": state.global_step,
                     "adam_rms_a": adam_rms(engine.optimizer, a_params),
                     "adam_rms_b": adam_rms(engine.optimizer, b_params),
                     "log_alpha_moved": [min(moved), statistics.median(moved), max(moved)],
                     "log_balance_moved": statistics.median((law.log_balance - law.log_balance0).tolist()),
+                    "a_err": statistics.median(a_err),
+                    "u_err": statistics.median(u_err),
                 })  # fmt: skip
 
         return [Trace()]
@@ -84,13 +92,16 @@ def report(path: Path) -> str:
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         out += [f"## {rec['key']}: held-out loss {rec['eval_loss']:.4f}", ""]
-        out += ["| step | Adam RMS(m̂/√v̂), A | same, B | log(α/α₀): min / median / max | median log(μ/μ₀) |",
-                "|---|---|---|---|---|"]  # fmt: skip
+        errs = "a_err" in rec["trace"][0] if rec["trace"] else False  # recorded since the errors were
+        out += ["| step | Adam RMS(m̂/√v̂), A | same, B | log(α/α₀): min / median / max | median log(μ/μ₀) |"
+                + (" median log(a*/ā) | median log(u*/ū) |" if errs else ""),
+                "|---|---|---|---|---|" + ("---|---|" if errs else "")]  # fmt: skip
         for row in rec["trace"]:
             lo, mid, hi = row["log_alpha_moved"]
             out.append(
                 f"| {row['step']} | {row['adam_rms_a']:.3f} | {row['adam_rms_b']:.3f} | "
                 f"{lo:+.2f} / {mid:+.2f} / {hi:+.2f} | {row['log_balance_moved']:+.2f} |"
+                + (f" {row['a_err']:+.2f} | {row['u_err']:+.2f} |" if errs else "")
             )
         out.append("")
     return "\n".join(out)
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="107")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, help="default: the task's (600 minilm, 300 smollm2)")
+    parser.add_argument("--method", default="steps", choices=("steps", "steps-up16", "steps-down16"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report", action="store_true", help="write the tables next to --out, run nothing")
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     for seed in (int(s) for s in args.seeds.split(",")):
         run = LMRun(
-            method="steps", rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps,
+            method=args.method, rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps,
             batch_size=d.batch_size, block=d.block, schedule=d.schedule, model=args.model, tag=args.tag,
         )  # fmt: skip
         if run.key() in done:
