@@ -117,9 +117,8 @@ class TuningEngine:
         self._check_in_optimizer()
         self.device = self.targets[0].weight_b.device
         #: The step law and the LR schedule it holds its targets over (read at the first step).
-        self.law_schedule = LawSchedule(
-            optimizer, step_law, param_ids(all_factors(self.targets)), self.device
-        )
+        lora_ids = param_ids(p for t in self.targets for p in (t.weight_a, t.weight_b))
+        self.law_schedule = LawSchedule(optimizer, step_law, lora_ids, self.device)
         heads = [] if options.head_lr is None else [p for _, p in find_head_parameters(model)]
         #: How many parameters of ``modules_to_save`` had their learning rate raised to ``head_lr``
         #: (with the step law: set to it, lowered too, so the head does not follow the base LR).
