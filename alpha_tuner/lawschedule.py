@@ -59,6 +59,8 @@ class LawSchedule:
         self.shape: ScheduleShape | None = None
         self.owners: list[torch.optim.Optimizer] = []
         self.run_length: int | None = None
+        self._index: int | None = None
+        self._index_key: tuple[int, int] | None = None  # (id, length) of the groups it was found in
         if law is not None and law.schedule_mean is not None:
             self.use(ScheduleShape(law.schedule_mean, "given"))
 
@@ -100,11 +102,20 @@ class LawSchedule:
         self.use(ScheduleShape(*(saved if saved is not None else (1.0, "checkpoint"))))
 
     def group_index(self) -> int | None:
-        """Index of the first param group holding LoRA factors (None if none does)."""
+        """Index of the first param group holding LoRA factors (None if none does).
+
+        Looked up once per list of groups (a measuring step would otherwise walk every
+        parameter in Python); found again when the list is replaced or a group is added.
+        """
         groups = self.optimizer.param_groups
-        return next(
-            (i for i, g in enumerate(groups) if any(id(p) in self.lora_ids for p in g["params"])), None
-        )
+        key = (id(groups), len(groups))
+        if self._index_key != key:
+            lora = self.lora_ids
+            self._index = next(
+                (i for i, g in enumerate(groups) if any(id(p) in lora for p in g["params"])), None
+            )
+            self._index_key = key
+        return self._index
 
     def factor(self) -> float | Tensor:
         """``lr / initial_lr`` of the first group holding LoRA factors (1 without a scheduler).

@@ -93,3 +93,13 @@ def test_without_the_law_nothing_is_held() -> None:
     with pytest.raises(RuntimeError, match="needs a step law"):
         sched.use(ScheduleShape(0.5, "LambdaLR"))
     assert math.isclose(sched.factor(), 1.0)  # type: ignore[arg-type]
+
+
+def test_the_group_is_found_again_when_a_group_is_added() -> None:
+    """The lookup is kept between steps, and redone when the optimizer's groups change."""
+    other, lora = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([other], lr=1e-3)
+    sched = LawSchedule(opt, StepLaw(), {id(lora)}, CPU)
+    assert sched.group_index() is None and sched.factor() == 1.0
+    opt.add_param_group({"params": [lora], "lr": 1e-3, "initial_lr": 4e-3})
+    assert sched.group_index() == 1 and sched.factor() == pytest.approx(0.25)
