@@ -34,12 +34,26 @@ from torch.optim import Optimizer
 from .discovery import LoraTarget
 from .distributed import local_tensor
 
-__all__ = ["AppliedStep", "adam_step_rms", "applied_step_rms", "noise_rms", "steps_like_adam"]
+__all__ = [
+    "AppliedStep",
+    "adam_step_rms",
+    "applied_step_rms",
+    "noise_rms",
+    "oscillation_rms",
+    "steps_like_adam",
+]
 
 
 def noise_rms(beta1: float) -> float:
     """Adam's normalised step RMS for a pure-noise gradient, ``√((1 − β₁)/(1 + β₁))``."""
     return math.sqrt((1.0 - beta1) / (1.0 + beta1))
+
+
+def oscillation_rms(beta1: float) -> float:
+    """Adam's normalised step for a gradient whose sign flips at every step, ``(1 − β₁)/(1 + β₁)``
+    (``m`` settles at that fraction of the gradient, ``v̂`` at its square): the smallest step a
+    gradient that is still as large as ``v̂`` remembers can give."""
+    return (1.0 - beta1) / (1.0 + beta1)
 
 
 @torch.no_grad()

@@ -55,6 +55,17 @@ step as if Adam's were at the floor. The floor is the pure-noise level ``√((1 
 (0.23 for β₁ = 0.9): healthy runs sit at or above it; an oscillating gradient, or a ``v̂`` that
 remembers larger gradients, goes below it.
 
+**Adam's collapse** (``adam_collapse``): holding the step is not enough after a burst of large
+gradients (a loss spike). ``v̂`` remembers the burst for hundreds of steps (β₂ = 0.999), Adam's
+normalised step falls to 0.001–0.01, and a run at the law's steps can stay where the burst threw
+it: on MiniLM-600 two runs of sixteen from a wrong start fell to one class that way and stayed
+there to the end, with the floor holding their (too large) steps. Below the level of a gradient
+whose sign flips at *every* step, ``(1 − β₁)/(1 + β₁)`` (0.053 for β₁ = 0.9), oscillation
+cannot explain Adam's step; only that memory can. There the law reads the measured step as
+larger again by ``adam_collapse / rms``, so it backs both steps off until Adam's own steps come
+back; above that level nothing changes (healthy runs never go there, and their results are
+bit-identical with and without it).
+
 Every function is pure and reads no tensor value on the host.
 """
 
@@ -72,6 +83,7 @@ __all__ = [
     "UNPLACED",
     "StepLaw",
     "StepState",
+    "adam_lift",
     "decide_steps",
     "for_schedule",
     "init_steps",
@@ -88,6 +100,7 @@ UNPLACED = (1.0, 1.0)
 AReference = Literal["current", "initial"]
 _REFERENCES = get_args(AReference)
 # field -> (lower bound (exclusive), upper bound (exclusive), readable range)
+_OPTIONAL = ("schedule_mean", "adam_floor", "adam_collapse")
 _RANGES: dict[str, tuple[float, float, str]] = {
     "a_step": (0.0, math.inf, "0 < a_step < inf"),
     "update": (0.0, math.inf, "0 < update < inf"),
@@ -99,6 +112,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "schedule_mean": (0.0, math.inf, "schedule_mean None or 0 < schedule_mean < inf"),
     "step_rms": (0.0, math.inf, "0 < step_rms < inf"),
     "adam_floor": (0.0, math.inf, "adam_floor None or 0 < adam_floor < inf"),
+    "adam_collapse": (0.0, math.inf, "adam_collapse None or 0 < adam_collapse < inf"),
 }
 
 
@@ -139,6 +153,14 @@ class StepLaw:
             law holds the measured steps whatever makes them small. Acts where the inner
             optimizer's step is Adam's or AdamW's
             (:func:`~alpha_tuner.adamstate.steps_like_adam`), not with RAdam, NAdam or Adamax.
+        adam_collapse: Where Adam's normalised step of a factor is below it, the law also reads
+            that factor's measured step as larger by ``adam_collapse / rms``, so it backs the
+            steps off after a burst of large gradients has left Adam's ``v̂`` far above the
+            present gradients (the module docstring). 0.053 (default): the level of a gradient
+            whose sign flips at every step, ``(1 − β₁)/(1 + β₁)`` for β₁ = 0.9
+            (:func:`~alpha_tuner.adamstate.oscillation_rms`); below it only that memory explains
+            Adam's step. ``None``: off. Independent of ``adam_floor``: with both, the lifts
+            multiply. Acts where ``adam_floor`` does (Adam's and AdamW's steps).
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.
@@ -155,13 +177,14 @@ class StepLaw:
     a_reference: AReference = "current"
     step_rms: float = 1.0
     adam_floor: float | None = 0.23
+    adam_collapse: float | None = 0.053
 
     def __post_init__(self) -> None:
         if self.a_reference not in _REFERENCES:
             raise ValueError(f"StepLaw.a_reference must be one of {_REFERENCES}, got {self.a_reference!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "a_reference" or (f.name in ("schedule_mean", "adam_floor") and value is None):
+            if f.name == "a_reference" or (f.name in _OPTIONAL and value is None):
                 continue
             lo, hi, valid = _RANGES[f.name]
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -277,8 +300,9 @@ def observe_steps(
             ``a·‖A‖ / (a_norm0·e^{−log_balance})``.
         adam_rms: (2, L): Adam's normalised step RMS of A and of B in this step
             (:func:`alpha_tuner.adamstate.adam_step_rms`); with ``config.adam_floor`` set, ``a``
-            is multiplied by ``max(1, floor / rms_A)`` and ``u`` by ``max(1, floor / rms_B)``
-            (NaN: 1), see :attr:`StepLaw.adam_floor`.
+            is multiplied by ``max(1, floor / rms_A)`` and ``u`` by ``max(1, floor / rms_B)``,
+            and with ``config.adam_collapse`` set by ``max(1, collapse / rms)`` likewise (NaN:
+            1), see :attr:`StepLaw.adam_floor` and :attr:`StepLaw.adam_collapse`.
 
     Returns:
         The new state. A layer whose ``a`` or ``u`` is not finite and positive, or any layer
@@ -295,9 +319,8 @@ def observe_steps(
     # a and u as one (2, L) tensor: the same arithmetic per element in half the kernel launches,
     # which are what a measuring step costs on an accelerator.
     x = torch.stack((a_step.detach(), update.detach())).to(torch.float32)
-    if config.adam_floor is not None and adam_rms is not None:
-        lift = (config.adam_floor / adam_rms.to(x)).clamp(min=1.0)
-        x = x * torch.where(torch.isfinite(lift), lift, 1.0)
+    if adam_rms is not None:
+        x = x * adam_lift(adam_rms.to(x), config)
     valid = observed & (torch.isfinite(x) & (x > 0)).all(dim=0)
     log_scale: float | Tensor
     if isinstance(scale, Tensor):  # a tensor LR's factor: checked on the device, never read
@@ -319,6 +342,19 @@ def observe_steps(
         n_measured=state.n_measured + valid.to(torch.int64),
         n_skipped=state.n_skipped + (observed & ~valid).to(torch.int64),
     )
+
+
+def adam_lift(rms: Tensor, config: StepLaw) -> Tensor | float:
+    """What a measured step is multiplied by where Adam's normalised step is ``rms`` (any
+    shape): ``max(1, adam_floor / rms) · max(1, adam_collapse / rms)``, each factor only where
+    its field is set; 1 where ``rms`` is NaN or 0 (not read). Exactly 1 (a float) with neither."""
+    lift: Tensor | float = 1.0
+    for level in (config.adam_floor, config.adam_collapse):
+        if level is not None:
+            lift = lift * (level / rms).clamp(min=1.0)
+    if isinstance(lift, Tensor):
+        lift = torch.where(torch.isfinite(lift), lift, 1.0)
+    return lift
 
 
 def decide_steps(state: StepState, config: StepLaw) -> tuple[StepState, Tensor]:

@@ -189,7 +189,8 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     """Options from a ``steps*`` run's tag, comma-separated ``key=value`` fields, each optional.
 
     The step law's fields: ``a`` (``a_step``), ``u`` (``update``), ``m`` (``max_change``),
-    ``rms`` (``step_rms``), ``af`` (``adam_floor``, ``none`` for off) and ``ref``
+    ``rms`` (``step_rms``), ``af`` (``adam_floor``), ``ac`` (``adam_collapse``; both ``none``
+    for off) and ``ref``
     (``a_reference``: ``current`` or ``initial``); the wrapper's: ``h`` (``head_lr``), ``e``
     (``measure_every``), ``p`` (``measure_phases``), ``c`` (``control_every``) and ``f``
     (``fast_start``, 0 or 1). A field left out keeps its default.
@@ -200,17 +201,25 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     from alpha_tuner import StepLaw
 
     fields = dict(item.split("=") for item in run.tag.split(","))
-    law_names = {"a": "a_step", "u": "update", "m": "max_change", "rms": "step_rms", "af": "adam_floor"}
+    law_names = {
+        "a": "a_step",
+        "u": "update",
+        "m": "max_change",
+        "rms": "step_rms",
+        "af": "adam_floor",
+        "ac": "adam_collapse",
+    }
     wrapper_names = {"e": "measure_every", "p": "measure_phases", "c": "control_every"}
     unknown = sorted(set(fields) - {*law_names, *wrapper_names, "h", "ref", "f"})
     if unknown:
         raise ValueError(
             f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, m=<max_change>, "
-            "rms=<step_rms>, af=<adam_floor or none>, ref=<a_reference>, h=<head_lr>, e=<measure_every>, "
+            "rms=<step_rms>, af=<adam_floor or none>, ac=<adam_collapse or none>, ref=<a_reference>, "
+            "h=<head_lr>, e=<measure_every>, "
             "p=<measure_phases>, c=<control_every>, f=<fast_start: 0 or 1>."
         )
     law: dict[str, Any] = {
-        law_names[key]: None if (key == "af" and value == "none") else float(value)
+        law_names[key]: None if (key in ("af", "ac") and value == "none") else float(value)
         for key, value in fields.items()
         if key in law_names
     }
@@ -395,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tag",
         default="",
         help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,rms=<step_rms>,af=<adam_floor or none>,"
+        "ac=<adam_collapse or none>,"
         "ref=<current or initial>,h=<head_lr>,e=<measure_every>,p=<measure_phases>,c=<control_every>,"
         "f=<fast_start 0/1> (optional)",
     )

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alpha_tuner import AlphaTunedOptimizer, StepLaw
+from alpha_tuner.adamstate import oscillation_rms
 from alpha_tuner.drift import lora_matrices
-from alpha_tuner.steplaw import decide_steps, init_steps, observe_steps, placement
+from alpha_tuner.steplaw import adam_lift, decide_steps, init_steps, observe_steps, placement
 from tests.conftest import lm_batch, tiny_llama
 
 positive = st.floats(min_value=1e-6, max_value=1e2)
@@ -31,7 +32,8 @@ def _observed(a: float, u: float, *, n: int = 3, law: StepLaw | None = None, sca
 @pytest.mark.parametrize(
     ("field", "value"),
     [("a_step", 0.0), ("update", -1.0), ("gain", math.inf), ("max_change", 1.0), ("bound", 0.5),
-     ("beta", 1.0), ("warmup", 1.5), ("a_step", True), ("adam_floor", 0.0), ("adam_floor", math.nan)],
+     ("beta", 1.0), ("warmup", 1.5), ("a_step", True), ("adam_floor", 0.0), ("adam_floor", math.nan),
+     ("adam_collapse", -0.05), ("adam_collapse", "0.05")],
 )  # fmt: skip
 def test_bad_settings_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"StepLaw.{field} must satisfy"):
@@ -521,8 +523,8 @@ def test_the_adam_floor_lifts_only_steps_where_adam_is_below_it() -> None:
     state = init_steps(torch.full((n,), 8.0))
     a, u = torch.full((n,), 1e-2), torch.full((n,), 3e-4)
     rms = torch.tensor([[0.5, 0.1, math.nan, 0.23], [0.05, 0.3, 0.2, math.nan]])
-    floored = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=0.23), adam_rms=rms)
-    plain = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=None), adam_rms=rms)
+    floored = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=0.23, adam_collapse=None), adam_rms=rms)
+    plain = observe_steps(state, a, u, 1.0, StepLaw(adam_floor=None, adam_collapse=None), adam_rms=rms)
     lift_a = torch.tensor([1.0, 2.3, 1.0, 1.0])
     lift_u = torch.tensor([4.6, 1.0, 1.15, 1.0])
     torch.testing.assert_close(floored.log_a_step, plain.log_a_step + lift_a.log())
@@ -558,3 +560,68 @@ def test_the_adam_floor_keeps_the_law_from_answering_a_flipping_gradient_with_a_
     without, with_floor = _alternating(None), _alternating(0.23)
     assert without > math.log(8.0)
     assert with_floor < without - math.log(4.0)
+
+
+def test_the_collapse_level_backs_off_only_below_it_and_multiplies_the_floor() -> None:
+    """Below ``adam_collapse`` a step is read as larger by ``collapse / rms`` on top of the floor's
+    lift; at or above it nothing changes; NaN (not read) lifts nothing."""
+    rms = torch.tensor([[0.5, 0.053, 0.01, math.nan], [0.1, 0.002, 0.0, 0.3]])
+    both = adam_lift(rms, StepLaw(adam_floor=0.23, adam_collapse=0.053))
+    floor_only = adam_lift(rms, StepLaw(adam_floor=0.23, adam_collapse=None))
+    collapse_only = adam_lift(rms, StepLaw(adam_floor=None, adam_collapse=0.053))
+    expected_collapse = torch.tensor([[1.0, 1.0, 5.3, 1.0], [1.0, 26.5, 1.0, 1.0]])
+    torch.testing.assert_close(collapse_only, expected_collapse)
+    torch.testing.assert_close(both, floor_only * expected_collapse)
+    assert adam_lift(rms, StepLaw(adam_floor=None, adam_collapse=None)) == 1.0
+    assert StepLaw().adam_collapse == pytest.approx(oscillation_rms(0.9), abs=5e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(min_value=0.053, max_value=3.0), min_size=8, max_size=8), positive, positive)
+def test_above_the_collapse_level_the_law_is_bit_identical_to_the_floor_alone(
+    rms: list[float], a: float, u: float
+) -> None:
+    """Where Adam's step is at or above the collapse level, the state with it is exactly the
+    state without it: runs that never collapse are the runs they were."""
+    state = init_steps(torch.full((4,), 8.0))
+    adam = torch.tensor(rms, dtype=torch.float32).reshape(2, 4)
+    a_t, u_t = torch.full((4,), a * 1e-2), torch.full((4,), u * 1e-4)
+    with_it = observe_steps(state, a_t, u_t, 0.7, StepLaw(adam_collapse=0.053), adam_rms=adam)
+    without = observe_steps(state, a_t, u_t, 0.7, StepLaw(adam_collapse=None), adam_rms=adam)
+    for x, y in zip(with_it, without, strict=True):
+        assert torch.equal(x, y)
+
+
+def _after_burst(collapse: float | None) -> float:
+    """Median log-change of α over 48 steps of small noisy gradients that follow 8 steps of
+    gradients 10⁴ times larger: Adam's ``v̂`` remembers the burst and its steps collapse (once
+    the burst's momentum has decayed, after about 20 steps)."""
+    model = tiny_llama(seed=5).double()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    law = StepLaw(adam_collapse=collapse)
+    opt = AlphaTunedOptimizer(inner, model, steps=law, head_lr=None, measure_every=1, measure_phases=1,
+                              control_every=4, fast_start=False)  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        for p in params:
+            p.grad = 1e2 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+    start = opt.engine.state.law
+    assert start is not None
+    for _ in range(48):
+        for p in params:
+            p.grad = 1e-2 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+    law_state = opt.engine.state.law
+    assert law_state is not None
+    return float((law_state.log_alpha - start.log_alpha).median())
+
+
+def test_after_a_gradient_burst_the_collapse_level_backs_the_steps_off() -> None:
+    """After a burst, Adam's normalised step falls ~10⁴× below the noise level: the floor alone
+    does not back the layers' steps off; with the collapse level the law does, by more than
+    two control steps' worth."""
+    held, backed_off = _after_burst(None), _after_burst(0.053)
+    assert held > -math.log(2.0)
+    assert backed_off < held - 2 * math.log(4.0)
