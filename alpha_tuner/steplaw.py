@@ -228,6 +228,8 @@ class StepState(NamedTuple):
         a_norm0: ``‖A‖_F`` at wrap time, before placement, float32 (1 where not given); with
             ``log_balance`` it gives A's wrap-time norm in today's units
             (``a_reference="initial"``).
+        n_collapsed: Valid measurements in which Adam's normalised step of A or B was below
+            ``adam_collapse``, so that the law read them as too large (it backed off), int64.
     """
 
     log_alpha: Tensor
@@ -240,6 +242,7 @@ class StepState(NamedTuple):
     n_measured: Tensor
     n_skipped: Tensor
     a_norm0: Tensor
+    n_collapsed: Tensor
 
 
 def init_steps(
@@ -270,7 +273,7 @@ def init_steps(
     norm0 = torch.ones_like(log_alpha0) if a_norm0 is None else a_norm0.detach().to(log_alpha0)
     return StepState(
         log_alpha0.clone(), log_alpha0, log_recipe, log_mu.clone(), log_mu, zeros, zeros, counts, counts,
-        norm0,
+        norm0, counts,
     )  # fmt: skip
 
 
@@ -319,8 +322,12 @@ def observe_steps(
     # a and u as one (2, L) tensor: the same arithmetic per element in half the kernel launches,
     # which are what a measuring step costs on an accelerator.
     x = torch.stack((a_step.detach(), update.detach())).to(torch.float32)
+    collapsed: Tensor | None = None
     if adam_rms is not None:
-        x = x * adam_lift(adam_rms.to(x), config)
+        rms = adam_rms.to(x)
+        x = x * adam_lift(rms, config)
+        if config.adam_collapse is not None:
+            collapsed = (rms < config.adam_collapse).any(dim=0)
     valid = observed & (torch.isfinite(x) & (x > 0)).all(dim=0)
     log_scale: float | Tensor
     if isinstance(scale, Tensor):  # a tensor LR's factor: checked on the device, never read
@@ -341,6 +348,9 @@ def observe_steps(
         log_update=log_update,
         n_measured=state.n_measured + valid.to(torch.int64),
         n_skipped=state.n_skipped + (observed & ~valid).to(torch.int64),
+        n_collapsed=state.n_collapsed
+        if collapsed is None
+        else state.n_collapsed + (valid & collapsed).to(torch.int64),
     )
 
 

@@ -45,7 +45,9 @@ def summarize(
     Returns:
         ``alpha_mean/min/max``, ``steps``, ``measurements``, ``skipped``, ``backoffs`` (summed
         over layers) and, when some ρ is finite, ``rho_mean/min/max`` over those layers. With the
-        step law: ``balance_mean`` (geometric mean of the online balance μ) and, over the layers
+        step law: ``collapsed`` (measurements, summed over layers, in which Adam's step had
+        collapsed and the law backed off: :attr:`StepLaw.adam_collapse`), ``balance_mean``
+        (geometric mean of the online balance μ) and, over the layers
         it has measured, the geometric means ``a_step`` and ``update`` of its measured A step and
         relative update (at the schedule's peak).
     """
@@ -68,14 +70,15 @@ def summarize(
             (law.log_a_step.to(dtype) * seen).sum() / count,
             (law.log_update.to(dtype) * seen).sum() / count,
             seen.sum(),
+            law.n_collapsed.sum().to(dtype),
         ]))  # fmt: skip
     if rho is not None:
         parts.append(rho.to(dtype))
     values = torch.cat(parts).tolist()  # the one transfer
     if law is not None:
-        balance, a_step, update, seen_count = values[3:7]
-        del values[3:7]
-        stats["balance_mean"] = math.exp(balance)
+        balance, a_step, update, seen_count, collapsed = values[3:8]
+        del values[3:8]
+        stats.update(balance_mean=math.exp(balance), collapsed=collapsed)
         if seen_count:
             stats.update(a_step=math.exp(a_step), update=math.exp(update))
     stats.update(measurements=values[0], skipped=values[1], backoffs=values[2])

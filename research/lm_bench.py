@@ -250,6 +250,7 @@ def _law_readout(tuner: Any) -> dict[str, float]:
         "balance_end": float(law.log_balance.mean().exp()),
         "law_unmeasured": float((~seen).sum()),
         "law_skipped": float(law.n_skipped.sum()),
+        "law_collapsed": float(law.n_collapsed.sum()),
         "schedule_mean": math.nan
         if tuner.engine.law_schedule.shape is None
         else tuner.engine.law_schedule.shape.mean,

@@ -590,6 +590,17 @@ def test_above_the_collapse_level_the_law_is_bit_identical_to_the_floor_alone(
     without = observe_steps(state, a_t, u_t, 0.7, StepLaw(adam_collapse=None), adam_rms=adam)
     for x, y in zip(with_it, without, strict=True):
         assert torch.equal(x, y)
+    assert int(with_it.n_collapsed.sum()) == 0
+
+
+def test_collapsed_measurements_are_counted_per_layer() -> None:
+    """A layer is counted once per measurement where A's or B's step is below the level."""
+    state = init_steps(torch.full((3,), 8.0))
+    rms = torch.tensor([[0.3, 0.01, 0.3], [0.3, 0.3, 0.02]])
+    a, u = torch.full((3,), 1e-2), torch.full((3,), 3e-4)
+    for _ in range(2):
+        state = observe_steps(state, a, u, 1.0, StepLaw(), adam_rms=rms)
+    assert state.n_collapsed.tolist() == [0, 2, 2]
 
 
 def _after_burst(collapse: float | None) -> float:
@@ -615,6 +626,8 @@ def _after_burst(collapse: float | None) -> float:
         opt.step()
     law_state = opt.engine.state.law
     assert law_state is not None
+    counted = opt.diagnostics()["collapsed"]
+    assert (counted > 0) == (collapse is not None)
     return float((law_state.log_alpha - start.log_alpha).median())
 
 
