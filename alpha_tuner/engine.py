@@ -38,12 +38,14 @@ from .distributed import broadcast_state, unwrap_model
 from .gradunits import GradUnits
 from .heads import find_head_parameters, lift_head_lr_
 from .lawlayers import (
+    LawLayers,
     all_factors,
     layer_norms,
     place_layers,
     remove_units,
     restore_units,
     schedule_shifted,
+    start_law,
     unit_rows,
 )
 from .lawschedule import LawSchedule
@@ -53,7 +55,7 @@ from .persistence import pack_tuner_state, unpack_tuner_state
 from .principled import principled_alphas
 from .rescale import rescale_targets_, update_adapter_config, write_alpha
 from .rule import AlphaRule
-from .steplaw import StepLaw, StepState, decide_steps, init_steps, observe_steps, schedule_shift
+from .steplaw import StepLaw, StepState, decide_steps, observe_steps, schedule_shift
 from .telemetry import summarize
 
 __all__ = ["TunerState", "TuningEngine"]
@@ -157,19 +159,13 @@ class TuningEngine:
         self._meter_params = self._factor_ids()
         rho = torch.full((len(self.targets),), math.nan, dtype=torch.float32, device=self.device)
         law = None
+        #: The law's per-layer constants (‖W₀‖, α's divisors, which layers it placed).
+        self._law_layers: LawLayers | None = None
         if norms is not None:  # the step law
-            as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
-            balance0 = as_tensor(balances) if options.init == "principled" else None
-            a_norms0, self._weight_norms = norms.to(self.device).unbind(0)
-            law = init_steps(
-                alpha0, balance0=balance0, alpha_recipe=as_tensor(recipe_alphas), a_norm0=a_norms0
-            )
-            divisors = [t.divisor for t in self.targets]
-            self._divisors = torch.tensor(divisors, dtype=torch.float32, device=self.device)
-            # Which layers the law placed: the host list drives the first step's rescale, the
-            # device mask its state update (made here, so that step copies nothing to the device).
-            self._placed_list = placed
-            self._placed = torch.tensor(placed, dtype=torch.bool, device=self.device)
+            law, self._law_layers = start_law(
+                self.targets, alpha0, norms, recipe_alphas=recipe_alphas, placed=placed,
+                balances=balances if options.init == "principled" else None,
+            )  # fmt: skip
         self.state = TunerState(
             steps=0, phase=0, control=init_control(alpha0), rho=rho, measured_once=False, law=law
         )
@@ -255,10 +251,9 @@ class TuningEngine:
         fast = self._fast_now()
         if self._measuring_now and self.meter is not None:
             m = (self._full_meter if fast else self.meter).measure()  # type: ignore[union-attr]
-            if state.law is not None and self.step_law is not None:
+            if state.law is not None and self.step_law is not None and self._law_layers is not None:
                 adam_rms = None if self._adam_step is None else self._adam_step.rms(m.traces)
-                scaling = torch.exp(state.law.log_alpha) / self._divisors
-                update = scaling * m.signal / self._weight_norms
+                update = self._law_layers.update(state.law.log_alpha, m.signal)
                 factor = self.law_schedule.factor()
                 law = observe_steps(
                     state.law, m.a_step, update, factor, self.step_law, m.measured, a_norm=m.a_norm,
@@ -286,14 +281,14 @@ class TuningEngine:
         """At the first step (the Trainer makes its scheduler after the optimizer): read the
         schedule's mean factor and move every placed layer to the law's peak targets for it."""
         shape = self.law_schedule.read(stacklevel=4)
-        law = self.state.law
-        if shape.mean == 1.0 or law is None or self.options.init != "principled":
+        law, layers = self.state.law, self._law_layers
+        if shape.mean == 1.0 or law is None or layers is None or self.options.init != "principled":
             return  # init="keep": the control steps move the layers to the new targets
         m, mu = schedule_shift(shape.mean)
-        moved = [t for t, placed in zip(self.targets, self._placed_list, strict=True) if placed]
+        moved = [t for t, placed in zip(self.targets, layers.placed, strict=True) if placed]
         self._rescale(moved, [t.alpha * m for t in moved], balances=[mu] * len(moved))
         update_adapter_config(self.model, self.targets)
-        self.state = self.state._replace(law=schedule_shifted(law, self._placed, m, mu))
+        self.state = self.state._replace(law=schedule_shifted(law, layers.placed_mask, m, mu))
 
     # ------------------------------------------------------------------- the law's schedule
     @property

@@ -3,16 +3,18 @@
 :mod:`alpha_tuner.steplaw` is the law's maths on tensors of per-layer values. This module is the
 host-side wiring between that maths and the PEFT layers, for the engine's moments outside the
 hot path: the norms the wrap-time placement starts from (:func:`layer_norms`), every layer's
-placement (:func:`place_layers`), the law's state after the first step's move to the
-schedule's targets (:func:`schedule_shifted`), and the factors' gradient units, saved with a
-checkpoint (:func:`unit_rows`), set again when one is loaded (:func:`restore_units`) and taken
-off when the tuner detaches (:func:`remove_units`).
+placement (:func:`place_layers`), the law's starting state and the per-layer constants it
+reads at each measurement (:func:`start_law`, :class:`LawLayers`), the law's state after the
+first step's move to the schedule's targets (:func:`schedule_shifted`), and the factors'
+gradient units, saved with a checkpoint (:func:`unit_rows`), set again when one is loaded
+(:func:`restore_units`) and taken off when the tuner detaches (:func:`remove_units`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -22,15 +24,17 @@ from .distributed import is_sharded
 from .drift import lora_matrices
 from .gradunits import GradUnits
 from .rescale import group_map, rescale_state_
-from .steplaw import UNPLACED, StepLaw, StepState, placement
+from .steplaw import UNPLACED, StepLaw, StepState, init_steps, placement
 
 __all__ = [
+    "LawLayers",
     "all_factors",
     "layer_norms",
     "place_layers",
     "remove_units",
     "restore_units",
     "schedule_shifted",
+    "start_law",
     "unit_rows",
 ]
 
@@ -94,6 +98,71 @@ def place_layers(
         balances.append(mu)
         placed.append(where is not UNPLACED)  # the object itself: a re-packed (m, μ) never is
     return alphas, balances, placed
+
+
+@dataclass(frozen=True)
+class LawLayers:
+    """What the law keeps of every layer from wrap time, on the tuner's device.
+
+    Attributes:
+        weight_norms: ``‖W₀‖_F`` of every layer, shape (L,) float32 (NaN where it cannot be read).
+        divisors: What each layer's α is divided by to give PEFT's scaling, shape (L,) float32.
+        placed: Which layers the law placed, a host list: it drives the first step's move to the
+            schedule's targets.
+        placed_mask: The same on the device, for the state update of that move (made at wrap
+            time, so that the step copies nothing to the device).
+    """
+
+    weight_norms: Tensor
+    divisors: Tensor
+    placed: list[bool]
+    placed_mask: Tensor
+
+    def update(self, log_alpha: Tensor, signal: Tensor) -> Tensor:
+        """The relative update ``u = s·‖dB·A + B·dA‖ / ‖W₀‖`` of every layer, from log α and the
+        meter's ``signal`` (``‖dB·A + B·dA‖``)."""
+        scaling = torch.exp(log_alpha) / self.divisors
+        return scaling * signal / self.weight_norms
+
+
+def start_law(
+    targets: Sequence[LoraTarget],
+    alpha0: Tensor,
+    norms: Tensor,
+    *,
+    recipe_alphas: Sequence[float],
+    balances: Sequence[float] | None,
+    placed: Sequence[bool],
+) -> tuple[StepState, LawLayers]:
+    """The law's state at wrap time and the per-layer constants it reads at each measurement.
+
+    Args:
+        targets: The LoRA layers.
+        alpha0: α of every layer after placement, shape (L,) on the tuner's device.
+        norms: ``(2, L)`` from :func:`layer_norms` (taken before placement).
+        recipe_alphas: The recipe's α of every layer, before placement.
+        balances: The placement's balance μ of every layer (``None``: not placed, 1).
+        placed: Whether the law placed each layer.
+    """
+    device = alpha0.device
+
+    def as_tensor(values: Sequence[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    a_norms0, weight_norms = norms.to(device).unbind(0)
+    state = init_steps(
+        alpha0,
+        balance0=None if balances is None else as_tensor(balances),
+        alpha_recipe=as_tensor(recipe_alphas),
+        a_norm0=a_norms0,
+    )
+    layers = LawLayers(
+        weight_norms=weight_norms,
+        divisors=as_tensor([t.divisor for t in targets]),
+        placed=list(placed),
+        placed_mask=torch.tensor(placed, dtype=torch.bool, device=device),
+    )
+    return state, layers
 
 
 def schedule_shifted(law: StepState, placed: Tensor, m: float, mu: float) -> StepState:

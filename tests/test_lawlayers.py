@@ -123,3 +123,29 @@ def test_remove_units_puts_the_moments_back_in_raw_units() -> None:
     assert len(units) == 0
     torch.testing.assert_close(inner.state[a]["exp_avg"], before[0] / 0.25)
     torch.testing.assert_close(inner.state[a]["exp_avg_sq"], before[1] / 0.25**2)
+
+
+def test_start_law_keeps_the_placement_and_the_update_is_scaling_times_signal_over_w0() -> None:
+    """The wrap-time state holds α after placement, the recipe's α and the balance; the layers'
+    constants give ``u = (α/divisor)·signal/‖W₀‖`` exactly as the engine measures it."""
+    targets = find_lora_targets(tiny_llama(seed=2))
+    norms = lawlayers.layer_norms(targets)
+    n = len(targets)
+    alpha0 = torch.linspace(2.0, 40.0, n)
+    placed = [i % 2 == 0 for i in range(n)]
+    state, layers = lawlayers.start_law(
+        targets, alpha0, norms, recipe_alphas=[8.0] * n, balances=[0.5] * n, placed=placed
+    )
+    torch.testing.assert_close(state.log_alpha, alpha0.log())
+    torch.testing.assert_close(state.log_alpha_recipe, torch.full((n,), math.log(8.0)))
+    torch.testing.assert_close(state.log_balance0, torch.full((n,), math.log(0.5)))
+    torch.testing.assert_close(state.a_norm0, norms[0])
+    assert layers.placed == placed and layers.placed_mask.tolist() == placed
+    signal = torch.rand(n) + 0.1
+    divisors = torch.tensor([t.divisor for t in targets], dtype=torch.float32)
+    expected = alpha0 / divisors * signal / norms[1]
+    torch.testing.assert_close(layers.update(state.log_alpha, signal), expected)
+    unbalanced, _ = lawlayers.start_law(
+        targets, alpha0, norms, recipe_alphas=[8.0] * n, balances=None, placed=placed
+    )
+    assert torch.equal(unbalanced.log_balance0, torch.zeros(n))
