@@ -160,6 +160,10 @@ def test_a_steps_tag_sets_the_law_targets_and_the_head_lr() -> None:
     assert options == {"steps": StepLaw(adam_floor=0.23)}
     options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="af=none"))
     assert options == {"steps": StepLaw(adam_floor=None)}
+    options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="af=none,ac=none"))
+    assert options == {"steps": StepLaw(adam_floor=None, adam_collapse=None)}
+    options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="ac=0.1"))
+    assert options == {"steps": StepLaw(adam_collapse=0.1)}
     options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="m=16,p=1,c=10,e=10,f=1"))
     assert options == {
         "steps": StepLaw(max_change=16.0),
