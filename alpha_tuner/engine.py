@@ -173,10 +173,9 @@ class TuningEngine:
         #: Adam's normalised step of each factor, read from the measurements; only where the
         #: step law's floor or collapse level uses it (StepLaw.adam_floor, .adam_collapse; the
         #: schedule's law keeps both).
-        law_cfg = self.step_law
         self._adam_step = (
             AppliedStep(optimizer, self.targets, self.device)
-            if law_cfg is not None and (law_cfg.adam_floor is not None or law_cfg.adam_collapse is not None)
+            if self.step_law is not None and self.step_law.reads_adam
             else None
         )
         #: The fast start's one-phase meter (see _fast_now), dropped when the fast start ends.

@@ -100,8 +100,9 @@ UNPLACED = (1.0, 1.0)
 #: What A's step can be measured against (:attr:`StepLaw.a_reference`).
 AReference = Literal["current", "initial"]
 _REFERENCES = get_args(AReference)
-# field -> (lower bound (exclusive), upper bound (exclusive), readable range)
+#: Fields that may be ``None`` (off, or read at the first step).
 _OPTIONAL = ("schedule_mean", "adam_floor", "adam_collapse")
+# field -> (lower bound (exclusive), upper bound (exclusive), readable range)
 _RANGES: dict[str, tuple[float, float, str]] = {
     "a_step": (0.0, math.inf, "0 < a_step < inf"),
     "update": (0.0, math.inf, "0 < update < inf"),
@@ -193,6 +194,11 @@ class StepLaw:
                 ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             if not (ok and lo < float(value) < hi):
                 raise ValueError(f"StepLaw.{f.name} must satisfy {valid}, got {value!r}")
+
+    @property
+    def reads_adam(self) -> bool:
+        """Whether the law reads Adam's normalised step (``adam_floor`` or ``adam_collapse`` set)."""
+        return self.adam_floor is not None or self.adam_collapse is not None
 
 
 def for_schedule(config: StepLaw, mean: float) -> StepLaw:

@@ -574,6 +574,8 @@ def test_the_collapse_level_backs_off_only_below_it_and_multiplies_the_floor() -
     torch.testing.assert_close(both, floor_only * expected_collapse)
     assert adam_lift(rms, StepLaw(adam_floor=None, adam_collapse=None)) == 1.0
     assert StepLaw().adam_collapse == pytest.approx(oscillation_rms(0.9), abs=5e-4)
+    assert StepLaw().reads_adam and StepLaw(adam_floor=None).reads_adam
+    assert not StepLaw(adam_floor=None, adam_collapse=None).reads_adam
 
 
 @settings(max_examples=40, deadline=None)
