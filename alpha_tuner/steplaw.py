@@ -333,8 +333,8 @@ def observe_steps(
     if adam_rms is not None:
         rms = adam_rms.to(x)
         x = x * adam_lift(rms, config)
-        if config.adam_collapse is not None:
-            collapsed = (rms < config.adam_collapse).any(dim=0)
+        if config.adam_collapse is not None:  # where the lift acted (rms 0: no Adam step, not lifted)
+            collapsed = ((rms > 0) & (rms < config.adam_collapse)).any(dim=0)
     valid = observed & (torch.isfinite(x) & (x > 0)).all(dim=0)
     log_scale: float | Tensor
     if isinstance(scale, Tensor):  # a tensor LR's factor: checked on the device, never read

@@ -597,12 +597,12 @@ def test_above_the_collapse_level_the_law_is_bit_identical_to_the_floor_alone(
 
 def test_collapsed_measurements_are_counted_per_layer() -> None:
     """A layer is counted once per measurement where A's or B's step is below the level."""
-    state = init_steps(torch.full((3,), 8.0))
-    rms = torch.tensor([[0.3, 0.01, 0.3], [0.3, 0.3, 0.02]])
-    a, u = torch.full((3,), 1e-2), torch.full((3,), 3e-4)
+    rms = torch.tensor([[0.3, 0.01, 0.3, 0.0], [0.3, 0.3, 0.02, math.nan]])
+    state = init_steps(torch.full((4,), 8.0))
+    a, u = torch.full((4,), 1e-2), torch.full((4,), 3e-4)
     for _ in range(2):
         state = observe_steps(state, a, u, 1.0, StepLaw(), adam_rms=rms)
-    assert state.n_collapsed.tolist() == [0, 2, 2]
+    assert state.n_collapsed.tolist() == [0, 2, 2, 0]  # rms 0 or NaN: not read, not lifted
 
 
 def _after_burst(collapse: float | None) -> float:
