@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -197,7 +197,9 @@ def time_ratio(
         # The base weights are on the meta device, so ‖W₀‖ is unknown and the law would leave every
         # layer alone; set it to 1 so that each control step really rescales A, B and their moments.
         engine = wrapped.engine
-        engine._weight_norms = torch.ones_like(engine._weight_norms, device=engine.device)
+        layers = engine._law_layers
+        assert layers is not None
+        engine._law_layers = replace(layers, weight_norms=torch.ones_like(layers.weight_norms))
     for _ in range(measure_every * measure_phases + 1):  # warm-up: state, a measurement per phase
         bare.step()
         wrapped.step()
