@@ -190,10 +190,9 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
 
     The step law's fields: ``a`` (``a_step``), ``u`` (``update``), ``m`` (``max_change``),
     ``rms`` (``step_rms``), ``af`` (``adam_floor``), ``ac`` (``adam_collapse``; both ``none``
-    for off) and ``ref``
-    (``a_reference``: ``current`` or ``initial``); the wrapper's: ``h`` (``head_lr``), ``e``
-    (``measure_every``), ``p`` (``measure_phases``), ``c`` (``control_every``) and ``f``
-    (``fast_start``, 0 or 1). A field left out keeps its default.
+    for off) and ``ref`` (``a_reference``: ``current`` or ``initial``); the wrapper's: ``h``
+    (``head_lr``), ``e`` (``measure_every``), ``p`` (``measure_phases``), ``c``
+    (``control_every``) and ``f`` (``fast_start``, 0 or 1). A field left out keeps its default.
     Raises ``ValueError`` naming an unknown field.
     """
     if not run.method.startswith("steps") or not run.tag:
@@ -215,8 +214,8 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
         raise ValueError(
             f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, m=<max_change>, "
             "rms=<step_rms>, af=<adam_floor or none>, ac=<adam_collapse or none>, ref=<a_reference>, "
-            "h=<head_lr>, e=<measure_every>, "
-            "p=<measure_phases>, c=<control_every>, f=<fast_start: 0 or 1>."
+            "h=<head_lr>, e=<measure_every>, p=<measure_phases>, c=<control_every>, "
+            "f=<fast_start: 0 or 1>."
         )
     law: dict[str, Any] = {
         law_names[key]: None if (key in ("af", "ac") and value == "none") else float(value)
