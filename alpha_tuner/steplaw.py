@@ -63,7 +63,7 @@ there to the end, with the floor holding their (too large) steps. Below the leve
 whose sign flips at *every* step, ``(1 − β₁)/(1 + β₁)`` (0.053 for β₁ = 0.9), oscillation
 cannot explain Adam's step; only that memory can. There the law reads the measured step as
 larger again by ``adam_collapse / rms``, so it backs both steps off until Adam's own steps come
-back; above that level nothing changes. Healthy MiniLM-600 runs touch it in 3–9 layer
+back; above that level nothing changes. Healthy MiniLM-600 runs touch it in 3–13 layer
 measurements each (the benchmark's ``law_collapsed``), which moved their results by about
 0.1 %; a run that never goes below it is the same run bit for bit.
 
@@ -94,6 +94,8 @@ __all__ = [
 ]
 
 _FLOOR = 1e-30
+#: Smallest Adam step RMS :func:`adam_lift` divides by (both levels over it stay finite in float32).
+_RMS_MIN = 1e-12
 #: What :func:`placement` returns for a layer it cannot place (compare with ``is``).
 UNPLACED = (1.0, 1.0)
 
@@ -333,7 +335,7 @@ def observe_steps(
     if adam_rms is not None:
         rms = adam_rms.to(x)
         x = x * adam_lift(rms, config)
-        if config.adam_collapse is not None:  # where the lift acted (rms 0: no Adam step, not lifted)
+        if config.adam_collapse is not None:  # where the lift acted (rms 0 or NaN: not read)
             collapsed = ((rms > 0) & (rms < config.adam_collapse)).any(dim=0)
     valid = observed & (torch.isfinite(x) & (x > 0)).all(dim=0)
     log_scale: float | Tensor
@@ -364,14 +366,18 @@ def observe_steps(
 def adam_lift(rms: Tensor, config: StepLaw) -> Tensor | float:
     """What a measured step is multiplied by where Adam's normalised step is ``rms`` (any
     shape): ``max(1, adam_floor / rms) · max(1, adam_collapse / rms)``, each factor only where
-    its field is set; 1 where ``rms`` is NaN or 0 (not read). Exactly 1 (a float) with neither."""
-    lift: Tensor | float = 1.0
-    for level in (config.adam_floor, config.adam_collapse):
-        if level is not None:
-            lift = lift * (level / rms).clamp(min=1.0)
-    if isinstance(lift, Tensor):
-        lift = torch.where(torch.isfinite(lift), lift, 1.0)
-    return lift
+    its field is set; 1 where ``rms`` is NaN, 0 or infinite (not read). Exactly 1 (a float) with
+    neither. ``rms`` is taken as at least ``1e-12``, so that the deepest collapse still gives a
+    finite (and the largest) lift instead of overflowing float32."""
+    levels = [level for level in (config.adam_floor, config.adam_collapse) if level is not None]
+    if not levels:
+        return 1.0
+    read = torch.isfinite(rms) & (rms > 0)
+    safe = torch.where(read, rms, 1.0).clamp(min=_RMS_MIN)
+    lift = (levels[0] / safe).clamp(min=1.0)
+    for level in levels[1:]:
+        lift = lift * (level / safe).clamp(min=1.0)
+    return torch.where(read, lift, 1.0)
 
 
 def decide_steps(state: StepState, config: StepLaw) -> tuple[StepState, Tensor]:

@@ -573,6 +573,9 @@ def test_the_collapse_level_backs_off_only_below_it_and_multiplies_the_floor() -
     torch.testing.assert_close(collapse_only, expected_collapse)
     torch.testing.assert_close(both, floor_only * expected_collapse)
     assert adam_lift(rms, StepLaw(adam_floor=None, adam_collapse=None)) == 1.0
+    # The deepest collapse gives the largest finite lift, never an overflow read as "not lifted".
+    deep = adam_lift(torch.tensor([1e-3, 1e-21, 1e-40, math.inf]), StepLaw())
+    assert torch.isfinite(deep).all() and deep[2] == deep[1] > deep[0] > 1.0 and deep[3] == 1.0
     assert StepLaw().adam_collapse == pytest.approx(oscillation_rms(0.9), abs=5e-4)
     assert StepLaw().reads_adam and StepLaw(adam_floor=None).reads_adam
     assert not StepLaw(adam_floor=None, adam_collapse=None).reads_adam
