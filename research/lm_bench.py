@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .peers import LR_FREE, build_peer, lora_alpha, uses_rslora
+from .provenance import environment
 from .runner import add_runner_arguments, ints, run_pending
 from .tasks import TASKS, collator, fresh_model, task_data
 
@@ -180,8 +181,7 @@ def execute(run: LMRun, *, watch: Callable[[Any, Any], Sequence[Any]] | None = N
         "alpha_start": alpha_start,
         "alpha_end": _mean_alpha(peer.tuner),
         **_law_readout(peer.tuner),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **environment(),
     }
 
 

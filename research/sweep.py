@@ -139,11 +139,10 @@ def bar_configs(spec: SweepSpec, oracle: dict[int, tuple[float, float]]) -> list
 
 
 def _environment(device: str) -> dict[str, Any]:
-    import torch
+    from .provenance import environment
 
     return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **environment(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "device": device,
