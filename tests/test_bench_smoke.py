@@ -271,6 +271,9 @@ def test_adam_caution_traces_the_law_and_reports(tmp_path: Path) -> None:
     assert all(0 < row["adam_rms_a"] < 3 and 0 < row["adam_rms_b"] < 3 for row in trace)  # ~1 early
     lo, mid, hi = trace[-1]["log_alpha_moved"]
     assert lo <= mid <= hi and hi > lo  # the fast start moved the layers, each its own way
+    counts = [row["collapsed"] for row in trace]
+    assert counts == sorted(counts) and counts[0] >= 0  # a running count of the back-off's lifts
     _script("adam_caution", "--out", str(out), "--report")
     table = out.with_suffix(".md").read_text(encoding="utf-8")
-    assert "| step | Adam RMS(m̂/√v̂), A |" in table and "\n| 20 | " in table
+    assert "| step | Adam RMS(m̂/√v̂), A |" in table and "back-offs so far |" in table
+    assert "\n| 20 | " in table and table.count(f" {counts[-1]} |\n") >= 1

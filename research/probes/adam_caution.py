@@ -71,6 +71,8 @@ def watcher(trace: list[dict[str, Any]]) -> Any:
                     "log_balance_moved": statistics.median((law.log_balance - law.log_balance0).tolist()),
                     "a_err": statistics.median(a_err),
                     "u_err": statistics.median(u_err),
+                    # Layer measurements so far in which the collapse back-off lifted a step.
+                    "collapsed": int(law.n_collapsed.sum()),
                 })  # fmt: skip
 
         return [Trace()]
@@ -92,16 +94,23 @@ def report(path: Path) -> str:
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         out += [f"## {rec['key']}: held-out loss {rec['eval_loss']:.4f}", ""]
-        errs = "a_err" in rec["trace"][0] if rec["trace"] else False  # recorded since the errors were
-        out += ["| step | Adam RMS(m̂/√v̂), A | same, B | log(α/α₀): min / median / max | median log(μ/μ₀) |"
-                + (" median log(a*/ā) | median log(u*/ū) |" if errs else ""),
-                "|---|---|---|---|---|" + ("---|---|" if errs else "")]  # fmt: skip
+        first = rec["trace"][0] if rec["trace"] else {}
+        errs = "a_err" in first  # recorded since the errors were
+        backoff = "collapsed" in first  # recorded since the collapse back-off was
+        head = "| step | Adam RMS(m̂/√v̂), A | same, B | log(α/α₀): min / median / max | median log(μ/μ₀) |"
+        rule = "|---|---|---|---|---|"
+        if errs:
+            head, rule = head + " median log(a*/ā) | median log(u*/ū) |", rule + "---|---|"
+        if backoff:
+            head, rule = head + " back-offs so far |", rule + "---|"
+        out += [head, rule]
         for row in rec["trace"]:
             lo, mid, hi = row["log_alpha_moved"]
             out.append(
                 f"| {row['step']} | {row['adam_rms_a']:.3f} | {row['adam_rms_b']:.3f} | "
                 f"{lo:+.2f} / {mid:+.2f} / {hi:+.2f} | {row['log_balance_moved']:+.2f} |"
                 + (f" {row['a_err']:+.2f} | {row['u_err']:+.2f} |" if errs else "")
+                + (f" {row['collapsed']} |" if backoff else "")
             )
         out.append("")
     return "\n".join(out)
