@@ -308,6 +308,43 @@ def grid(
     return runs
 
 
+def setting_records(
+    out: Path,
+    *,
+    model: str,
+    selection_seeds: Sequence[int],
+    steps: int | None = None,
+    schedule: str | None = None,
+) -> tuple[list[dict[str, Any]], dict[int, tuple[float, float]], dict[int, tuple[float, float]]] | None:
+    """The records of one setting of ``out`` and its oracle cells; ``None`` where it has none.
+
+    ``steps`` and ``schedule`` default to the task's. The oracle cell of a rank is its best
+    plain-LoRA (α, LR) on ``selection_seeds`` at this setting, or, where the grid did not run
+    here, at the task's own setting (returned apart as the borrowed cells: the same cell, run
+    at another horizon).
+    """
+    from .bench_report import oracle_cells
+    from .runner import read_records
+
+    d = TASK_DEFAULTS[model]
+    schedule, steps = schedule or d.schedule, steps or d.steps
+    every = [r for r in read_records(out) if r["config"]["model"] == model]
+
+    def at(n: int, sched: str) -> list[dict[str, Any]]:  # schedule-free runs carry the task's schedule
+        return [r for r in every if r["config"]["steps"] == n and r["config"]["schedule"] == sched]
+
+    records = at(steps, schedule)
+    if not records:
+        return None
+    oracle = oracle_cells(records, selection_seeds)
+    borrowed = {
+        rank: cell
+        for rank, cell in oracle_cells(at(d.steps, d.schedule), selection_seeds).items()
+        if rank not in oracle and any(r["config"]["rank"] == rank for r in records)
+    }
+    return records, oracle | borrowed, borrowed
+
+
 def report(
     out: Path,
     *,
@@ -327,28 +364,18 @@ def report(
     run at this setting on the selection seeds takes the oracle cell chosen at the task's own
     setting (its horizon probe: the same cell, run longer), and the report says so.
     """
-    from .bench_report import format_report, gap_report, method_label, oracle_cells, plot_curves, table
+    from .bench_report import format_report, gap_report, method_label, plot_curves, table
     from .claims import format_claims
-    from .runner import read_records
 
     d = TASK_DEFAULTS[model]
     schedule, steps = schedule or d.schedule, steps or d.steps
-    every = [r for r in read_records(out) if r["config"]["model"] == model]
-
-    def at(n: int, sched: str) -> list[dict[str, Any]]:  # schedule-free runs carry the task's schedule
-        return [r for r in every if r["config"]["steps"] == n and r["config"]["schedule"] == sched]
-
-    records = at(steps, schedule)
-    if not records:
+    setting = setting_records(
+        out, model=model, steps=steps, schedule=schedule, selection_seeds=selection_seeds
+    )
+    if setting is None:
         print(f"lm_bench: no {model} records at {steps} steps, schedule {schedule}, in {out} yet")
         return 1
-    oracle = oracle_cells(records, selection_seeds)
-    borrowed = {
-        rank: cell
-        for rank, cell in oracle_cells(at(d.steps, d.schedule), selection_seeds).items()
-        if rank not in oracle and any(r["config"]["rank"] == rank for r in records)
-    }
-    oracle |= borrowed
+    records, oracle, borrowed = setting
     result = table(records, seeds=seeds, selection_seeds=selection_seeds, oracle=oracle)
     titles = {
         "smollm2": "Causal LM: SmolLM2-135M on the 2012 convention speeches",
@@ -372,7 +399,7 @@ def report(
         )
     text += "\n" + format_claims(records, selection_seeds)
     stem = out.stem
-    if not own and at(d.steps, d.schedule):
+    if not own and setting_records(out, model=model, selection_seeds=selection_seeds) is not None:
         stem += f"_{steps}steps" + ("" if schedule == d.schedule else f"_{schedule}")
     out.with_name(stem + ".md").write_text(text, encoding="utf-8")
     plot_curves(records, out.with_name(stem + "_curves.png"), seed=seeds[0], lr=1e-4)

@@ -1,0 +1,245 @@
+"""What a user gets: the step law's defaults against a tuned LoRA run and the peers, every task.
+
+One table for the head of BENCHMARKS.md and the README, made from the benchmark's own records
+(:mod:`research.lm_bench`), so that the figures quoted there are the records' and nothing else.
+Per task and rank:
+
+* the law's held-out loss at each base LR (mean over the held-out seeds it ran on);
+* its paired gap to the oracle, the best plain-LoRA (α, LR) cell of the rank chosen on the
+  selection seeds (per base LR: mean ± SE of the per-seed relative gap; negative = the law is
+  better);
+* the spread of its mean loss across base LRs, beside plain LoRA's at the recipe's α = 2r;
+* how many of the peers' (peer, base LR) cells it beats on the mean paired gap, and where it
+  does not.
+
+A second table says whether the online part earns its place: the law from its own placement,
+the static placement (wrap time only) and the law from a deliberately wrong α (×16, ÷16), each
+as a paired gap to the law.
+
+Usage::
+
+    python -m research.lead            # writes benchmarks/results/lead.md and prints it
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bench_report import PEERS, _by_seed, _paired, method_label
+from .lm_bench import setting_records
+from .peers import LR_FREE
+
+Record = Mapping[str, Any]
+#: The law's defaults from each recipe α (row label, the name shown, plain LoRA's row at that α).
+LAWS = (("steps", "2r", "lora α=2r"), ("steps α=16", "16", "lora α=16"))
+LAW = LAWS[0][0]
+#: The rows that test the online part (from the recipe's α = 2r), as (name, row label).
+ONLINE = (("static", "steps-static"), ("from α × 16", "steps-up16"), ("from α ÷ 16", "steps-down16"))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark setting: its results file and how :func:`setting_records` reads it."""
+
+    name: str
+    out: Path
+    model: str
+    steps: int
+    schedule: str
+    seeds: tuple[int, ...]
+    selection_seeds: tuple[int, ...]
+
+
+#: A peer cell counts where it shares this many seeds with the law (or all of the law's, if fewer).
+MIN_PAIRED = 4
+RESULTS = Path("benchmarks/results")
+TASKS = (
+    Task("MiniLM sentiment, 150 steps, constant LR", RESULTS / "minilm150_bench.jsonl", "minilm", 150,
+         "constant", (100, 101, 102, 103, 104, 105, 106, 107), (0, 1)),
+    Task("MiniLM sentiment, 600 steps, warm-up + cosine", RESULTS / "minilm_bench.jsonl", "minilm", 600,
+         "cosine", (100, 101, 102, 103, 104, 105, 106, 107), (0, 1)),
+    Task("causal LM (SmolLM2-135M), 300 steps, warm-up + linear", RESULTS / "lm_bench.jsonl", "smollm2",
+         300, "linear", (100, 101, 102, 103), (0,)),
+)  # fmt: skip
+
+
+def _losses(
+    records: Sequence[Record], seeds: Sequence[int]
+) -> dict[tuple[str, int, float], dict[int, float]]:
+    """Row label, rank, base LR (1.0 for the LR-free methods) → seed → held-out loss."""
+    out: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
+    for r in records:
+        c = r["config"]
+        if c["seed"] in seeds:
+            lr = 1.0 if c["method"] in LR_FREE else float(c["lr"])
+            loss = r.get("eval_loss")
+            out[(method_label(c), c["rank"], lr)][int(c["seed"])] = (
+                math.inf if loss is None or not math.isfinite(loss) else float(loss)
+            )
+    return out
+
+
+def _gap(stat: tuple[float, float, int]) -> str:
+    mean, se, n = stat
+    if n == 0 or not math.isfinite(mean):
+        return "–"
+    return f"{mean:+.1%}" + (f" ± {se:.1%}" if math.isfinite(se) else "") + f" ({n})"
+
+
+def lead_rows(
+    records: Sequence[Record],
+    oracle: Mapping[int, tuple[float, float]],
+    seeds: Sequence[int],
+    *,
+    law_row: str = LAW,
+    plain_row: str = "lora α=2r",
+) -> list[dict[str, Any]]:
+    """One entry per rank where the law (row ``law_row``) ran on ``seeds``: the lead table's figures.
+
+    Each entry has ``rank``, ``lrs``, ``law`` (LR → (mean, n)), ``oracle`` (LR → paired gap
+    (mean, SE, n)), ``oracle_cell`` ((α, LR) or ``None``), ``spread`` (row label → relative
+    spread of the mean loss over the LRs where that row ran on every seed the law did; the
+    law's row and plain LoRA's at the same recipe α, ``plain_row``),
+    ``beaten`` and ``cells`` (peer cells the law beats on the mean paired gap, of those sharing
+    at least :data:`MIN_PAIRED` seeds with it, or all of its seeds where it ran on fewer),
+    and ``behind`` (peer label, LR, gap) where it does not.
+    """
+    losses = _losses(records, seeds)
+    rows = []
+    for rank in sorted({rank for (label, rank, _) in losses if label == law_row}):
+        lrs = sorted(lr for (label, r, lr) in losses if label == law_row and r == rank)
+        law = {lr: losses[(law_row, rank, lr)] for lr in lrs}
+        row: dict[str, Any] = {
+            "rank": rank,
+            "lrs": lrs,
+            "law": {lr: (statistics.fmean(v.values()), len(v)) for lr, v in law.items()},
+            "oracle_cell": oracle.get(rank),
+            "oracle": {},
+            "spread": {},
+            "beaten": 0,
+            "cells": 0,
+            "behind": [],
+        }
+        if rank in oracle:
+            alpha, best_lr = oracle[rank]
+            best = _by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha)
+            row["oracle"] = {lr: _paired(law[lr], best, seeds) for lr in lrs}
+        for label in (law_row, plain_row):
+            means = [
+                statistics.fmean(v[s] for s in law[lr])
+                for lr in lrs
+                if (v := losses.get((label, rank, lr), {})) and all(s in v for s in law[lr])
+            ]
+            if len(means) > 1:
+                row["spread"]["law" if label == law_row else "plain"] = (max(means) - min(means)) / min(means)
+        for peer in PEERS:
+            for lr in lrs:
+                other = losses.get((peer, rank, 1.0 if peer in LR_FREE else lr), {})
+                mean, se, n = _paired(law[lr], other, seeds)
+                if n < min(len(law[lr]), MIN_PAIRED):  # too few seeds in common to count
+                    continue
+                row["cells"] += 1
+                if mean < 0:
+                    row["beaten"] += 1
+                else:
+                    row["behind"].append((peer, lr, (mean, se, n)))
+        rows.append(row)
+    return rows
+
+
+def online_rows(records: Sequence[Record], seeds: Sequence[int]) -> list[tuple[int, float, list[str]]]:
+    """Per (rank, LR) where a static or wrong-start row ran: the law's mean and each row's gap."""
+    losses = _losses(records, seeds)
+    out = []
+    cells = sorted({(r, lr) for (label, r, lr) in losses for _, row in ONLINE if label == row})
+    for rank, lr in cells:
+        law = losses.get((LAW, rank, lr), {})
+        if not law:
+            continue
+        shown = [f"{statistics.fmean(law.values()):.4f} ({len(law)})"]
+        shown += [_gap(_paired(losses.get((row, rank, lr), {}), law, seeds)) for _, row in ONLINE]
+        out.append((rank, lr, shown))
+    return out
+
+
+def format_lead(tasks: Sequence[Task] = TASKS) -> str:
+    """Both tables, as Markdown, for every task that has records."""
+    lead = [
+        "| task | r | recipe α | the law's held-out loss at lr 1e-5 / 1e-4 / 1e-3 (seeds) | gap to "
+        "the oracle (paired, per LR) | spread over LRs: the law / plain LoRA at the recipe's α | "
+        "peer cells beaten (same LR) | behind |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    online = [
+        "| task | r | lr | the law (seeds) | static | " + " | ".join(name for name, _ in ONLINE[1:]) + " |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for task in tasks:
+        setting = setting_records(
+            task.out, model=task.model, steps=task.steps, schedule=task.schedule,
+            selection_seeds=task.selection_seeds,
+        )  # fmt: skip
+        if setting is None:
+            continue
+        records, oracle, _ = setting
+        rows = [
+            (recipe, row)
+            for law_row, recipe, plain_row in LAWS
+            for row in lead_rows(records, oracle, task.seeds, law_row=law_row, plain_row=plain_row)
+        ]
+        for recipe, row in sorted(rows, key=lambda pair: pair[1]["rank"]):
+            law = " / ".join(f"{row['law'][lr][0]:.4f} ({row['law'][lr][1]})" for lr in row["lrs"])
+            gaps = " / ".join(_gap(row["oracle"][lr]) for lr in row["lrs"]) if row["oracle"] else "–"
+            spread = " / ".join(
+                f"{row['spread'][k]:.1%}" if k in row["spread"] else "–" for k in ("law", "plain")
+            )
+            behind = "; ".join(f"{p} at {lr:g}: {_gap(g)}" for p, lr, g in row["behind"]) or "none"
+            lead.append(
+                f"| {task.name} | {row['rank']} | {recipe} | {law} | {gaps} | {spread} | "
+                f"{row['beaten']} of {row['cells']} | {behind} |"
+            )
+            if row["oracle_cell"] and recipe == LAWS[0][1]:
+                alpha, lr = row["oracle_cell"]
+                notes.append(f"{task.name}, r = {row['rank']}: oracle α = {alpha:g}, lr {lr:g}")
+        for rank, lr, shown in online_rows(records, task.seeds):
+            online.append(f"| {task.name} | {rank} | {lr:g} | " + " | ".join(shown) + " |")
+    text = [
+        "Held-out loss (lower is better); gaps are paired over the seeds both ran, mean ± SE (seeds), "
+        "negative = the law is better. Oracle cells (chosen on the selection seeds): "
+        + "; ".join(notes)
+        + ".",
+        "",
+        *lead,
+        "",
+        "The online part: the law from its own placement, and paired gaps to it of the static "
+        "placement (wrap time only) and of the law started from a wrong α (positive = worse than "
+        "the law):",
+        "",
+        *online,
+    ]
+    return "\n".join(text) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ``benchmarks/results/lead.md`` and print it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m research.lead", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "lead.md")
+    args = parser.parse_args(argv)
+    text = format_lead()
+    args.out.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
