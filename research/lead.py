@@ -18,7 +18,8 @@ as a paired gap to the law.
 
 Usage::
 
-    python -m research.lead            # writes benchmarks/results/lead.md and prints it
+    python -m research.lead                     # writes benchmarks/results/lead.md and prints it
+    python -m research.lead --into BENCHMARKS.md  # and replaces the block between its markers
 """
 
 from __future__ import annotations
@@ -228,15 +229,41 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
     return "\n".join(text) + "\n"
 
 
+START, END = "<!-- lead:start (python -m research.lead --into) -->", "<!-- lead:end -->"
+
+
+def splice(document: str, block: str) -> str:
+    """``document`` with the text between its :data:`START` and :data:`END` lines replaced by ``block``.
+
+    Raises:
+        ValueError: the document lacks either marker, or has them out of order.
+    """
+    start, end = document.find(START), document.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"no '{START}' ... '{END}' block to replace: add both lines where the table goes")
+    return document[: start + len(START)] + "\n\n" + block.strip() + "\n\n" + document[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write ``benchmarks/results/lead.md`` and print it."""
+    """Write ``benchmarks/results/lead.md``, print it, and splice it into ``--into`` documents."""
     parser = argparse.ArgumentParser(
         prog="python -m research.lead", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "lead.md")
+    parser.add_argument(
+        "--into", type=Path, nargs="*", default=[], help="documents whose lead block to replace"
+    )
     args = parser.parse_args(argv)
     text = format_lead()
+    updated = {}
+    for path in args.into:
+        try:
+            updated[path] = splice(path.read_text(encoding="utf-8"), text)
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"research.lead: {path}: {err}\n")
     args.out.write_text(text, encoding="utf-8")
+    for path, document in updated.items():
+        path.write_text(document, encoding="utf-8")
     print(text)
     return 0
 

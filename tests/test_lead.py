@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from research.lead import MIN_PAIRED, Task, format_lead, lead_rows, online_rows
+from research.lead import END, MIN_PAIRED, START, Task, format_lead, lead_rows, main, online_rows, splice
 
 SEEDS = (100, 101, 102, 103)
 
@@ -84,3 +84,25 @@ def test_format_lead_reads_a_results_file(tmp_path: Path) -> None:
         )
         == 0
     )
+
+
+def test_splice_replaces_only_the_marked_block() -> None:
+    document = f"# Title\n\nbefore\n{START}\n\nold table\n\n{END}\nafter\n"
+    once = splice(document, "new table\n")
+    assert once == f"# Title\n\nbefore\n{START}\n\nnew table\n\n{END}\nafter\n"
+    assert splice(once, "new table") == once  # idempotent
+    with pytest.raises(ValueError, match="add both lines"):
+        splice("# no markers\n", "table")
+    with pytest.raises(ValueError, match="add both lines"):
+        splice(f"{END}\n{START}\n", "table")
+
+
+def test_the_cli_refuses_a_document_without_markers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("# nothing to replace\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "lead.md"), "--into", str(doc)])
+    assert exit_.value.code == 2 and "add both lines" in capsys.readouterr().err
+    assert not (tmp_path / "lead.md").exists() and doc.read_text(encoding="utf-8") == "# nothing to replace\n"
