@@ -8,7 +8,7 @@ Per task and rank:
 * its paired gap to the oracle, the best plain-LoRA (α, LR) cell of the rank chosen on the
   selection seeds (per base LR: mean ± SE of the per-seed relative gap; negative = the law is
   better);
-* the spread of its mean loss across base LRs, beside plain LoRA's at the recipe's α = 2r;
+* the spread of its mean loss across base LRs, beside plain LoRA's at the same recipe α;
 * how many of the peers' (peer, base LR) cells it beats on the mean paired gap, and where it
   does not.
 
@@ -105,9 +105,9 @@ def lead_rows(
     """One entry per rank where the law (row ``law_row``) ran on ``seeds``: the lead table's figures.
 
     Each entry has ``rank``, ``lrs``, ``law`` (LR → (mean, n)), ``oracle`` (LR → paired gap
-    (mean, SE, n)), ``oracle_cell`` ((α, LR) or ``None``), ``spread`` (row label → relative
-    spread of the mean loss over the LRs where that row ran on every seed the law did; the
-    law's row and plain LoRA's at the same recipe α, ``plain_row``),
+    (mean, SE, n)), ``oracle_cell`` ((α, LR) or ``None``), ``spread`` (``"law"``, and ``"plain"``
+    for plain LoRA's row ``plain_row`` at the same recipe α: (max − min) / min of the mean loss
+    over the law's LRs, each mean over the seeds that row ran at every one of them, at least two),
     ``beaten`` and ``cells`` (peer cells the law beats on the mean paired gap, of those sharing
     at least :data:`MIN_PAIRED` seeds with it, or all of its seeds where it ran on fewer),
     and ``behind`` (peer label, LR, gap) where it does not.
@@ -133,12 +133,10 @@ def lead_rows(
             best = _by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha)
             row["oracle"] = {lr: _paired(law[lr], best, seeds) for lr in lrs}
         for label in (law_row, plain_row):
-            means = [
-                statistics.fmean(v[s] for s in law[lr])
-                for lr in lrs
-                if (v := losses.get((label, rank, lr), {})) and all(s in v for s in law[lr])
-            ]
-            if len(means) > 1:
+            runs = [losses.get((label, rank, lr), {}) for lr in lrs]
+            common = set.intersection(*(set(v) for v in runs))  # the seeds it ran at every LR
+            if len(lrs) > 1 and len(common) >= 2:
+                means = [statistics.fmean(v[s] for s in common) for v in runs]
                 row["spread"]["law" if label == law_row else "plain"] = (max(means) - min(means)) / min(means)
         for peer in PEERS:
             for lr in lrs:
