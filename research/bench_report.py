@@ -23,7 +23,15 @@ _LAW_DEFAULTS = frozenset({"steps", "steps-static"})
 #: The peers a gap report compares against, as row labels, in its column order.
 PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy", "dadapt", "schedulefree")
 
-__all__ = ["format_report", "method_label", "oracle_cells", "plot_curves", "table"]
+__all__ = [
+    "format_report",
+    "losses_by_seed",
+    "method_label",
+    "oracle_cells",
+    "paired_relative",
+    "plot_curves",
+    "table",
+]
 
 Record = Mapping[str, Any]
 
@@ -52,7 +60,9 @@ def _loss(record: Record) -> float:
     return math.inf if loss is None or not math.isfinite(loss) else float(loss)
 
 
-def _by_seed(records: Iterable[Record], **match: Any) -> dict[int, float]:
+def losses_by_seed(records: Iterable[Record], **match: Any) -> dict[int, float]:
+    """Seed → held-out loss of the runs whose config matches ``match`` (plain LoRA's α = 2r
+    spelled out, ``lora-metered`` as ``lora``; a diverged run's loss is infinite)."""
     out = {}
     for r in records:
         c = {**r["config"], "method": base_method(r["config"])}
@@ -117,7 +127,7 @@ def table(
                     cell[label].append(_loss(r))
             if rank in oracle:
                 alpha, best_lr = oracle[rank]
-                losses = _by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha)
+                losses = losses_by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha)
                 cell[f"oracle (α={alpha:g}, lr={best_lr:g})"] = [v for s, v in losses.items() if s in seeds]
             rows[(rank, lr)] = {m: (*_stats(v), len(v)) for m, v in cell.items() if v}
     wins: dict[str, int] = defaultdict(int)
@@ -228,7 +238,9 @@ def plot_curves(records: Sequence[Record], path: Path, *, seed: int, lr: float) 
     plt.close(fig)
 
 
-def _paired(a: Mapping[int, float], b: Mapping[int, float], seeds: Sequence[int]) -> tuple[float, float, int]:
+def paired_relative(
+    a: Mapping[int, float], b: Mapping[int, float], seeds: Sequence[int]
+) -> tuple[float, float, int]:
     """Mean and SE of ``a − b`` over the seeds both have (relative to ``b``'s mean), and that count."""
     common = [s for s in seeds if s in a and s in b]
     if not common:
@@ -293,14 +305,18 @@ def gap_report(
             alpha, best_lr = oracle[rank]
             row.append(
                 fmt(
-                    _paired(mine, _by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha), seeds)
+                    paired_relative(
+                        mine,
+                        losses_by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha),
+                        seeds,
+                    )
                 )
             )
         else:
             row.append("–")
         for peer in peers:
             other = by_label.get((peer, rank, 1.0 if peer in LR_FREE else lr), {})
-            row.append(fmt(_paired(mine, other, seeds)))
+            row.append(fmt(paired_relative(mine, other, seeds)))
         lines.append("| " + " | ".join(row) + " |")
         for label in (method, "lora α=2r"):
             values = by_label.get((label, rank, lr), {})

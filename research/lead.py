@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench_report import PEERS, _by_seed, _paired, method_label
+from .bench_report import PEERS, losses_by_seed, method_label, paired_relative
 from .lm_bench import setting_records
 from .peers import LR_FREE
 
@@ -130,8 +130,8 @@ def lead_rows(
         }
         if rank in oracle:
             alpha, best_lr = oracle[rank]
-            best = _by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha)
-            row["oracle"] = {lr: _paired(law[lr], best, seeds) for lr in lrs}
+            best = losses_by_seed(records, method="lora", rank=rank, lr=best_lr, alpha=alpha)
+            row["oracle"] = {lr: paired_relative(law[lr], best, seeds) for lr in lrs}
         for label in (law_row, plain_row):
             runs = [losses.get((label, rank, lr), {}) for lr in lrs]
             common = set.intersection(*(set(v) for v in runs))  # the seeds it ran at every LR
@@ -141,7 +141,7 @@ def lead_rows(
         for peer in PEERS:
             for lr in lrs:
                 other = losses.get((peer, rank, 1.0 if peer in LR_FREE else lr), {})
-                mean, se, n = _paired(law[lr], other, seeds)
+                mean, se, n = paired_relative(law[lr], other, seeds)
                 if n < min(len(law[lr]), MIN_PAIRED):  # too few seeds in common to count
                     continue
                 row["cells"] += 1
@@ -163,7 +163,7 @@ def online_rows(records: Sequence[Record], seeds: Sequence[int]) -> list[tuple[i
         if not law:
             continue
         shown = [f"{statistics.fmean(law.values()):.4f} ({len(law)})"]
-        shown += [_gap(_paired(losses.get((row, rank, lr), {}), law, seeds)) for _, row in ONLINE]
+        shown += [_gap(paired_relative(losses.get((row, rank, lr), {}), law, seeds)) for _, row in ONLINE]
         out.append((rank, lr, shown))
     return out
 
