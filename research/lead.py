@@ -91,7 +91,7 @@ def _gap(stat: tuple[float, float, int]) -> str:
     mean, se, n = stat
     if n == 0 or not math.isfinite(mean):
         return "–"
-    return f"{mean:+.1%}" + (f" ± {se:.1%}" if math.isfinite(se) else "") + f" ({n})"
+    return f"{mean:+.2%}" + (f" ± {se:.2%}" if math.isfinite(se) else "") + f" ({n})"
 
 
 def lead_rows(

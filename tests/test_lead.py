@@ -67,7 +67,7 @@ def test_a_peer_with_too_few_seeds_in_common_is_not_counted() -> None:
 def test_the_online_table_gives_each_variant_as_a_paired_gap_to_the_law() -> None:
     ((rank, lr, shown),) = online_rows(_records(), SEEDS)
     assert (rank, lr) == (4, 1e-4)
-    assert shown[0].endswith("(4)") and shown[1].startswith("+10.0%") and shown[2:] == ["–", "–"]
+    assert shown[0].endswith("(4)") and shown[1].startswith("+10.00%") and shown[2:] == ["–", "–"]
 
 
 def test_format_lead_reads_a_results_file(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_format_lead_reads_a_results_file(tmp_path: Path) -> None:
     text = format_lead([task])
     assert "r = 4: oracle α = 16, lr 0.001" in text  # chosen on the selection seeds 0 and 1
     assert "| toy | 4 | 2r | 0.5235 (4) / 0.5135 (4) / 0.5235 (4) |" in text
-    assert "10 of 12" in text and "| toy | 4 | 0.0001 | 0.5135 (4) | +10.0%" in text
+    assert "10 of 12" in text and "| toy | 4 | 0.0001 | 0.5135 (4) | +10.00%" in text
     assert (
         format_lead([Task("none", tmp_path / "missing.jsonl", "minilm", 150, "constant", SEEDS, (0,))]).count(
             "| none |"
