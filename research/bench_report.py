@@ -73,6 +73,20 @@ def losses_by_seed(records: Iterable[Record], **match: Any) -> dict[int, float]:
     return out
 
 
+def losses_by_label(
+    records: Iterable[Record], seeds: Sequence[int]
+) -> dict[tuple[str, int, float], dict[int, float]]:
+    """(row label, rank, base LR) → seed → held-out loss over ``seeds``; the LR-free methods'
+    runs under LR 1.0 (they ignore the base LR), a diverged run's loss infinite."""
+    out: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
+    for r in records:
+        c = r["config"]
+        if c["seed"] in seeds:
+            lr = 1.0 if c["method"] in LR_FREE else c["lr"]
+            out[(method_label(c), c["rank"], lr)][int(c["seed"])] = _loss(r)
+    return out
+
+
 def oracle_cells(records: Sequence[Record], seeds: Sequence[int]) -> dict[int, tuple[float, float]]:
     """Per rank, the ``(α, LR)`` of plain LoRA with the lowest mean loss over ``seeds`` (complete cells)."""
     cells: dict[tuple[int, float, float], dict[int, float]] = defaultdict(dict)
@@ -270,12 +284,7 @@ def gap_report(
     ``(max − min) / min``, beside plain LoRA's at the recipe's α.
     """
     oracle = oracle_cells(records, selection_seeds) if oracle is None else oracle
-    by_label: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
-    for r in records:
-        c = r["config"]
-        if c["seed"] in seeds:
-            lr = 1.0 if c["method"] in LR_FREE else c["lr"]
-            by_label[(method_label(c), c["rank"], lr)][int(c["seed"])] = _loss(r)
+    by_label = losses_by_label(records, seeds)
     cells = sorted({(rank, lr) for (m, rank, lr) in by_label if m == method})
     if peers is None:  # every standard peer that ran on these seeds
         ran = {m for (m, _, _) in by_label}

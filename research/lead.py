@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench_report import PEERS, losses_by_seed, method_label, paired_relative
+from .bench_report import PEERS, losses_by_label, losses_by_seed, paired_relative
 from .lm_bench import setting_records
 from .peers import LR_FREE
 
@@ -71,22 +70,6 @@ TASKS = (
 )  # fmt: skip
 
 
-def _losses(
-    records: Sequence[Record], seeds: Sequence[int]
-) -> dict[tuple[str, int, float], dict[int, float]]:
-    """Row label, rank, base LR (1.0 for the LR-free methods) → seed → held-out loss."""
-    out: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
-    for r in records:
-        c = r["config"]
-        if c["seed"] in seeds:
-            lr = 1.0 if c["method"] in LR_FREE else float(c["lr"])
-            loss = r.get("eval_loss")
-            out[(method_label(c), c["rank"], lr)][int(c["seed"])] = (
-                math.inf if loss is None or not math.isfinite(loss) else float(loss)
-            )
-    return out
-
-
 def _gap(stat: tuple[float, float, int]) -> str:
     mean, se, n = stat
     if n == 0 or not math.isfinite(mean):
@@ -112,7 +95,7 @@ def lead_rows(
     at least :data:`MIN_PAIRED` seeds with it, or all of its seeds where it ran on fewer),
     and ``behind`` (peer label, LR, gap) where it does not.
     """
-    losses = _losses(records, seeds)
+    losses = losses_by_label(records, seeds)
     rows = []
     for rank in sorted({rank for (label, rank, _) in losses if label == law_row}):
         lrs = sorted(lr for (label, r, lr) in losses if label == law_row and r == rank)
@@ -155,7 +138,7 @@ def lead_rows(
 
 def online_rows(records: Sequence[Record], seeds: Sequence[int]) -> list[tuple[int, float, list[str]]]:
     """Per (rank, LR) where a static or wrong-start row ran: the law's mean and each row's gap."""
-    losses = _losses(records, seeds)
+    losses = losses_by_label(records, seeds)
     out = []
     cells = sorted({(r, lr) for (label, r, lr) in losses for _, row in ONLINE if label == row})
     for rank, lr in cells:
