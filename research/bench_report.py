@@ -24,6 +24,7 @@ _LAW_DEFAULTS = frozenset({"steps", "steps-static"})
 PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy", "dadapt", "schedulefree")
 
 __all__ = [
+    "format_gap",
     "format_report",
     "losses_by_seed",
     "method_label",
@@ -265,6 +266,22 @@ def paired_relative(
     return mean, se, len(common)
 
 
+def format_gap(stat: tuple[float, float, int], *, digits: int = 1, seeds: int | None = None) -> str:
+    """``+1.2% ± 0.3% (4)`` for a :func:`paired_relative` result (``–`` where nothing paired).
+
+    Args:
+        stat: ``(mean, se, n)``.
+        digits: Decimals of the percentages.
+        seeds: The number of seeds asked for: the count ``(n)`` is shown only where it differs
+            (``None``: always shown).
+    """
+    mean, se, n = stat
+    if n == 0 or not math.isfinite(mean):
+        return "–"
+    shown = f"{mean:+.{digits}%}" + (f" ± {se:.{digits}%}" if math.isfinite(se) else "")
+    return shown + ("" if n == seeds else f" ({n})")
+
+
 def gap_report(
     records: Sequence[Record],
     *,
@@ -298,14 +315,7 @@ def gap_report(
     spread_rows: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
 
     def fmt(stat: tuple[float, float, int]) -> str:
-        mean, se, n = stat
-        if n == 0 or not math.isfinite(mean):
-            return "–"
-        return (
-            f"{mean:+.1%}"
-            + (f" ± {se:.1%}" if math.isfinite(se) else "")
-            + ("" if n == len(seeds) else f" ({n})")
-        )
+        return format_gap(stat, seeds=len(seeds))
 
     for rank, lr in cells:
         mine = by_label[(method, rank, lr)]

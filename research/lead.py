@@ -25,14 +25,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench_report import PEERS, losses_by_label, losses_by_seed, paired_relative
+from .bench_report import PEERS, format_gap, losses_by_label, losses_by_seed, paired_relative
 from .lm_bench import setting_records
 from .peers import LR_FREE
 
@@ -67,14 +66,13 @@ TASKS = (
          "cosine", (100, 101, 102, 103, 104, 105, 106, 107), (0, 1)),
     Task("causal LM (SmolLM2-135M), 300 steps, warm-up + linear", RESULTS / "lm_bench.jsonl", "smollm2",
          300, "linear", (100, 101, 102, 103), (0,)),
+    Task("causal LM (SmolLM2-135M), 600 steps, warm-up + linear", RESULTS / "lm_bench.jsonl", "smollm2",
+         600, "linear", (100, 101, 102, 103), (0,)),
 )  # fmt: skip
 
 
 def _gap(stat: tuple[float, float, int]) -> str:
-    mean, se, n = stat
-    if n == 0 or not math.isfinite(mean):
-        return "–"
-    return f"{mean:+.2%}" + (f" ± {se:.2%}" if math.isfinite(se) else "") + f" ({n})"
+    return format_gap(stat, digits=2)
 
 
 def lead_rows(
@@ -171,7 +169,7 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
         )  # fmt: skip
         if setting is None:
             continue
-        records, oracle, _ = setting
+        records, oracle = setting.records, setting.oracle
         rows = [
             (recipe, row)
             for law_row, recipe, plain_row in LAWS
@@ -190,7 +188,12 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
             )
             if row["oracle_cell"] and recipe == LAWS[0][1]:
                 alpha, lr = row["oracle_cell"]
-                notes.append(f"{task.name}, r = {row['rank']}: oracle α = {alpha:g}, lr {lr:g}")
+                where = (
+                    " (chosen at the task's own horizon: no grid at this one)"
+                    if row["rank"] in setting.borrowed
+                    else ""
+                )
+                notes.append(f"{task.name}, r = {row['rank']}: oracle α = {alpha:g}, lr {lr:g}{where}")
         for rank, lr, shown in online_rows(records, task.seeds):
             online.append(f"| {task.name} | {rank} | {lr:g} | " + " | ".join(shown) + " |")
     text = [

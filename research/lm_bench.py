@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -308,6 +308,15 @@ def grid(
     return runs
 
 
+class Setting(NamedTuple):
+    """The records of one setting of a results file, and its oracle cells."""
+
+    records: list[dict[str, Any]]
+    oracle: dict[int, tuple[float, float]]  # rank → (α, LR), borrowed cells included
+    borrowed: dict[int, tuple[float, float]]  # those chosen at the task's own setting
+    task_own: bool  # the file holds records of the task's own setting too
+
+
 def setting_records(
     out: Path,
     *,
@@ -315,7 +324,7 @@ def setting_records(
     selection_seeds: Sequence[int],
     steps: int | None = None,
     schedule: str | None = None,
-) -> tuple[list[dict[str, Any]], dict[int, tuple[float, float]], dict[int, tuple[float, float]]] | None:
+) -> Setting | None:
     """The records of one setting of ``out`` and its oracle cells; ``None`` where it has none.
 
     ``steps`` and ``schedule`` default to the task's. The oracle cell of a rank is its best
@@ -333,16 +342,16 @@ def setting_records(
     def at(n: int, sched: str) -> list[dict[str, Any]]:  # schedule-free runs carry the task's schedule
         return [r for r in every if r["config"]["steps"] == n and r["config"]["schedule"] == sched]
 
-    records = at(steps, schedule)
+    records, own = at(steps, schedule), at(d.steps, d.schedule)
     if not records:
         return None
     oracle = oracle_cells(records, selection_seeds)
     borrowed = {
         rank: cell
-        for rank, cell in oracle_cells(at(d.steps, d.schedule), selection_seeds).items()
+        for rank, cell in oracle_cells(own, selection_seeds).items()
         if rank not in oracle and any(r["config"]["rank"] == rank for r in records)
     }
-    return records, oracle | borrowed, borrowed
+    return Setting(records, oracle | borrowed, borrowed, bool(own))
 
 
 def report(
@@ -375,7 +384,7 @@ def report(
     if setting is None:
         print(f"lm_bench: no {model} records at {steps} steps, schedule {schedule}, in {out} yet")
         return 1
-    records, oracle, borrowed = setting
+    records, oracle, borrowed, task_own = setting
     result = table(records, seeds=seeds, selection_seeds=selection_seeds, oracle=oracle)
     titles = {
         "smollm2": "Causal LM: SmolLM2-135M on the 2012 convention speeches",
@@ -399,7 +408,7 @@ def report(
         )
     text += "\n" + format_claims(records, selection_seeds)
     stem = out.stem
-    if not own and setting_records(out, model=model, selection_seeds=selection_seeds) is not None:
+    if not own and task_own:
         stem += f"_{steps}steps" + ("" if schedule == d.schedule else f"_{schedule}")
     out.with_name(stem + ".md").write_text(text, encoding="utf-8")
     plot_curves(records, out.with_name(stem + "_curves.png"), seed=seeds[0], lr=1e-4)

@@ -86,6 +86,21 @@ def test_format_lead_reads_a_results_file(tmp_path: Path) -> None:
     )
 
 
+def test_an_oracle_cell_borrowed_from_the_tasks_own_horizon_is_named_so(tmp_path: Path) -> None:
+    records = _records()
+    for r in records:  # the grid on the selection seeds ran only at the task's own setting
+        if r["config"]["seed"] < 100 and r["config"]["method"] == "lora":
+            r["config"] |= {"steps": 600, "schedule": "cosine"}
+    out = tmp_path / "bench.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    text = format_lead([Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))])
+    assert "r = 4: oracle α = 16, lr 0.001 (chosen at the task's own horizon: no grid at this one)" in text
+    assert "| toy | 4 | 2r | 0.5235 (4) / 0.5135 (4) / 0.5235 (4) | +3.97% ± 0.00% (4) / +1.99%" in text
+    # with the grid at this horizon too, the cell is this horizon's own
+    out.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
+    assert "own horizon" not in format_lead([Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))])
+
+
 def test_splice_replaces_only_the_marked_block() -> None:
     document = f"# Title\n\nbefore\n{START}\n\nold table\n\n{END}\nafter\n"
     once = splice(document, "new table\n")
