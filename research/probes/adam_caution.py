@@ -118,11 +118,11 @@ def report(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2", "tiny"))
+    parser.add_argument("--model", default="minilm", choices=sorted(TASK_DEFAULTS))
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--seeds", default="107")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--steps", type=int, help="default: the task's (600 minilm, 300 smollm2)")
+    parser.add_argument("--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)")
     parser.add_argument("--method", default="steps", choices=("steps", "steps-up16", "steps-down16"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=OUT)
