@@ -51,6 +51,17 @@ def watcher(trace: list[dict[str, Any]]) -> Any:
         engine = tuner.engine
         a_params = [t.weight_a for t in engine.targets]
         b_params = [t.weight_b for t in engine.targets]
+        w0_norms = [float(t.layer.get_base_layer().weight.float().norm()) for t in engine.targets]
+
+        def displacement() -> float:
+            """Median over the layers of ``‖s·B·A‖ / ‖W₀‖``: how far each layer has moved from the
+            base weight (B starts at zero), whatever route it took."""
+            with torch.no_grad():
+                moved = [
+                    t.scaling * float((t.weight_b.float() @ t.weight_a.float()).norm()) / w
+                    for t, w in zip(engine.targets, w0_norms, strict=True)
+                ]
+            return statistics.median(moved)
 
         class Trace(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -73,6 +84,10 @@ def watcher(trace: list[dict[str, Any]]) -> Any:
                     "u_err": statistics.median(u_err),
                     # Layer measurements so far in which the collapse back-off lifted a step.
                     "collapsed": int(law.n_collapsed.sum()),
+                    # The distance moved, and the law's EMA of its per-step update u (at the
+                    # schedule's peak): a straight path moves ~t·u, a random walk ~√t·u.
+                    "displacement": displacement(),
+                    "u_bar": statistics.median(torch.exp(law.log_update).tolist()),
                 })  # fmt: skip
 
         return [Trace()]
@@ -122,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--seeds", default="107")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)")
+    parser.add_argument(
+        "--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)"
+    )
     parser.add_argument("--method", default="steps", choices=("steps", "steps-up16", "steps-down16"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=OUT)
