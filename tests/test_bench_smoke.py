@@ -273,6 +273,9 @@ def test_adam_caution_traces_the_law_and_reports(tmp_path: Path) -> None:
     assert lo <= mid <= hi and hi > lo  # the fast start moved the layers, each its own way
     counts = [row["collapsed"] for row in trace]
     assert counts == sorted(counts) and counts[0] >= 0  # a running count of the back-off's lifts
+    moved = [row["displacement"] for row in trace]
+    assert 0 < moved[0] < moved[1]  # B starts at zero: the layers move away from W₀ as they train
+    assert all(0 < row["u_bar"] < 1 for row in trace)
     _script("adam_caution", "--out", str(out), "--report")
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| step | Adam RMS(m̂/√v̂), A |" in table and "back-offs so far |" in table
