@@ -112,12 +112,16 @@ def report(path: Path) -> str:
         first = rec["trace"][0] if rec["trace"] else {}
         errs = "a_err" in first  # recorded since the errors were
         backoff = "collapsed" in first  # recorded since the collapse back-off was
+        moved = "displacement" in first  # recorded since the distance was
         head = "| step | Adam RMS(m̂/√v̂), A | same, B | log(α/α₀): min / median / max | median log(μ/μ₀) |"
         rule = "|---|---|---|---|---|"
         if errs:
             head, rule = head + " median log(a*/ā) | median log(u*/ū) |", rule + "---|---|"
         if backoff:
             head, rule = head + " back-offs so far |", rule + "---|"
+        if moved:
+            head += " median ‖s·B·A‖/‖W₀‖ | median ū | straightness ‖s·B·A‖/(‖W₀‖·t·ū) |"
+            rule += "---|---|---|"
         out += [head, rule]
         for row in rec["trace"]:
             lo, mid, hi = row["log_alpha_moved"]
@@ -126,6 +130,12 @@ def report(path: Path) -> str:
                 f"{lo:+.2f} / {mid:+.2f} / {hi:+.2f} | {row['log_balance_moved']:+.2f} |"
                 + (f" {row['a_err']:+.2f} | {row['u_err']:+.2f} |" if errs else "")
                 + (f" {row['collapsed']} |" if backoff else "")
+                + (
+                    f" {row['displacement']:.2e} | {row['u_bar']:.2e} |"
+                    f" {row['displacement'] / (row['step'] * row['u_bar']):.3f} |"
+                    if moved
+                    else ""
+                )
             )
         out.append("")
     return "\n".join(out)
