@@ -280,4 +280,4 @@ def test_adam_caution_traces_the_law_and_reports(tmp_path: Path) -> None:
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| step | Adam RMS(m̂/√v̂), A |" in table and "back-offs so far |" in table
     assert f" {moved[-1]:.2e} | " in table and "straightness" in table
-    assert "\n| 20 | " in table and table.count(f" {counts[-1]} |\n") >= 1
+    assert "\n| 20 | " in table and table.count(f" | {counts[-1]} | ") >= 1
