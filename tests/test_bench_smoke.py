@@ -266,6 +266,7 @@ def test_adam_caution_traces_the_law_and_reports(tmp_path: Path) -> None:
     _script("adam_caution", *args, runs=2)  # the rerun finds the run done and trains nothing
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(records) == 1 and math.isfinite(records[0]["eval_loss"])
+    assert records[0]["code"] and records[0]["cpu_capability"]  # the record names what made it
     trace = records[0]["trace"]
     assert [row["step"] for row in trace] == [10, 20]
     assert all(0 < row["adam_rms_a"] < 3 and 0 < row["adam_rms_b"] < 3 for row in trace)  # ~1 early

@@ -99,7 +99,7 @@ def probe(run: LMRun) -> dict[str, Any]:
     """Train ``run`` with the trace on; its benchmark record plus the trace."""
     trace: list[dict[str, Any]] = []
     record = execute(run, watch=watcher(trace))
-    keep = ("key", "config", "eval_loss", "train_curve", "alpha_start", "alpha_end")
+    keep = ("key", "config", "eval_loss", "train_curve", "alpha_start", "alpha_end", "code", "cpu_capability")
     return {**{k: record[k] for k in keep}, "trace": trace}
 
 
