@@ -1,0 +1,187 @@
+"""Does the next gradient still point along the last step? A probe of the step size's hypergradient.
+
+The loss after a step ``Δₜ`` changes with the step's size as ``⟨∇L(θₜ₊₁), Δₜ⟩`` (the
+hypergradient of the learning rate, Baydin et al. 2018). The next minibatch gradient ``gₜ₊₁`` is
+an unbiased sample of ``∇L(θₜ₊₁)`` that is independent of ``Δₜ``, so the cosine
+``c₁ = cos(−gₜ₊₁, Δₜ)`` says, on average, whether the step was too small (``c₁ > 0``: the loss
+still falls along it), about right (``≈ 0``) or too large (``< 0``: it overshot). ``c₀ =
+cos(−gₜ, Δₜ)`` is the same for the gradient the step was taken from. Cosines are immune to the
+Trainer's gradient clipping, which rescales a step's gradient before the optimizer sees it.
+
+Every 10 steps (at steps 5, 15, …, away from the law's control steps) this probe copies the LoRA
+factors and gradients before the optimizer step, forms ``Δₜ`` after it, and reads ``gₜ₊₁`` before
+the next step; a sample where a control step rescaled the factors in between is dropped. It
+records per sample the cosines over all LoRA factors together and the median over the layers.
+
+Usage::
+
+    python -m research.probes.hypergrad --model debates --rank 8 --seeds 0 --lr 1e-4
+    python -m research.probes.hypergrad --model minilm --steps 150 --rank 16 --seeds 0 --lr 1e-4
+    python -m research.probes.hypergrad --report   # benchmarks/results/hypergrad.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from research.lm_bench import TASK_DEFAULTS, LMRun, execute
+from research.runner import append_line, finite_json
+
+OUT = Path("benchmarks/results/hypergrad.jsonl")
+EVERY, OFFSET = 10, 5
+
+
+def _cos(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
+    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(x, y, strict=True))
+    nx = math.sqrt(sum(float(a.double().square().sum()) for a in x))
+    ny = math.sqrt(sum(float(b.double().square().sum()) for b in y))
+    return dot / (nx * ny) if nx > 0 and ny > 0 else math.nan
+
+
+def watcher(trace: list[dict[str, Any]]) -> Any:
+    """A factory for :func:`execute`'s ``watch``: one row of ``trace`` per sampled step."""
+    from transformers import TrainerCallback
+
+    def make(tuner: Any, model: torch.nn.Module) -> list[Any]:
+        layers: dict[str, list[torch.nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+                layers.setdefault(name.split(".lora_")[0], []).append(p)
+        params = [p for ps in layers.values() for p in ps]
+
+        def alpha() -> torch.Tensor | None:
+            law = None if tuner is None else tuner.engine.state.law
+            return None if law is None else law.log_alpha.clone()
+
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            """No control step rescaled the factors between the two reads of α."""
+            return a is None or b is None or torch.equal(a, b)
+
+        def grads() -> list[torch.Tensor]:
+            return [-p.grad.detach() for p in params if p.grad is not None]
+
+        class Trace(TrainerCallback):
+            def __init__(self) -> None:
+                self.before: list[torch.Tensor] = []
+                self.grad: list[torch.Tensor] = []
+                self.step: list[torch.Tensor] = []
+                self.alpha: torch.Tensor | None = None
+                self.row: dict[str, Any] | None = None
+
+            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                g = state.global_step  # optimizer steps completed so far
+                if self.row is not None:  # the step after a sample: the next gradient
+                    now = grads()
+                    if same(alpha(), self.alpha) and len(now) == len(params):  # no rescale in between
+                        self.row["c1"] = _cos(now, self.step)
+                        per_layer, i = [], 0
+                        for ps in layers.values():
+                            n = len(ps)
+                            per_layer.append(_cos(now[i : i + n], self.step[i : i + n]))
+                            i += n
+                        self.row["c1_layers"] = statistics.median(v for v in per_layer if math.isfinite(v))
+                        trace.append(self.row)
+                    self.row = None
+                if g % EVERY == OFFSET and all(p.grad is not None for p in params):
+                    self.before = [p.detach().clone() for p in params]
+                    self.grad = [g.clone() for g in grads()]
+                    self.alpha = alpha()
+
+            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step % EVERY != OFFSET or not self.before:
+                    return
+                self.step = [p.detach() - b for p, b in zip(params, self.before, strict=True)]
+                if same(alpha(), self.alpha):
+                    self.row = {"step": state.global_step + 1, "c0": _cos(self.grad, self.step)}
+                self.before, self.grad = [], []
+
+        return [Trace()]
+
+    return make
+
+
+def probe(run: LMRun) -> dict[str, Any]:
+    """Train ``run`` with the trace on; its benchmark record's main fields plus the trace."""
+    trace: list[dict[str, Any]] = []
+    record = execute(run, watch=watcher(trace))
+    keep = ("key", "config", "eval_loss", "train_curve", "code", "cpu_capability")
+    return {**{k: record[k] for k in keep}, "trace": trace}
+
+
+def report(path: Path) -> str:
+    """Per run: the mean cosines over the run's first and second half, and over all of it."""
+    out = [
+        "# Does the next gradient still point along the last step? (`research/probes/hypergrad.py`)",
+        "",
+        "c₁ = cos(−gₜ₊₁, Δₜ): > 0, the loss still falls along the step just taken (a larger step "
+        "would have gone further); < 0, it overshot. c₀ = cos(−gₜ, Δₜ). Means over the samples "
+        "(every 10 steps); 'layers' is the median over the layers of each sample's per-layer c₁.",
+        "",
+        "| run | held-out loss | c₁ first half | c₁ second half | c₁ all | c₁ layers, all | c₀ all | "
+        "samples |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        rows = [r for r in rec["trace"] if "c1" in r]
+        if not rows:
+            continue
+        half = rec["config"]["steps"] / 2
+        first = [r["c1"] for r in rows if r["step"] <= half]
+        second = [r["c1"] for r in rows if r["step"] > half]
+
+        def mean(v: list[float]) -> str:
+            return f"{statistics.fmean(v):+.4f}" if v else "–"
+
+        out.append(
+            f"| {rec['key'].replace('|', ' · ')} | {rec['eval_loss']:.4f} | {mean(first)} | {mean(second)} | "
+            f"{mean([r['c1'] for r in rows])} | {mean([r['c1_layers'] for r in rows])} | "
+            f"{mean([r['c0'] for r in rows])} | {len(rows)} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--model", default="debates", choices=sorted(TASK_DEFAULTS))
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, help="default: the task's")
+    parser.add_argument("--method", default="steps", help="any lm_bench method (default: the law)")
+    parser.add_argument("--alpha", type=float, help="plain LoRA's α (default: the recipe's)")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--report", action="store_true", help="write the table next to --out, run nothing")
+    args = parser.parse_args(argv)
+    if args.report:
+        target = args.out.with_suffix(".md")
+        target.write_text(report(args.out), encoding="utf-8")
+        print(target.read_text(encoding="utf-8"))
+        return 0
+    done = set()
+    if args.out.exists():
+        done = {json.loads(line)["key"] for line in args.out.read_text(encoding="utf-8").splitlines()}
+    d = TASK_DEFAULTS[args.model]
+    torch.set_num_threads(1)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        run = LMRun(
+            method=args.method, rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps,
+            batch_size=d.batch_size, block=d.block, schedule=d.schedule, model=args.model, tag=args.tag,
+            alpha=args.alpha,
+        )  # fmt: skip
+        if run.key() in done:
+            continue
+        append_line(args.out, json.dumps(finite_json(probe(run))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
