@@ -282,3 +282,29 @@ def test_adam_caution_traces_the_law_and_reports(tmp_path: Path) -> None:
     assert "| step | Adam RMS(m̂/√v̂), A |" in table and "back-offs so far |" in table
     assert f" {moved[-1]:.2e} | " in table and "straightness" in table
     assert "\n| 20 | " in table and table.count(f" | {counts[-1]} | ") >= 1
+
+
+def test_hypergrad_cosine_is_scale_free_and_signed() -> None:
+    import torch
+
+    from research.probes.hypergrad import _cos
+
+    a, b = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
+    assert _cos(a, a) == pytest.approx(1.0) and _cos(a, [-x for x in a]) == pytest.approx(-1.0)
+    assert _cos([7 * x for x in a], b) == pytest.approx(_cos(a, b))  # clipping cannot move it
+    assert math.isnan(_cos([torch.zeros(3)], [torch.ones(3)]))
+
+
+def test_hypergrad_samples_the_next_gradient_against_the_last_step(tmp_path: Path) -> None:
+    out = tmp_path / "hypergrad.jsonl"
+    args = ("--model", "tiny", "--rank", "4", "--steps", "40", "--out", str(out))
+    _script("hypergrad", *args, runs=2)  # the rerun finds the run done and trains nothing
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 1 and records[0]["code"]
+    trace = records[0]["trace"]
+    assert [row["step"] for row in trace] == [6, 16, 26, 36]  # every 10 steps, off the control steps
+    assert all(-1 <= row["c0"] <= 1 and -1 <= row["c1"] <= 1 for row in trace)
+    assert all(row["c1"] > 0 for row in trace)  # small early steps: the loss still falls along them
+    _script("hypergrad", "--out", str(out), "--report")
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| tiny · steps · r=4 · " in table and table.rstrip().endswith("| 4 |")
