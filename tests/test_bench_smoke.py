@@ -307,4 +307,4 @@ def test_hypergrad_samples_the_next_gradient_against_the_last_step(tmp_path: Pat
     assert all(row["c1"] > 0 for row in trace)  # small early steps: the loss still falls along them
     _script("hypergrad", "--out", str(out), "--report")
     table = out.with_suffix(".md").read_text(encoding="utf-8")
-    assert "| tiny · steps · r=4 · " in table and table.rstrip().endswith("| 4 |")
+    assert "| tiny · steps · r=4 · " in table and table.rstrip().endswith("| 4 |") and "every=10" in table

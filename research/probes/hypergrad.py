@@ -8,7 +8,7 @@ still falls along it), about right (``≈ 0``) or too large (``< 0``: it oversho
 cos(−gₜ, Δₜ)`` is the same for the gradient the step was taken from. Cosines are immune to the
 Trainer's gradient clipping, which rescales a step's gradient before the optimizer sees it.
 
-Every 10 steps (at steps 5, 15, …, away from the law's control steps) this probe copies the LoRA
+Every 10 steps (``--every``; at steps 5, 15, …, away from the law's control steps) this probe copies the LoRA
 factors and gradients before the optimizer step, forms ``Δₜ`` after it, and reads ``gₜ₊₁`` before
 the next step; a sample where a control step rescaled the factors in between is dropped. It
 records per sample the cosines over all LoRA factors together and the median over the layers.
@@ -35,7 +35,7 @@ from research.lm_bench import TASK_DEFAULTS, LMRun, execute
 from research.runner import append_line, finite_json
 
 OUT = Path("benchmarks/results/hypergrad.jsonl")
-EVERY, OFFSET = 10, 5
+EVERY = 10
 
 
 def _cos(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
@@ -45,8 +45,10 @@ def _cos(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
     return dot / (nx * ny) if nx > 0 and ny > 0 else math.nan
 
 
-def watcher(trace: list[dict[str, Any]]) -> Any:
-    """A factory for :func:`execute`'s ``watch``: one row of ``trace`` per sampled step."""
+def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
+    """A factory for :func:`execute`'s ``watch``: one row of ``trace`` per sampled step (every
+    ``every`` steps, from step ``every // 2``; 1: every step)."""
+    offset = every // 2
     from transformers import TrainerCallback
 
     def make(tuner: Any, model: torch.nn.Module) -> list[Any]:
@@ -89,13 +91,13 @@ def watcher(trace: list[dict[str, Any]]) -> Any:
                         self.row["c1_layers"] = statistics.median(v for v in per_layer if math.isfinite(v))
                         trace.append(self.row)
                     self.row = None
-                if g % EVERY == OFFSET and all(p.grad is not None for p in params):
+                if g % every == offset and all(p.grad is not None for p in params):
                     self.before = [p.detach().clone() for p in params]
                     self.grad = [g.clone() for g in grads()]
                     self.alpha = alpha()
 
             def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                if state.global_step % EVERY != OFFSET or not self.before:
+                if state.global_step % every != offset or not self.before:
                     return
                 self.step = [p.detach() - b for p, b in zip(params, self.before, strict=True)]
                 if same(alpha(), self.alpha):
@@ -107,12 +109,12 @@ def watcher(trace: list[dict[str, Any]]) -> Any:
     return make
 
 
-def probe(run: LMRun) -> dict[str, Any]:
+def probe(run: LMRun, every: int = EVERY) -> dict[str, Any]:
     """Train ``run`` with the trace on; its benchmark record's main fields plus the trace."""
     trace: list[dict[str, Any]] = []
-    record = execute(run, watch=watcher(trace))
+    record = execute(run, watch=watcher(trace, every))
     keep = ("key", "config", "eval_loss", "train_curve", "code", "cpu_capability")
-    return {**{k: record[k] for k in keep}, "trace": trace}
+    return {**{k: record[k] for k in keep}, "every": every, "trace": trace}
 
 
 def report(path: Path) -> str:
@@ -122,9 +124,10 @@ def report(path: Path) -> str:
         "",
         "c₁ = cos(−gₜ₊₁, Δₜ): > 0, the loss still falls along the step just taken (a larger step "
         "would have gone further); < 0, it overshot. c₀ = cos(−gₜ, Δₜ). Means over the samples "
-        "(every 10 steps); 'layers' is the median over the layers of each sample's per-layer c₁.",
+        "(every 10 steps, or as the key's `every` says; SE over the samples, which neighbouring "
+        "samples make too small); 'layers' is the median over the layers of each sample's c₁.",
         "",
-        "| run | held-out loss | c₁ first half | c₁ second half | c₁ all | c₁ layers, all | c₀ all | "
+        "| run | held-out loss | c₁ first half | c₁ second half | c₁ all ± SE | c₁ layers, all | c₀ all | "
         "samples |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -140,9 +143,13 @@ def report(path: Path) -> str:
         def mean(v: list[float]) -> str:
             return f"{statistics.fmean(v):+.4f}" if v else "–"
 
+        def se(v: list[float]) -> str:
+            return f" ± {statistics.stdev(v) / math.sqrt(len(v)):.4f}" if len(v) > 1 else ""
+
         out.append(
             f"| {rec['key'].replace('|', ' · ')} | {rec['eval_loss']:.4f} | {mean(first)} | {mean(second)} | "
-            f"{mean([r['c1'] for r in rows])} | {mean([r['c1_layers'] for r in rows])} | "
+            f"{mean([r['c1'] for r in rows])}{se([r['c1'] for r in rows])} | "
+            f"{mean([r['c1_layers'] for r in rows])} | "
             f"{mean([r['c0'] for r in rows])} | {len(rows)} |"
         )
     return "\n".join(out) + "\n"
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="steps", help="any lm_bench method (default: the law)")
     parser.add_argument("--alpha", type=float, help="plain LoRA's α (default: the recipe's)")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--every", type=int, default=EVERY, help=f"sample every N steps (default {EVERY})")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report", action="store_true", help="write the table next to --out, run nothing")
     args = parser.parse_args(argv)
@@ -177,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=d.batch_size, block=d.block, schedule=d.schedule, model=args.model, tag=args.tag,
             alpha=args.alpha,
         )  # fmt: skip
-        if run.key() in done:
+        if f"{run.key()}|every={args.every}" in done:
             continue
-        append_line(args.out, json.dumps(finite_json(probe(run))))
+        record = probe(run, args.every)
+        record["key"] = f"{run.key()}|every={args.every}"
+        append_line(args.out, json.dumps(finite_json(record)))
     return 0
 
 
