@@ -148,8 +148,8 @@ def _encoder(model: str) -> Any:
     if model == "debates":
         from transformers import AutoModelForSequenceClassification
 
-        head = AutoModelForSequenceClassification.from_pretrained(base.source, num_labels=len(LABELS))
-        base = replace(base, model=head)
+        three_way = AutoModelForSequenceClassification.from_pretrained(base.source, num_labels=len(LABELS))
+        base = replace(base, model=three_way)
     return base
 
 
