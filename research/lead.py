@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_report import PEERS, format_gap, losses_by_label, losses_by_seed, paired_relative
-from .lm_bench import setting_records
+from .lm_bench import LRS, setting_records
 from .peers import LR_FREE
 
 Record = Mapping[str, Any]
@@ -68,6 +68,8 @@ TASKS = (
          300, "linear", (100, 101, 102, 103), (0,)),
     Task("causal LM (SmolLM2-135M), 600 steps, warm-up + linear", RESULTS / "lm_bench.jsonl", "smollm2",
          600, "linear", (100, 101, 102, 103), (0,)),
+    Task("MiniLM debates (a task the constants never saw), 150 steps, warm-up + linear",
+         RESULTS / "debates_bench.jsonl", "debates", 150, "linear", (100, 101, 102, 103), (0, 1)),
 )  # fmt: skip
 
 
@@ -176,8 +178,10 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
             for row in lead_rows(records, oracle, task.seeds, law_row=law_row, plain_row=plain_row)
         ]
         for recipe, row in sorted(rows, key=lambda pair: pair[1]["rank"]):
-            law = " / ".join(f"{row['law'][lr][0]:.4f} ({row['law'][lr][1]})" for lr in row["lrs"])
-            gaps = " / ".join(_gap(row["oracle"][lr]) for lr in row["lrs"]) if row["oracle"] else "–"
+            law = " / ".join(
+                f"{row['law'][lr][0]:.4f} ({row['law'][lr][1]})" if lr in row["law"] else "–" for lr in LRS
+            )
+            gaps = " / ".join(_gap(row["oracle"][lr]) if lr in row["oracle"] else "–" for lr in LRS)
             spread = " / ".join(
                 f"{row['spread'][k]:.1%}" if k in row["spread"] else "–" for k in ("law", "plain")
             )

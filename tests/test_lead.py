@@ -101,6 +101,14 @@ def test_an_oracle_cell_borrowed_from_the_tasks_own_horizon_is_named_so(tmp_path
     assert "own horizon" not in format_lead([Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))])
 
 
+def test_an_lr_the_law_did_not_run_at_shows_a_dash(tmp_path: Path) -> None:
+    records = [r for r in _records() if not (r["config"]["method"] == "steps" and r["config"]["lr"] == 1e-5)]
+    out = tmp_path / "bench.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    text = format_lead([Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))])
+    assert "| toy | 4 | 2r | – / 0.5135 (4) / 0.5235 (4) | – / +1.99% ± 0.00% (4) / +3.97%" in text
+
+
 def test_splice_replaces_only_the_marked_block() -> None:
     document = f"# Title\n\nbefore\n{START}\n\nold table\n\n{END}\nafter\n"
     once = splice(document, "new table\n")
