@@ -88,7 +88,8 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
                             n = len(ps)
                             per_layer.append(_cos(now[i : i + n], self.step[i : i + n]))
                             i += n
-                        self.row["c1_layers"] = statistics.median(v for v in per_layer if math.isfinite(v))
+                        finite = [v for v in per_layer if math.isfinite(v)]
+                        self.row["c1_layers"] = statistics.median(finite) if finite else math.nan
                         trace.append(self.row)
                     self.row = None
                 if g % every == offset and all(p.grad is not None for p in params):
