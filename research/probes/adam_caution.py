@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from alpha_tuner.adamstate import adam_step_rms
-from research.lm_bench import TASK_DEFAULTS, LMRun, execute
-from research.runner import append_line, finite_json
+from research.lm_bench import LMRun, execute
+from research.probes._trainer import add_run_arguments, run_seeds
 
 OUT = Path("benchmarks/results/adam_caution.jsonl")
 EVERY = 10
@@ -143,36 +143,15 @@ def report(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--model", default="minilm", choices=sorted(TASK_DEFAULTS))
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--seeds", default="107")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument(
-        "--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)"
-    )
+    add_run_arguments(parser, out=OUT, model="minilm", rank=4, seeds="107")
     parser.add_argument("--method", default="steps", choices=("steps", "steps-up16", "steps-down16"))
-    parser.add_argument("--tag", default="")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--report", action="store_true", help="write the tables next to --out, run nothing")
     args = parser.parse_args(argv)
     if args.report:
         target = args.out.with_suffix(".md")
         target.write_text(report(args.out), encoding="utf-8")
         print(f"wrote {target}")
         return 0
-    done = set()
-    if args.out.exists():
-        done = {json.loads(line)["key"] for line in args.out.read_text(encoding="utf-8").splitlines()}
-    d = TASK_DEFAULTS[args.model]
-    torch.set_num_threads(1)
-    for seed in (int(s) for s in args.seeds.split(",")):
-        run = LMRun(
-            method=args.method, rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps,
-            batch_size=d.batch_size, block=d.block, schedule=d.schedule, model=args.model, tag=args.tag,
-        )  # fmt: skip
-        if run.key() in done:
-            continue
-        append_line(args.out, json.dumps(finite_json(probe(run))))
+    run_seeds(args, probe, method=args.method)
     return 0
 
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from research.lm_bench import TASK_DEFAULTS, LMRun, execute
-from research.runner import append_line, finite_json
+from research.lm_bench import LMRun, execute
+from research.probes._trainer import add_run_arguments, run_seeds
 
 OUT = Path("benchmarks/results/hypergrad.jsonl")
 EVERY = 10
@@ -158,39 +158,20 @@ def report(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--model", default="debates", choices=sorted(TASK_DEFAULTS))
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--steps", type=int, help="default: the task's")
+    add_run_arguments(parser, out=OUT, model="debates", rank=8, seeds="0")
     parser.add_argument("--method", default="steps", help="any lm_bench method (default: the law)")
     parser.add_argument("--alpha", type=float, help="plain LoRA's α (default: the recipe's)")
-    parser.add_argument("--tag", default="")
     parser.add_argument("--every", type=int, default=EVERY, help=f"sample every N steps (default {EVERY})")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--report", action="store_true", help="write the table next to --out, run nothing")
     args = parser.parse_args(argv)
     if args.report:
         target = args.out.with_suffix(".md")
         target.write_text(report(args.out), encoding="utf-8")
         print(target.read_text(encoding="utf-8"))
         return 0
-    done = set()
-    if args.out.exists():
-        done = {json.loads(line)["key"] for line in args.out.read_text(encoding="utf-8").splitlines()}
-    d = TASK_DEFAULTS[args.model]
-    torch.set_num_threads(1)
-    for seed in (int(s) for s in args.seeds.split(",")):
-        run = LMRun(
-            method=args.method, rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps,
-            batch_size=d.batch_size, block=d.block, schedule=d.schedule, model=args.model, tag=args.tag,
-            alpha=args.alpha,
-        )  # fmt: skip
-        if f"{run.key()}|every={args.every}" in done:
-            continue
-        record = probe(run, args.every)
-        record["key"] = f"{run.key()}|every={args.every}"
-        append_line(args.out, json.dumps(finite_json(record)))
+    run_seeds(
+        args, lambda run: probe(run, args.every), key_suffix=f"|every={args.every}", method=args.method,
+        alpha=args.alpha,
+    )  # fmt: skip
     return 0
 
 

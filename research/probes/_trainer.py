@@ -1,0 +1,62 @@
+"""What the probes that train one benchmark run through the Trainer share (adam_caution, hypergrad).
+
+Each appends one JSON line per finished run to ``--out``, skips the runs already there, and with
+``--report`` only writes its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from research.lm_bench import TASK_DEFAULTS, LMRun
+from research.runner import append_line, finite_json, read_records
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, out: Path, model: str, rank: int, seeds: str
+) -> None:
+    """``--model --rank --seeds --lr --steps --tag --out --report`` with these defaults."""
+    parser.add_argument("--model", default=model, choices=sorted(TASK_DEFAULTS))
+    parser.add_argument("--rank", type=int, default=rank)
+    parser.add_argument("--seeds", default=seeds)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)"
+    )
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--report", action="store_true", help="write the table next to --out, run nothing")
+
+
+def run_seeds(
+    args: argparse.Namespace,
+    probe: Callable[[LMRun], dict[str, Any]],
+    *,
+    key_suffix: str = "",
+    **fields: Any,
+) -> None:
+    """Run ``probe`` on the task's run of every seed in ``args.seeds`` not yet in ``args.out``.
+
+    ``fields`` are further :class:`LMRun` fields (``method``, ``alpha``); a record's key is its
+    run's key plus ``key_suffix`` (for a probe setting that is not a run field).
+    """
+    done = {r["key"] for r in read_records(args.out)}
+    d = TASK_DEFAULTS[args.model]
+    torch.set_num_threads(1)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        run = LMRun(
+            rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps, batch_size=d.batch_size,
+            block=d.block, schedule=d.schedule, model=args.model, tag=args.tag, **fields,
+        )  # fmt: skip
+        key = run.key() + key_suffix
+        if key in done:
+            continue
+        record = probe(run)
+        record["key"] = key
+        append_line(args.out, json.dumps(finite_json(record)))
