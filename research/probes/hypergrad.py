@@ -141,8 +141,9 @@ def report(path: Path) -> str:
         first = [r["c1"] for r in rows if r["step"] <= half]
         second = [r["c1"] for r in rows if r["step"] > half]
 
-        def mean(v: list[float]) -> str:
-            return f"{statistics.fmean(v):+.4f}" if v else "–"
+        def mean(v: list[float | None]) -> str:  # None: a NaN the record could not hold
+            finite = [x for x in v if x is not None]
+            return f"{statistics.fmean(finite):+.4f}" if finite else "–"
 
         def se(v: list[float]) -> str:
             return f" ± {statistics.stdev(v) / math.sqrt(len(v)):.4f}" if len(v) > 1 else ""
