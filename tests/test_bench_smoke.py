@@ -308,3 +308,60 @@ def test_hypergrad_samples_the_next_gradient_against_the_last_step(tmp_path: Pat
     _script("hypergrad", "--out", str(out), "--report")
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| tiny · steps · r=4 · " in table and table.rstrip().endswith("| 4 |") and "every=10" in table
+
+
+def test_sensitivity_is_invariant_to_alpha_and_estimates_the_weight_gradient() -> None:
+    """Ŝ read through LoRA's B matches ‖∇_W L‖·‖W₀‖/L while A is random, at any α and balance."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from research.probes.sensitivity import sensitivity
+
+    def read(alpha: float, balance: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(256, 192))
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=alpha, target_modules=["0"]))
+        layer = model.base_model.model[0]
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(std=1e-3)
+            layer.lora_B["default"].weight.mul_(16.0 / alpha * balance)  # s·B·A the same at every α
+            layer.lora_A["default"].weight.div_(balance)
+        x = torch.randn(64, 256)
+        loss = model(x).square().mean()
+        loss.backward()
+        w0 = layer.base_layer.weight
+        a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+        w = (w0 + s * b @ a).detach().requires_grad_()  # ∇_W L at the adapted weight W = W₀ + s·B·A
+        torch.nn.functional.linear(x, w, layer.base_layer.bias).square().mean().backward()
+        assert w.grad is not None
+        grad_w = w.grad
+        exact = float(grad_w.norm() * w0.norm() / loss.detach())
+        est = sensitivity(
+            layer.lora_B["default"].weight.grad,
+            layer.lora_A["default"].weight,
+            layer.scaling["default"],
+            float(w0.norm()),
+            float(loss.detach()),
+        )
+        return est, exact
+
+    est, exact = read(16.0, 1.0)
+    assert 0.7 < est / exact < 1.4  # a random projection of the weight gradient onto r directions
+    for alpha, balance in ((4.0, 1.0), (256.0, 1.0), (16.0, 10.0), (64.0, 0.1)):
+        other, same_exact = read(alpha, balance)
+        assert same_exact == pytest.approx(exact, rel=1e-4)
+        assert other == pytest.approx(est, rel=1e-4)  # the probe cannot tell α or the balance apart
+    assert math.isnan(sensitivity(torch.ones(2, 2), torch.zeros(2, 2), 1.0, 1.0, 1.0))
+
+
+def test_sensitivity_probe_traces_the_loss_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "sensitivity.jsonl"
+    _script("sensitivity", "--model", "tiny", "--rank", "4", "--steps", "20", "--out", str(out), runs=2)
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 1 and records[0]["code"]  # the rerun found the run done
+    trace = records[0]["trace"]
+    assert [row["step"] for row in trace] == [1, 6, 11, 16]  # every 5 steps, from the first
+    assert all(row["loss"] > 0 and 0 < row["s_median"] < math.inf for row in trace)
+    _script("sensitivity", "--out", str(out), "--report")
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| tiny · steps · r=4 · " in table and "every=5" in table

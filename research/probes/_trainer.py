@@ -60,3 +60,47 @@ def run_seeds(
         record = probe(run)
         record["key"] = key
         append_line(args.out, json.dumps(finite_json(record)))
+
+
+#: A probe's watcher factory: ``(trace, every)`` → :func:`research.lm_bench.execute`'s ``watch``.
+WatcherFactory = Callable[[list[dict[str, Any]], int], Any]
+_KEEP = ("key", "config", "eval_loss", "train_curve", "code", "cpu_capability")
+
+
+def traced_run(run: LMRun, watcher: WatcherFactory, every: int) -> dict[str, Any]:
+    """Train ``run`` with ``watcher``'s trace on: its benchmark record's main fields, ``every``
+    and the ``trace`` rows."""
+    from research.lm_bench import execute
+
+    trace: list[dict[str, Any]] = []
+    record = execute(run, watch=watcher(trace, every))
+    return {**{k: record[k] for k in _KEEP}, "every": every, "trace": trace}
+
+
+def trace_probe_main(
+    argv: list[str] | None,
+    *,
+    doc: str | None,
+    out: Path,
+    watcher: WatcherFactory,
+    every: int,
+    report: Callable[[Path], str],
+) -> int:
+    """The command line of a probe that traces a run every ``every`` steps (hypergrad,
+    sensitivity): train the seeds' runs of any lm_bench method, or ``--report`` its table."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    add_run_arguments(parser, out=out, model="debates", rank=8, seeds="0")
+    parser.add_argument("--method", default="steps", help="any lm_bench method (default: the law)")
+    parser.add_argument("--alpha", type=float, help="plain LoRA's α (default: the recipe's)")
+    parser.add_argument("--every", type=int, default=every, help=f"sample every N steps (default {every})")
+    args = parser.parse_args(argv)
+    if args.report:
+        target = args.out.with_suffix(".md")
+        target.write_text(report(args.out), encoding="utf-8")
+        print(target.read_text(encoding="utf-8"))
+        return 0
+    run_seeds(
+        args, lambda run: traced_run(run, watcher, args.every), key_suffix=f"|every={args.every}",
+        method=args.method, alpha=args.alpha,
+    )  # fmt: skip
+    return 0

@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -31,8 +30,7 @@ from typing import Any
 
 import torch
 
-from research.lm_bench import LMRun, execute
-from research.probes._trainer import add_run_arguments, run_seeds
+from research.probes._trainer import trace_probe_main
 
 OUT = Path("benchmarks/results/hypergrad.jsonl")
 EVERY = 10
@@ -110,14 +108,6 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
     return make
 
 
-def probe(run: LMRun, every: int = EVERY) -> dict[str, Any]:
-    """Train ``run`` with the trace on; its benchmark record's main fields plus the trace."""
-    trace: list[dict[str, Any]] = []
-    record = execute(run, watch=watcher(trace, every))
-    keep = ("key", "config", "eval_loss", "train_curve", "code", "cpu_capability")
-    return {**{k: record[k] for k in keep}, "every": every, "trace": trace}
-
-
 def report(path: Path) -> str:
     """Per run: the mean cosines over the run's first and second half, and over all of it."""
     out = [
@@ -158,22 +148,7 @@ def report(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    add_run_arguments(parser, out=OUT, model="debates", rank=8, seeds="0")
-    parser.add_argument("--method", default="steps", help="any lm_bench method (default: the law)")
-    parser.add_argument("--alpha", type=float, help="plain LoRA's α (default: the recipe's)")
-    parser.add_argument("--every", type=int, default=EVERY, help=f"sample every N steps (default {EVERY})")
-    args = parser.parse_args(argv)
-    if args.report:
-        target = args.out.with_suffix(".md")
-        target.write_text(report(args.out), encoding="utf-8")
-        print(target.read_text(encoding="utf-8"))
-        return 0
-    run_seeds(
-        args, lambda run: probe(run, args.every), key_suffix=f"|every={args.every}", method=args.method,
-        alpha=args.alpha,
-    )  # fmt: skip
-    return 0
+    return trace_probe_main(argv, doc=__doc__, out=OUT, watcher=watcher, every=EVERY, report=report)
 
 
 if __name__ == "__main__":
