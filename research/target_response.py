@@ -1,0 +1,100 @@
+"""How each task's loss responds to the law's update target ``u``, on the selection seeds.
+
+The law holds one relative update ``u`` per step (:class:`alpha_tuner.steplaw.StepLaw.update`,
+3e-4) on every task. This table puts, for every benchmark task and rank, the law's runs at the
+default beside runs tagged ``u=<value>`` (same seeds, same batches), with the paired gap of each
+to the default and to the task's oracle cell (the best plain-LoRA cell of the selection grid). A
+constant target serves every task only if one ``u`` is near the best on all of them.
+
+Usage::
+
+    python -m research.target_response   # writes benchmarks/results/update_response.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from research.bench_report import format_gap, losses_by_label, losses_by_seed, paired_relative
+from research.lead import TASKS, Task
+from research.lm_bench import Setting, setting_records
+
+OUT = Path("benchmarks/results/update_response.md")
+DEFAULT_U = 3e-4
+LAW = "steps"
+_U_TAG = re.compile(r"^steps \[u=([0-9.eE+-]+)\]$")
+
+
+def target_of(label: str) -> float | None:
+    """The update target of a law row: the default for ``steps``, ``x`` for ``steps [u=x]``
+    (no other tag); ``None`` for any other row."""
+    if label == LAW:
+        return DEFAULT_U
+    match = _U_TAG.match(label)
+    return float(match.group(1)) if match else None
+
+
+def task_rows(task: Task, setting: Setting, lr: float = 1e-4) -> list[str]:
+    """Markdown rows of one task: per rank and target, the mean loss over the selection seeds and
+    the paired gaps to the default target and to the oracle cell."""
+    seeds, records, oracle = task.selection_seeds, setting.records, setting.oracle
+    losses = losses_by_label(records, seeds)
+    rows = []
+    for rank in sorted({r for (label, r, x) in losses if label == LAW and x == lr}):
+        default = losses[(LAW, rank, lr)]
+        cell = oracle.get(rank)
+        best = {}
+        if cell is not None:
+            best = losses_by_seed(records, method="lora", rank=rank, alpha=cell[0], lr=cell[1])
+        here = [label for (label, r, x) in losses if r == rank and x == lr]
+        for u, label in sorted((u, label) for label in here if (u := target_of(label)) is not None):
+            got, n = losses[(label, rank, lr)], len(seeds)
+            to_default = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=n)
+            to_oracle = format_gap(paired_relative(got, best, seeds), seeds=n) if best else "–"
+            where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
+            shown = f"{u:g}" + (" (default)" if label == LAW else "")
+            mean = f"{statistics.fmean(got.values()):.4f} ({len(got)})"
+            rows.append(f"| {task.name} | {rank} | {shown} | {mean} | {to_default} | {to_oracle} | {where} |")
+    return rows
+
+
+def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4) -> str:
+    """The whole table over ``tasks`` (those whose results file exists)."""
+    out = [
+        "# The law's update target on every task (`python -m research.target_response`)",
+        "",
+        f"The law at base LR {lr:g} from the recipe's α = 2r, on each task's selection seeds; `u` is "
+        "the mean relative update per step it holds (the default 3e-4). Gaps are paired over the seeds "
+        "(mean ± SE, relative; negative = lower loss). A tag other than `u` (an ablation) is left out.",
+        "",
+        "| task | r | u | held-out loss, mean over selection seeds (n) | vs the default u | vs the oracle "
+        "cell | oracle cell |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task in tasks:
+        setting = None
+        if task.out.exists():
+            setting = setting_records(
+                task.out, model=task.model, selection_seeds=task.selection_seeds, steps=task.steps,
+                schedule=task.schedule,
+            )  # fmt: skip
+        if setting is not None:
+            out += task_rows(task, setting, lr)
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    args.out.write_text(format_response(), encoding="utf-8")
+    print(args.out.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

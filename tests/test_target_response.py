@@ -1,0 +1,48 @@
+"""The update-target table (research.target_response) pairs the law's tagged runs by seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from research.lead import Task
+from research.target_response import DEFAULT_U, format_response, target_of
+
+
+def _rec(
+    method: str, seed: int, loss: float, *, tag: str = "", alpha: float | None = None, lr: float = 1e-4
+) -> dict:
+    config = {"method": method, "rank": 8, "lr": lr, "seed": seed, "alpha": alpha, "tag": tag,
+              "model": "debates", "steps": 150, "schedule": "linear"}  # fmt: skip
+    return {"key": json.dumps(config, sort_keys=True), "config": config, "eval_loss": loss}
+
+
+def test_target_of_reads_only_the_update_tag() -> None:
+    assert target_of("steps") == DEFAULT_U == 3e-4
+    assert target_of("steps [u=1e-3]") == pytest.approx(1e-3)
+    assert target_of("steps [a=2e-2,u=1e-3]") is None  # an ablation of another constant too
+    assert target_of("steps [u=1e-3] α=16") is None and target_of("lora α=2r") is None
+
+
+def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -> None:
+    records = []
+    for seed, jitter in ((0, 0.0), (1, 0.02)):
+        records += [
+            _rec("steps", seed, 0.74 + jitter),
+            _rec("steps", seed, 0.70 + jitter, tag="u=1e-3"),
+            _rec("steps", seed, 0.60, tag="a=2e-2,u=1e-3"),  # left out
+            _rec("lora", seed, 0.69 + jitter, alpha=64.0, lr=1e-3),  # the oracle cell
+            _rec("lora", seed, 0.90 + jitter, alpha=16.0, lr=1e-3),
+        ]
+    path = tmp_path / "debates.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    task = Task("debates", path, "debates", 150, "linear", (100,), (0, 1))
+    lines = [line for line in format_response((task,)).splitlines() if line.startswith("| debates")]
+    assert len(lines) == 2
+    default, raised = (line.split(" | ") for line in lines)
+    assert default[2] == "0.0003 (default)" and default[3] == "0.7500 (2)" and default[4] == "–"
+    assert raised[2] == "0.001" and raised[3] == "0.7100 (2)"
+    assert raised[4] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
+    assert default[5] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[6] == "α = 64, lr 0.001 |"
