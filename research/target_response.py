@@ -19,12 +19,13 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from alpha_tuner.steplaw import StepLaw
 from research.bench_report import format_gap, losses_by_label, losses_by_seed, paired_relative
 from research.lead import TASKS, Task
 from research.lm_bench import Setting, setting_records
 
 OUT = Path("benchmarks/results/update_response.md")
-DEFAULT_U = 3e-4
+DEFAULT_U = StepLaw().update  # what untagged `steps` records ran with
 LAW = "steps"
 _U_TAG = re.compile(r"^steps \[u=([0-9.eE+-]+)\]$")
 
@@ -36,6 +37,12 @@ def target_of(label: str) -> float | None:
         return DEFAULT_U
     match = _U_TAG.match(label)
     return float(match.group(1)) if match else None
+
+
+def _sci(x: float) -> str:
+    """``3e-4``, ``1.5e-4``: a target as the tags spell it."""
+    mantissa, exponent = f"{x:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def task_rows(task: Task, setting: Setting, lr: float = 1e-4) -> list[str]:
@@ -56,7 +63,7 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4) -> list[str]:
             to_default = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=n)
             to_oracle = format_gap(paired_relative(got, best, seeds), seeds=n) if best else "–"
             where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
-            shown = f"{u:g}" + (" (default)" if label == LAW else "")
+            shown = _sci(u) + (" (default)" if label == LAW else "")
             mean = f"{statistics.fmean(got.values()):.4f} ({len(got)})"
             rows.append(f"| {task.name} | {rank} | {shown} | {mean} | {to_default} | {to_oracle} | {where} |")
     return rows

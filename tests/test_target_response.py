@@ -42,7 +42,7 @@ def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -
     lines = [line for line in format_response((task,)).splitlines() if line.startswith("| debates")]
     assert len(lines) == 2
     default, raised = (line.split(" | ") for line in lines)
-    assert default[2] == "0.0003 (default)" and default[3] == "0.7500 (2)" and default[4] == "–"
-    assert raised[2] == "0.001" and raised[3] == "0.7100 (2)"
+    assert default[2] == "3e-4 (default)" and default[3] == "0.7500 (2)" and default[4] == "–"
+    assert raised[2] == "1e-3" and raised[3] == "0.7100 (2)"
     assert raised[4] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
     assert default[5] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[6] == "α = 64, lr 0.001 |"
