@@ -87,6 +87,7 @@ class LMRun:
     model: str = "smollm2"
     precision: str = "bf16"
     tag: str = ""
+    train_size: int | None = None
 
     def key(self) -> str:
         """The resume key: every field that changes the run."""
@@ -94,7 +95,9 @@ class LMRun:
         return (
             f"{self.model}|{self.method}|r={self.rank}|alpha={alpha}|lr={self.lr:.6g}|seed={self.seed}"
             f"|steps={self.steps}|bs={self.batch_size}x{self.block}|{self.schedule}+warmup{self.warmup:g}"
-            f"|{self.precision}" + (f"|{self.tag}" if self.tag else "")
+            f"|{self.precision}"
+            + (f"|{self.tag}" if self.tag else "")
+            + ("" if self.train_size is None else f"|train={self.train_size}")
         )
 
 
@@ -120,6 +123,18 @@ def _step_timer() -> Any:
     return StepTimer()
 
 
+def training_subset(dataset: Any, size: int) -> torch.utils.data.Subset:
+    """``size`` examples of ``dataset``, the same for every run (a permutation drawn from seed 0).
+
+    Raises:
+        ValueError: If ``size`` is not between 1 and the dataset's length.
+    """
+    if not 1 <= size <= len(dataset):
+        raise ValueError(f"--train-size must be between 1 and the training set's {len(dataset)}, got {size}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.Subset(dataset, sorted(order[:size].tolist()))
+
+
 def execute(run: LMRun, *, watch: Callable[[Any, Any], Sequence[Any]] | None = None) -> dict[str, Any]:
     """Fine-tune one configuration through the Trainer and return its record.
 
@@ -134,6 +149,8 @@ def execute(run: LMRun, *, watch: Callable[[Any, Any], Sequence[Any]] | None = N
 
     task = TASKS[run.model]
     train_ds, eval_ds = task_data(run.model, run.block)
+    if run.train_size is not None:
+        train_ds = training_subset(train_ds, run.train_size)
     base = fresh_model(run.model, run.seed)
     targets = task.target_modules if isinstance(task.target_modules, str) else list(task.target_modules)
     torch.manual_seed(run.seed)  # LoRA's A initialisation
@@ -340,7 +357,8 @@ def setting_records(
 
     d = TASK_DEFAULTS[model]
     schedule, steps = schedule or d.schedule, steps or d.steps
-    every = [r for r in read_records(out) if r["config"]["model"] == model]
+    configs = ((r, r["config"]) for r in read_records(out))  # part of the training set: another setting
+    every = [r for r, c in configs if c["model"] == model and c.get("train_size") is None]
 
     def at(n: int, sched: str) -> list[dict[str, Any]]:  # schedule-free runs carry the task's schedule
         return [r for r in every if r["config"]["steps"] == n and r["config"]["schedule"] == sched]
@@ -456,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or float32"
     )
+    parser.add_argument(
+        "--train-size", type=int, help="train on this many examples of the task's training set (default: all)"
+    )
     parser.add_argument("--report", action="store_true", help="write the tables and the figure, run nothing")
     parser.add_argument(
         "--selection-seeds", type=ints, help="--report: seeds that choose the oracle (default 0,1)"
@@ -476,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds, args.ranks or d.ranks, methods=args.methods, steps=args.steps or d.steps, model=args.model,
         precision=args.precision, batch_size=d.batch_size, block=d.block,
         schedule=args.schedule or d.schedule, recipe_alphas=args.recipe_alphas, tag=args.tag,
-        lrs=args.lrs or LRS,
+        lrs=args.lrs or LRS, train_size=args.train_size,
         **({} if args.warmup is None else {"warmup": args.warmup}),
     )  # fmt: skip
     if args.dry_run:

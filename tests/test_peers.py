@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -245,3 +246,24 @@ def test_a_longer_horizon_takes_the_oracle_cell_chosen_at_the_task_s_own(tmp_pat
     row = next(line for line in long.splitlines() if line.startswith("| 8 | 0.0001 |"))
     assert row.startswith("| 8 | 0.0001 | -1.8% ± 0.2% |")  # (2.45 − 2.5)/2.5, (2.46 − 2.5)/2.5
     assert "2.5000" not in out.with_suffix(".md").read_text()  # 300 steps: the task's own report
+
+
+def test_a_training_subset_is_fixed_named_in_the_key_and_kept_out_of_the_reports(tmp_path: Path) -> None:
+    from research.lm_bench import setting_records, training_subset
+
+    data = list(range(50))
+    first, again = training_subset(data, 20), training_subset(data, 20)
+    assert list(first.indices) == list(again.indices) and len(set(first.indices)) == 20  # drawn once
+    assert list(first.indices) != list(range(20))  # a draw over the whole set, not its head
+    with pytest.raises(ValueError, match="between 1 and the training set's 50"):
+        training_subset(data, 51)
+    run = LMRun("steps", 4, 1e-4, seed=0, model="minilm", train_size=665)
+    assert run.key().endswith("|train=665") and "train=" not in LMRun("steps", 4, 1e-4, seed=0).key()
+    out = tmp_path / "bench.jsonl"
+    lines = [
+        {"key": r.key(), "config": dataclasses.asdict(r), "eval_loss": 0.5}
+        for r in (run, LMRun("steps", 4, 1e-4, seed=1, model="minilm"))
+    ]
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    setting = setting_records(out, model="minilm", selection_seeds=(0, 1), steps=300, schedule="linear")
+    assert setting is not None and [r["config"]["seed"] for r in setting.records] == [1]
