@@ -16,15 +16,20 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from alpha_tuner.steplaw import StepLaw
 from research.bench_report import format_gap, losses_by_label, losses_by_seed, paired_relative
 from research.lead import TASKS, Task
 from research.lm_bench import Setting, setting_records
+from research.runner import read_records
 
 OUT = Path("benchmarks/results/update_response.md")
+#: Runs of the law on part of a task's training set (``lm_bench --train-size``).
+SUBSETS = Path("benchmarks/results/train_size.jsonl")
 DEFAULT_U = StepLaw().update  # what untagged `steps` records ran with
 LAW = "steps"
 _U_TAG = re.compile(r"^steps \[u=([0-9.eE+-]+)\]$")
@@ -69,7 +74,30 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4) -> list[str]:
     return rows
 
 
-def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4) -> str:
+def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[str]:
+    """Markdown rows of the runs on part of a training set: per (task, steps, training-set size,
+    rank) and target, the mean loss and the paired gap to the default target on the same seeds."""
+    groups: dict[tuple[str, int, int, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        c = r["config"]
+        if c.get("train_size") is not None and c["lr"] == lr:
+            groups[(c["model"], c["steps"], c["train_size"], c["rank"])].append(r)
+    rows = []
+    for (model, steps, size, rank), runs in sorted(groups.items()):
+        seeds = sorted({int(r["config"]["seed"]) for r in runs})
+        losses = losses_by_label(runs, seeds)
+        default = losses.get((LAW, rank, lr), {})
+        passes = steps * int(runs[0]["config"]["batch_size"]) / size
+        for u, label in sorted((u, lab) for (lab, _, _) in losses if (u := target_of(lab)) is not None):
+            got = losses[(label, rank, lr)]
+            gap = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=len(seeds))
+            shown = _sci(u) + (" (default)" if label == LAW else "")
+            mean = f"{statistics.fmean(got.values()):.4f} ({len(got)})"
+            rows.append(f"| {model} | {steps} | {size} | {passes:.1f} | {rank} | {shown} | {mean} | {gap} |")
+    return rows
+
+
+def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Path = SUBSETS) -> str:
     """The whole table over ``tasks`` (those whose results file exists)."""
     out = [
         "# The law's update target on every task (`python -m research.target_response`)",
@@ -91,6 +119,18 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4) -> str:
             )  # fmt: skip
         if setting is not None:
             out += task_rows(task, setting, lr)
+    if subsets.exists():
+        out += [
+            "",
+            f"## On part of the training set (`lm_bench --train-size`, `{subsets.name}`)",
+            "",
+            "The same law on a fixed subset of a task's training set (every run draws the same one), so "
+            "that the run passes over its data more often; passes = steps × batch / examples.",
+            "",
+            "| task | steps | training examples | passes | r | u | held-out loss (n) | vs the default u |",
+            "|---|---|---|---|---|---|---|---|",
+            *subset_rows(read_records(subsets), lr),
+        ]
     return "\n".join(out) + "\n"
 
 

@@ -39,10 +39,36 @@ def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -
     path = tmp_path / "debates.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     task = Task("debates", path, "debates", 150, "linear", (100,), (0, 1))
-    lines = [line for line in format_response((task,)).splitlines() if line.startswith("| debates")]
+    table = format_response((task,), subsets=tmp_path / "no_subsets.jsonl")
+    lines = [line for line in table.splitlines() if line.startswith("| debates")]
     assert len(lines) == 2
     default, raised = (line.split(" | ") for line in lines)
     assert default[2] == "3e-4 (default)" and default[3] == "0.7500 (2)" and default[4] == "–"
     assert raised[2] == "1e-3" and raised[3] == "0.7100 (2)"
     assert raised[4] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
     assert default[5] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[6] == "α = 64, lr 0.001 |"
+
+
+def test_subset_runs_are_paired_with_the_default_on_the_same_subset() -> None:
+    from research.target_response import subset_rows
+
+    def sub(seed: int, loss: float, tag: str = "", size: int = 665) -> dict:
+        rec = _rec("steps", seed, loss, tag=tag)
+        rec["config"] |= {"model": "minilm", "train_size": size, "batch_size": 8}
+        return rec
+
+    records = [
+        sub(0, 0.66),
+        sub(1, 0.64),
+        sub(0, 0.59, "u=1e-3"),
+        sub(1, 0.57, "u=1e-3"),
+        sub(0, 0.48, size=2000),
+    ]
+    records.append(_rec("steps", 0, 0.40))  # the whole training set: not a subset row
+    rows = subset_rows(records)
+    assert len(rows) == 3 and all("| minilm | 150 |" in row for row in rows)
+    small = [row.split(" | ") for row in rows if "| 665 |" in row]
+    assert small[0][3] == "1.8" and small[0][5] == "3e-4 (default)" and small[0][6] == "0.6500 (2)"
+    assert small[1][5] == "1e-3" and small[1][7] == f"{-0.07 / 0.65:+.1%} ± 0.0% |"
+    (large,) = [row for row in rows if "| 2000 |" in row]
+    assert "| 0.6 |" in large and large.endswith("| – |")
