@@ -1,4 +1,5 @@
-"""What the probes that train one benchmark run through the Trainer share (adam_caution, hypergrad).
+"""What the probes that train one benchmark run through the Trainer share (adam_caution, hypergrad,
+sensitivity).
 
 Each appends one JSON line per finished run to ``--out``, skips the runs already there, and with
 ``--report`` only writes its table.
