@@ -24,7 +24,7 @@ from typing import Any
 from alpha_tuner.steplaw import StepLaw
 from research.bench_report import format_gap, losses_by_label, losses_by_seed, paired_relative
 from research.lead import TASKS, Task
-from research.lm_bench import Setting, setting_records
+from research.lm_bench import SELECTION_SEEDS, Setting, setting_records
 from research.runner import read_records
 
 OUT = Path("benchmarks/results/update_response.md")
@@ -76,14 +76,16 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4) -> list[str]:
 
 def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[str]:
     """Markdown rows of the runs on part of a training set: per (task, steps, training-set size,
-    rank) and target, the mean loss and the paired gap to the default target on the same seeds."""
-    groups: dict[tuple[str, int, int, int], list[Mapping[str, Any]]] = defaultdict(list)
+    rank, selection or held-out seeds) and target, the mean loss and the paired gap to the default
+    target on the same seeds."""
+    groups: dict[tuple[str, int, int, int, str], list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
         c = r["config"]
         if c.get("train_size") is not None and c["lr"] == lr:
-            groups[(c["model"], c["steps"], c["train_size"], c["rank"])].append(r)
+            stage = "selection" if c["seed"] in SELECTION_SEEDS else "held-out"
+            groups[(c["model"], c["steps"], c["train_size"], c["rank"], stage)].append(r)
     rows = []
-    for (model, steps, size, rank), runs in sorted(groups.items()):
+    for (model, steps, size, rank, stage), runs in sorted(groups.items()):
         seeds = sorted({int(r["config"]["seed"]) for r in runs})
         losses = losses_by_label(runs, seeds)
         default = losses.get((LAW, rank, lr), {})
@@ -93,7 +95,9 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
             gap = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=len(seeds))
             shown = _sci(u) + (" (default)" if label == LAW else "")
             mean = f"{statistics.fmean(got.values()):.4f} ({len(got)})"
-            rows.append(f"| {model} | {steps} | {size} | {passes:.1f} | {rank} | {shown} | {mean} | {gap} |")
+            rows.append(
+                f"| {model} | {steps} | {size} | {passes:.1f} | {rank} | {stage} | {shown} | {mean} | {gap} |"
+            )
     return rows
 
 
@@ -127,8 +131,8 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Pa
             "The same law on a fixed subset of a task's training set (every run draws the same one), so "
             "that the run passes over its data more often; passes = steps × batch / examples.",
             "",
-            "| task | steps | training examples | passes | r | u | held-out loss (n) | vs the default u |",
-            "|---|---|---|---|---|---|---|---|",
+            "| task | steps | examples | passes | r | seeds | u | held-out loss (n) | vs the default u |",
+            "|---|---|---|---|---|---|---|---|---|",
             *subset_rows(read_records(subsets), lr),
         ]
     return "\n".join(out) + "\n"

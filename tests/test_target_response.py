@@ -65,10 +65,13 @@ def test_subset_runs_are_paired_with_the_default_on_the_same_subset() -> None:
         sub(0, 0.48, size=2000),
     ]
     records.append(_rec("steps", 0, 0.40))  # the whole training set: not a subset row
+    records += [sub(100, 0.55), sub(100, 0.56, "u=1e-3")]  # a held-out seed: its own rows
     rows = subset_rows(records)
-    assert len(rows) == 3 and all("| minilm | 150 |" in row for row in rows)
-    small = [row.split(" | ") for row in rows if "| 665 |" in row]
-    assert small[0][3] == "1.8" and small[0][5] == "3e-4 (default)" and small[0][6] == "0.6500 (2)"
-    assert small[1][5] == "1e-3" and small[1][7] == f"{-0.07 / 0.65:+.1%} ± 0.0% |"
+    assert len(rows) == 5 and all("| minilm | 150 |" in row for row in rows)
+    small = [row.split(" | ") for row in rows if "| 665 |" in row and "| selection |" in row]
+    assert small[0][3] == "1.8" and small[0][6] == "3e-4 (default)" and small[0][7] == "0.6500 (2)"
+    assert small[1][6] == "1e-3" and small[1][8] == f"{-0.07 / 0.65:+.1%} ± 0.0% |"
+    held = [row for row in rows if "| held-out |" in row]
+    assert len(held) == 2 and held[1].endswith(f"| 0.5600 (1) | {0.01 / 0.55:+.1%} |")
     (large,) = [row for row in rows if "| 2000 |" in row]
     assert "| 0.6 |" in large and large.endswith("| – |")
