@@ -1,4 +1,4 @@
-"""How each task's loss responds to the law's update target ``u``, on the selection seeds.
+"""How each task's loss responds to the law's update target ``u``, on the selection and held-out seeds.
 
 The law holds one relative update ``u`` per step (:class:`alpha_tuner.steplaw.StepLaw.update`,
 3e-4) on every task. This table puts, for every benchmark task and rank, the law's runs at the
@@ -50,10 +50,12 @@ def _sci(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def task_rows(task: Task, setting: Setting, lr: float = 1e-4) -> list[str]:
-    """Markdown rows of one task: per rank and target, the mean loss over the selection seeds and
-    the paired gaps to the default target and to the oracle cell."""
-    seeds, records, oracle = task.selection_seeds, setting.records, setting.oracle
+def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool = False) -> list[str]:
+    """Markdown rows of one task: per rank and target, the mean loss over the task's selection
+    seeds (or its held-out seeds) and the paired gaps to the default target and to the oracle
+    cell (chosen on the selection seeds either way)."""
+    records, oracle = setting.records, setting.oracle
+    seeds, stage = (task.seeds, "held-out") if held_out else (task.selection_seeds, "selection")
     losses = losses_by_label(records, seeds)
     rows = []
     for rank in sorted({r for (label, r, x) in losses if label == LAW and x == lr}):
@@ -62,15 +64,19 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4) -> list[str]:
         best = {}
         if cell is not None:
             best = losses_by_seed(records, method="lora", rank=rank, alpha=cell[0], lr=cell[1])
-        here = [label for (label, r, x) in losses if r == rank and x == lr]
-        for u, label in sorted((u, label) for label in here if (u := target_of(label)) is not None):
+        labels = [label for (label, r, x) in losses if r == rank and x == lr]
+        here = sorted((u, label) for label in labels if (u := target_of(label)) is not None)
+        if held_out and len(here) < 2:  # the held-out rows only where another target ran there too
+            continue
+        for u, label in here:
             got, n = losses[(label, rank, lr)], len(seeds)
             to_default = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=n)
             to_oracle = format_gap(paired_relative(got, best, seeds), seeds=n) if best else "–"
             where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
             shown = _sci(u) + (" (default)" if label == LAW else "")
             mean = f"{statistics.fmean(got.values()):.4f} ({len(got)})"
-            rows.append(f"| {task.name} | {rank} | {shown} | {mean} | {to_default} | {to_oracle} | {where} |")
+            cells = (task.name, str(rank), stage, shown, mean, to_default, to_oracle, where)
+            rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
@@ -106,13 +112,14 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Pa
     out = [
         "# The law's update target on every task (`python -m research.target_response`)",
         "",
-        f"The law at base LR {lr:g} from the recipe's α = 2r, on each task's selection seeds; `u` is "
-        "the mean relative update per step it holds (the default 3e-4). Gaps are paired over the seeds "
-        "(mean ± SE, relative; negative = lower loss). A tag other than `u` (an ablation) is left out.",
+        f"The law at base LR {lr:g} from the recipe's α = 2r, on each task's selection seeds and, where "
+        "they ran, its held-out seeds; `u` is the mean relative update per step it holds (the default "
+        f"{_sci(DEFAULT_U)}). Gaps are paired over the seeds (mean ± SE, relative; negative = lower "
+        "loss); the oracle cell is chosen on the selection seeds. A tag other than `u` (an ablation) "
+        "is left out.",
         "",
-        "| task | r | u | held-out loss, mean over selection seeds (n) | vs the default u | vs the oracle "
-        "cell | oracle cell |",
-        "|---|---|---|---|---|---|---|",
+        "| task | r | seeds | u | held-out loss (n) | vs the default u | vs the oracle cell | oracle cell |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task in tasks:
         setting = None
@@ -122,7 +129,7 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Pa
                 schedule=task.schedule,
             )  # fmt: skip
         if setting is not None:
-            out += task_rows(task, setting, lr)
+            out += task_rows(task, setting, lr) + task_rows(task, setting, lr, held_out=True)
     if subsets.exists():
         out += [
             "",

@@ -28,7 +28,7 @@ def test_target_of_reads_only_the_update_tag() -> None:
 
 def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -> None:
     records = []
-    for seed, jitter in ((0, 0.0), (1, 0.02)):
+    for seed, jitter in ((0, 0.0), (1, 0.02), (100, 0.01)):
         records += [
             _rec("steps", seed, 0.74 + jitter),
             _rec("steps", seed, 0.70 + jitter, tag="u=1e-3"),
@@ -41,12 +41,17 @@ def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -
     task = Task("debates", path, "debates", 150, "linear", (100,), (0, 1))
     table = format_response((task,), subsets=tmp_path / "no_subsets.jsonl")
     lines = [line for line in table.splitlines() if line.startswith("| debates")]
-    assert len(lines) == 2
+    assert len(lines) == 4
+    held = [line.split(" | ") for line in lines if "| held-out |" in line]
+    assert [row[4] for row in held] == ["0.7500 (1)", "0.7100 (1)"]  # seed 100 against the same cell
+    assert held[0][6] == f"{0.05 / 0.70:+.1%}" and held[1][7] == "α = 64, lr 0.001 |"
+    lines = [line for line in lines if "| selection |" in line]
     default, raised = (line.split(" | ") for line in lines)
-    assert default[2] == "3e-4 (default)" and default[3] == "0.7500 (2)" and default[4] == "–"
-    assert raised[2] == "1e-3" and raised[3] == "0.7100 (2)"
-    assert raised[4] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
-    assert default[5] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[6] == "α = 64, lr 0.001 |"
+    assert default[2] == raised[2] == "selection"
+    assert default[3] == "3e-4 (default)" and default[4] == "0.7500 (2)" and default[5] == "–"
+    assert raised[3] == "1e-3" and raised[4] == "0.7100 (2)"
+    assert raised[5] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
+    assert default[6] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[7] == "α = 64, lr 0.001 |"
 
 
 def test_subset_runs_are_paired_with_the_default_on_the_same_subset() -> None:
