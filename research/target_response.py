@@ -51,11 +51,13 @@ def _sci(x: float) -> str:
 
 
 def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool = False) -> list[str]:
-    """Markdown rows of one task: per rank and target, the mean loss over the task's selection
-    seeds (or its held-out seeds) and the paired gaps to the default target and to the oracle
-    cell (chosen on the selection seeds either way)."""
+    """Markdown rows of one task: per rank and target, the mean loss over the seeds below the
+    task's held-out ones (or over its held-out seeds) and the paired gaps to the default target and
+    to the oracle cell (chosen on the task's selection seeds either way)."""
     records, oracle = setting.records, setting.oracle
-    seeds, stage = (task.seeds, "held-out") if held_out else (task.selection_seeds, "selection")
+    # selection: every seed below the held-out ones (the u comparison ran on more seeds than the grid)
+    below = sorted({int(r["config"]["seed"]) for r in records if r["config"]["seed"] < min(task.seeds)})
+    seeds, stage = (task.seeds, "held-out") if held_out else (below, "selection")
     losses = losses_by_label(records, seeds)
     rows = []
     for rank in sorted({r for (label, r, x) in losses if label == LAW and x == lr}):

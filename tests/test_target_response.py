@@ -80,3 +80,16 @@ def test_subset_runs_are_paired_with_the_default_on_the_same_subset() -> None:
     assert len(held) == 2 and held[1].endswith(f"| 0.5600 (1) | {0.01 / 0.55:+.1%} |")
     (large,) = [row for row in rows if "| 2000 |" in row]
     assert "| 0.6 |" in large and large.endswith("| – |")
+
+
+def test_selection_rows_take_every_seed_below_the_held_out_ones(tmp_path: Path) -> None:
+    records = [_rec("lora", s, 0.69, alpha=64.0, lr=1e-3) for s in (0, 1)]  # the grid: seeds 0, 1
+    for seed in (0, 1, 2, 3):
+        records += [_rec("steps", seed, 0.74), _rec("steps", seed, 0.70, tag="u=1e-3")]
+    path = tmp_path / "debates.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    task = Task("debates", path, "debates", 150, "linear", (100,), (0, 1))
+    table = format_response((task,), subsets=tmp_path / "none.jsonl")
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| debates")]
+    assert [row[4] for row in rows] == ["0.7400 (4)", "0.7000 (4)"]  # seeds 0–3
+    assert rows[1][6] == f"{0.01 / 0.69:+.1%} ± 0.0% (2)"  # against the oracle on the grid's seeds only
