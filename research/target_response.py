@@ -24,7 +24,7 @@ from typing import Any
 from alpha_tuner.steplaw import StepLaw
 from research.bench_report import format_gap, losses_by_label, losses_by_seed, paired_relative
 from research.lead import TASKS, Task
-from research.lm_bench import SELECTION_SEEDS, Setting, setting_records
+from research.lm_bench import HELD_OUT_SEEDS, Setting, setting_records
 from research.runner import read_records
 
 OUT = Path("benchmarks/results/update_response.md")
@@ -50,6 +50,15 @@ def _sci(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def _target_cells(
+    u: float, label: str, got: Mapping[int, float], default: Mapping[int, float], seeds: Sequence[int]
+) -> list[str]:
+    """The target, its mean loss (n) and its paired gap to the default, as table cells."""
+    gap = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=len(seeds))
+    shown = _sci(u) + (" (default)" if label == LAW else "")
+    return [shown, f"{statistics.fmean(got.values()):.4f} ({len(got)})", gap]
+
+
 def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool = False) -> list[str]:
     """Markdown rows of one task: per rank and target, the mean loss over the seeds below the
     task's held-out ones (or over its held-out seeds) and the paired gaps to the default target and
@@ -71,13 +80,11 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool 
         if held_out and len(here) < 2:  # the held-out rows only where another target ran there too
             continue
         for u, label in here:
-            got, n = losses[(label, rank, lr)], len(seeds)
-            to_default = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=n)
-            to_oracle = format_gap(paired_relative(got, best, seeds), seeds=n) if best else "–"
+            got = losses[(label, rank, lr)]
+            to_oracle = format_gap(paired_relative(got, best, seeds), seeds=len(seeds)) if best else "–"
             where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
-            shown = _sci(u) + (" (default)" if label == LAW else "")
-            mean = f"{statistics.fmean(got.values()):.4f} ({len(got)})"
-            cells = (task.name, str(rank), stage, shown, mean, to_default, to_oracle, where)
+            cells = [task.name, str(rank), stage, *_target_cells(u, label, got, default, seeds)]
+            cells += [to_oracle, where]
             rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -90,7 +97,7 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
     for r in records:
         c = r["config"]
         if c.get("train_size") is not None and c["lr"] == lr:
-            stage = "selection" if c["seed"] in SELECTION_SEEDS else "held-out"
+            stage = "selection" if c["seed"] < min(HELD_OUT_SEEDS) else "held-out"
             groups[(c["model"], c["steps"], c["train_size"], c["rank"], stage)].append(r)
     rows = []
     for (model, steps, size, rank, stage), runs in sorted(groups.items()):
@@ -99,13 +106,9 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
         default = losses.get((LAW, rank, lr), {})
         passes = steps * int(runs[0]["config"]["batch_size"]) / size
         for u, label in sorted((u, lab) for (lab, _, _) in losses if (u := target_of(lab)) is not None):
-            got = losses[(label, rank, lr)]
-            gap = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=len(seeds))
-            shown = _sci(u) + (" (default)" if label == LAW else "")
-            mean = f"{statistics.fmean(got.values()):.4f} ({len(got)})"
-            rows.append(
-                f"| {model} | {steps} | {size} | {passes:.1f} | {rank} | {stage} | {shown} | {mean} | {gap} |"
-            )
+            cells = [model, str(steps), str(size), f"{passes:.1f}", str(rank), stage]
+            cells += _target_cells(u, label, losses[(label, rank, lr)], default, seeds)
+            rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
