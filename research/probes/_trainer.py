@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +105,9 @@ def trace_probe_main(
         method=args.method, alpha=args.alpha,
     )  # fmt: skip
     return 0
+
+
+def run_cells(record: Mapping[str, Any]) -> str:
+    """A probe table's first two cells for one record: its run (the key, ``·`` for ``|``) and
+    its held-out loss."""
+    return f"| {record['key'].replace('|', ' · ')} | {record['eval_loss']:.4f} |"

@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from alpha_tuner.adamstate import adam_step_rms
 from research.lm_bench import LMRun, execute
 from research.probes._trainer import add_run_arguments, run_seeds
+from research.runner import read_records
 
 OUT = Path("benchmarks/results/adam_caution.jsonl")
 EVERY = 10
@@ -106,8 +106,7 @@ def probe(run: LMRun) -> dict[str, Any]:
 def report(path: Path) -> str:
     """One table per recorded run: Adam's step RMS and how far the law moved α, over training."""
     out = ["# Adam's normalised step and the step law's α (`research/probes/adam_caution.py`)", ""]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in read_records(path):
         out += [f"## {rec['key']}: held-out loss {rec['eval_loss']:.4f}", ""]
         first = rec["trace"][0] if rec["trace"] else {}
         errs = "a_err" in first  # recorded since the errors were

@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import trace_probe_main
+from research.probes._trainer import run_cells, trace_probe_main
+from research.runner import read_records
 
 OUT = Path("benchmarks/results/hypergrad.jsonl")
 EVERY = 10
@@ -122,8 +122,7 @@ def report(path: Path) -> str:
         "samples |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in read_records(path):
         rows = [r for r in rec["trace"] if "c1" in r]
         if not rows:
             continue
@@ -139,7 +138,7 @@ def report(path: Path) -> str:
             return f" ± {statistics.stdev(v) / math.sqrt(len(v)):.4f}" if len(v) > 1 else ""
 
         out.append(
-            f"| {rec['key'].replace('|', ' · ')} | {rec['eval_loss']:.4f} | {mean(first)} | {mean(second)} | "
+            f"{run_cells(rec)} {mean(first)} | {mean(second)} | "
             f"{mean([r['c1'] for r in rows])}{se([r['c1'] for r in rows])} | "
             f"{mean([r['c1_layers'] for r in rows])} | "
             f"{mean([r['c0'] for r in rows])} | {len(rows)} |"

@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import trace_probe_main
+from research.probes._trainer import run_cells, trace_probe_main
+from research.runner import read_records
 
 OUT = Path("benchmarks/results/sensitivity.jsonl")
 EVERY = 5
@@ -113,18 +113,14 @@ def report(path: Path) -> str:
         "| run | held-out loss | Ŝ first third | Ŝ second third | Ŝ last third | mean L, last third |",
         "|---|---|---|---|---|---|",
     ]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in read_records(path):
         rows = rec["trace"]
         if not rows:
             continue
         n = rec["config"]["steps"]
         thirds = [[r for r in rows if k * n / 3 < r["step"] <= (k + 1) * n / 3] for k in range(3)]
         cells = [_mean([r["s_median"] for r in t]) for t in thirds]
-        out.append(
-            f"| {rec['key'].replace('|', ' · ')} | {rec['eval_loss']:.4f} | {' | '.join(cells)} | "
-            f"{_mean([r['loss'] for r in thirds[2]])} |"
-        )
+        out.append(f"{run_cells(rec)} {' | '.join(cells)} | {_mean([r['loss'] for r in thirds[2]])} |")
     return "\n".join(out) + "\n"
 
 
