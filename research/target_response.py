@@ -1,10 +1,12 @@
-"""How each task's loss responds to the law's update target ``u``, on the selection and held-out seeds.
+"""How each task's loss responds to the law's targets, on the selection and held-out seeds.
 
-The law holds one relative update ``u`` per step (:class:`alpha_tuner.steplaw.StepLaw.update`,
-3e-4) on every task. This table puts, for every benchmark task and rank, the law's runs at the
-default beside runs tagged ``u=<value>`` (same seeds, same batches), with the paired gap of each
-to the default and to the task's oracle cell (the best plain-LoRA cell of the selection grid). A
-constant target serves every task only if one ``u`` is near the best on all of them.
+The law holds two relative steps on every task: A's step ``a``
+(:class:`alpha_tuner.steplaw.StepLaw.a_step`, 1e-2) and the weight's update ``u``
+(:attr:`~alpha_tuner.steplaw.StepLaw.update`, 3e-4). This table puts, for every benchmark task
+and rank, the law's runs at the defaults beside runs tagged ``u=<value>``, ``a=<value>`` or both
+(same seeds, same batches), with the paired gap of each to the defaults and to the task's oracle
+cell (the best plain-LoRA cell of the selection grid). A constant target serves every task only
+if one value is near the best on all of them.
 
 Usage::
 
@@ -30,18 +32,29 @@ from research.runner import read_records
 OUT = Path("benchmarks/results/update_response.md")
 #: Runs of the law on part of a task's training set (``lm_bench --train-size``).
 SUBSETS = Path("benchmarks/results/train_size.jsonl")
-DEFAULT_U = StepLaw().update  # what untagged `steps` records ran with
+DEFAULT_A = StepLaw().a_step  # what untagged `steps` records ran with
+DEFAULT_U = StepLaw().update
 LAW = "steps"
-_U_TAG = re.compile(r"^steps \[u=([0-9.eE+-]+)\]$")
+_TAGGED = re.compile(r"^steps \[([^\]]+)\]$")
+_TARGET = re.compile(r"^([au])=([0-9.eE+-]+)$")
 
 
-def target_of(label: str) -> float | None:
-    """The update target of a law row: the default for ``steps``, ``x`` for ``steps [u=x]``
-    (no other tag); ``None`` for any other row."""
+def targets_of(label: str) -> tuple[float, float] | None:
+    """The targets ``(a, u)`` of a law row: the defaults for ``steps``; for ``steps [a=x]``,
+    ``steps [u=y]`` or ``steps [a=x,u=y]`` the tagged values and the default of the other;
+    ``None`` for any other row (another tag is an ablation of another constant)."""
     if label == LAW:
-        return DEFAULT_U
-    match = _U_TAG.match(label)
-    return float(match.group(1)) if match else None
+        return DEFAULT_A, DEFAULT_U
+    match = _TAGGED.match(label)
+    if match is None:
+        return None
+    values: dict[str, float] = {}
+    for part in match.group(1).split(","):
+        target = _TARGET.match(part)
+        if target is None or target.group(1) in values:
+            return None
+        values[target.group(1)] = float(target.group(2))
+    return values.get("a", DEFAULT_A), values.get("u", DEFAULT_U)
 
 
 def _sci(x: float) -> str:
@@ -51,12 +64,16 @@ def _sci(x: float) -> str:
 
 
 def _target_cells(
-    u: float, label: str, got: Mapping[int, float], default: Mapping[int, float], seeds: Sequence[int]
+    targets: tuple[float, float],
+    label: str,
+    got: Mapping[int, float],
+    default: Mapping[int, float],
+    seeds: Sequence[int],
 ) -> list[str]:
-    """The target, its mean loss (n) and its paired gap to the default, as table cells."""
+    """The targets ``a``, ``u``, the mean loss (n) and the paired gap to the defaults, as table cells."""
     gap = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=len(seeds))
-    shown = _sci(u) + (" (default)" if label == LAW else "")
-    return [shown, f"{statistics.fmean(got.values()):.4f} ({len(got)})", gap]
+    shown = [_sci(x) + (" (default)" if label == LAW else "") for x in targets]
+    return [*shown, f"{statistics.fmean(got.values()):.4f} ({len(got)})", gap]
 
 
 def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool = False) -> list[str]:
@@ -76,14 +93,14 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool 
         if cell is not None:
             best = losses_by_seed(records, method="lora", rank=rank, alpha=cell[0], lr=cell[1])
         labels = [label for (label, r, x) in losses if r == rank and x == lr]
-        here = sorted((u, label) for label in labels if (u := target_of(label)) is not None)
+        here = sorted((t, label) for label in labels if (t := targets_of(label)) is not None)
         if held_out and len(here) < 2:  # the held-out rows only where another target ran there too
             continue
-        for u, label in here:
+        for targets, label in here:
             got = losses[(label, rank, lr)]
             to_oracle = format_gap(paired_relative(got, best, seeds), seeds=len(seeds)) if best else "–"
             where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
-            cells = [task.name, str(rank), stage, *_target_cells(u, label, got, default, seeds)]
+            cells = [task.name, str(rank), stage, *_target_cells(targets, label, got, default, seeds)]
             cells += [to_oracle, where]
             rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -105,9 +122,11 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
         losses = losses_by_label(runs, seeds)
         default = losses.get((LAW, rank, lr), {})
         passes = steps * int(runs[0]["config"]["batch_size"]) / size
-        for u, label in sorted((u, lab) for (lab, _, _) in losses if (u := target_of(lab)) is not None):
+        for targets, label in sorted(
+            (t, lab) for (lab, _, _) in losses if (t := targets_of(lab)) is not None
+        ):
             cells = [model, str(steps), str(size), f"{passes:.1f}", str(rank), stage]
-            cells += _target_cells(u, label, losses[(label, rank, lr)], default, seeds)
+            cells += _target_cells(targets, label, losses[(label, rank, lr)], default, seeds)
             rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -115,16 +134,17 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
 def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Path = SUBSETS) -> str:
     """The whole table over ``tasks`` (those whose results file exists)."""
     out = [
-        "# The law's update target on every task (`python -m research.target_response`)",
+        "# The law's targets on every task (`python -m research.target_response`)",
         "",
         f"The law at base LR {lr:g} from the recipe's α = 2r, on each task's selection seeds and, where "
-        "they ran, its held-out seeds; `u` is the mean relative update per step it holds (the default "
-        f"{_sci(DEFAULT_U)}). Gaps are paired over the seeds (mean ± SE, relative; negative = lower "
-        "loss); the oracle cell is chosen on the selection seeds. A tag other than `u` (an ablation) "
-        "is left out.",
+        "they ran, its held-out seeds; `a` is A's mean relative step per step it holds and `u` the "
+        f"weight's mean relative update (the defaults {_sci(DEFAULT_A)} and {_sci(DEFAULT_U)}). Gaps "
+        "are paired over the seeds (mean ± SE, relative; negative = lower loss); the oracle cell is "
+        "chosen on the selection seeds. A tag other than `a` and `u` (an ablation) is left out.",
         "",
-        "| task | r | seeds | u | held-out loss (n) | vs the default u | vs the oracle cell | oracle cell |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | r | seeds | a | u | held-out loss (n) | vs the defaults | vs the oracle cell "
+        "| oracle cell |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for task in tasks:
         setting = None
@@ -143,8 +163,8 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Pa
             "The same law on a fixed subset of a task's training set (every run draws the same one), so "
             "that the run passes over its data more often; passes = steps × batch / examples.",
             "",
-            "| task | steps | examples | passes | r | seeds | u | held-out loss (n) | vs the default u |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| task | steps | examples | passes | r | seeds | a | u | held-out loss (n) | vs the defaults |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *subset_rows(read_records(subsets), lr),
         ]
     return "\n".join(out) + "\n"

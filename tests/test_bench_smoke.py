@@ -365,3 +365,31 @@ def test_sensitivity_probe_traces_the_loss_and_reports(tmp_path: Path) -> None:
     _script("sensitivity", "--out", str(out), "--report")
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| tiny · steps · r=4 · " in table and "every=5" in table
+
+
+def test_coherence_fit_recovers_the_path_model() -> None:
+    from research.probes.coherence import fit_coherence
+
+    c2, tau = 0.07, 11.0
+    rows = [{"step": t, "k_all": math.sqrt(c2 + (1 - c2) * tau / t)} for t in range(10, 151, 10)]
+    got_c2, got_tau = fit_coherence(rows)
+    assert got_c2 == pytest.approx(c2, abs=1e-9) and got_tau == pytest.approx(tau, rel=1e-9)
+    assert got_c2 == pytest.approx(fit_coherence(rows, first=100)[0], abs=1e-9)  # any window of the line
+    assert all(math.isnan(x) for x in fit_coherence(rows[:3]))  # one sample from step 30 on: no fit
+
+
+def test_coherence_traces_a_path_no_longer_than_its_steps(tmp_path: Path) -> None:
+    out = tmp_path / "coherence.jsonl"
+    _script("coherence", "--model", "tiny", "--rank", "4", "--steps", "40", "--out", str(out))
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 1
+    trace = records[0]["trace"]
+    assert [row["step"] for row in trace] == [10, 20, 30, 40]
+    # the distance moved is at most the path taken (triangle inequality), and more than nothing
+    assert all(0 < row[k] <= 1 + 1e-6 for row in trace for k in ("k10", "k_all") if k in row)
+    assert "k10" not in trace[0] and "k10" in trace[1] and "k40" not in trace[-1]  # no snapshot at 0
+    dist = [row["dist"] for row in trace]
+    assert 0 < dist[0] < dist[-1]  # B starts at zero: the layers move away from W₀
+    _script("coherence", "--out", str(out), "--report")
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| tiny · steps · r=4 · " in table and f"| {trace[-1]['k_all']:.3f} |" in table

@@ -1,4 +1,4 @@
-"""The update-target table (research.target_response) pairs the law's tagged runs by seed."""
+"""The targets table (research.target_response) pairs the law's tagged runs by seed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from research.lead import Task
-from research.target_response import DEFAULT_U, format_response, target_of
+from research.target_response import DEFAULT_A, DEFAULT_U, format_response, targets_of
 
 
 def _rec(
@@ -19,11 +19,14 @@ def _rec(
     return {"key": json.dumps(config, sort_keys=True), "config": config, "eval_loss": loss}
 
 
-def test_target_of_reads_only_the_update_tag() -> None:
-    assert target_of("steps") == DEFAULT_U == 3e-4
-    assert target_of("steps [u=1e-3]") == pytest.approx(1e-3)
-    assert target_of("steps [a=2e-2,u=1e-3]") is None  # an ablation of another constant too
-    assert target_of("steps [u=1e-3] α=16") is None and target_of("lora α=2r") is None
+def test_targets_of_reads_only_the_target_tags() -> None:
+    assert targets_of("steps") == (DEFAULT_A, DEFAULT_U) == (1e-2, 3e-4)
+    assert targets_of("steps [u=1e-3]") == pytest.approx((1e-2, 1e-3))
+    assert targets_of("steps [a=5e-3]") == pytest.approx((5e-3, 3e-4))
+    assert targets_of("steps [a=2e-2,u=1e-3]") == pytest.approx((2e-2, 1e-3))
+    assert targets_of("steps [u=1e-3,h=1e-3]") is None  # an ablation of another constant too
+    assert targets_of("steps [u=1e-3,u=6e-4]") is None and targets_of("steps [u=]") is None
+    assert targets_of("steps [u=1e-3] α=16") is None and targets_of("lora α=2r") is None
 
 
 def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -> None:
@@ -32,7 +35,7 @@ def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -
         records += [
             _rec("steps", seed, 0.74 + jitter),
             _rec("steps", seed, 0.70 + jitter, tag="u=1e-3"),
-            _rec("steps", seed, 0.60, tag="a=2e-2,u=1e-3"),  # left out
+            _rec("steps", seed, 0.60, tag="h=1e-3,u=1e-3"),  # left out: the head's LR too
             _rec("lora", seed, 0.69 + jitter, alpha=64.0, lr=1e-3),  # the oracle cell
             _rec("lora", seed, 0.90 + jitter, alpha=16.0, lr=1e-3),
         ]
@@ -43,15 +46,16 @@ def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -
     lines = [line for line in table.splitlines() if line.startswith("| debates")]
     assert len(lines) == 4
     held = [line.split(" | ") for line in lines if "| held-out |" in line]
-    assert [row[4] for row in held] == ["0.7500 (1)", "0.7100 (1)"]  # seed 100 against the same cell
-    assert held[0][6] == f"{0.05 / 0.70:+.1%}" and held[1][7] == "α = 64, lr 0.001 |"
+    assert [row[5] for row in held] == ["0.7500 (1)", "0.7100 (1)"]  # seed 100 against the same cell
+    assert held[0][7] == f"{0.05 / 0.70:+.1%}" and held[1][8] == "α = 64, lr 0.001 |"
     lines = [line for line in lines if "| selection |" in line]
     default, raised = (line.split(" | ") for line in lines)
     assert default[2] == raised[2] == "selection"
-    assert default[3] == "3e-4 (default)" and default[4] == "0.7500 (2)" and default[5] == "–"
-    assert raised[3] == "1e-3" and raised[4] == "0.7100 (2)"
-    assert raised[5] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
-    assert default[6] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[7] == "α = 64, lr 0.001 |"
+    assert default[3:5] == ["1e-2 (default)", "3e-4 (default)"]
+    assert default[5] == "0.7500 (2)" and default[6] == "–"
+    assert raised[3:5] == ["1e-2", "1e-3"] and raised[5] == "0.7100 (2)"
+    assert raised[6] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
+    assert default[7] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[8] == "α = 64, lr 0.001 |"
 
 
 def test_subset_runs_are_paired_with_the_default_on_the_same_subset() -> None:
@@ -74,8 +78,8 @@ def test_subset_runs_are_paired_with_the_default_on_the_same_subset() -> None:
     rows = subset_rows(records)
     assert len(rows) == 5 and all("| minilm | 150 |" in row for row in rows)
     small = [row.split(" | ") for row in rows if "| 665 |" in row and "| selection |" in row]
-    assert small[0][3] == "1.8" and small[0][6] == "3e-4 (default)" and small[0][7] == "0.6500 (2)"
-    assert small[1][6] == "1e-3" and small[1][8] == f"{-0.07 / 0.65:+.1%} ± 0.0% |"
+    assert small[0][3] == "1.8" and small[0][7] == "3e-4 (default)" and small[0][8] == "0.6500 (2)"
+    assert small[1][7] == "1e-3" and small[1][9] == f"{-0.07 / 0.65:+.1%} ± 0.0% |"
     held = [row for row in rows if "| held-out |" in row]
     assert len(held) == 2 and held[1].endswith(f"| 0.5600 (1) | {0.01 / 0.55:+.1%} |")
     (large,) = [row for row in rows if "| 2000 |" in row]
@@ -91,5 +95,5 @@ def test_selection_rows_take_every_seed_below_the_held_out_ones(tmp_path: Path) 
     task = Task("debates", path, "debates", 150, "linear", (100,), (0, 1))
     table = format_response((task,), subsets=tmp_path / "none.jsonl")
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| debates")]
-    assert [row[4] for row in rows] == ["0.7400 (4)", "0.7000 (4)"]  # seeds 0–3
-    assert rows[1][6] == f"{0.01 / 0.69:+.1%} ± 0.0% (2)"  # against the oracle on the grid's seeds only
+    assert [row[5] for row in rows] == ["0.7400 (4)", "0.7000 (4)"]  # seeds 0–3
+    assert rows[1][7] == f"{0.01 / 0.69:+.1%} ± 0.0% (2)"  # against the oracle on the grid's seeds only

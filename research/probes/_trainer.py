@@ -22,7 +22,8 @@ from research.runner import append_line, finite_json, read_records
 def add_run_arguments(
     parser: argparse.ArgumentParser, *, out: Path, model: str, rank: int, seeds: str
 ) -> None:
-    """``--model --rank --seeds --lr --steps --tag --out --report`` with these defaults."""
+    """``--model --rank --seeds --lr --steps --schedule --warmup --tag --out --report`` with these
+    defaults."""
     parser.add_argument("--model", default=model, choices=sorted(TASK_DEFAULTS))
     parser.add_argument("--rank", type=int, default=rank)
     parser.add_argument("--seeds", default=seeds)
@@ -30,6 +31,8 @@ def add_run_arguments(
     parser.add_argument(
         "--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)"
     )
+    parser.add_argument("--schedule", help="the LR schedule (default: the task's; constant, linear, cosine)")
+    parser.add_argument("--warmup", type=float, help="the warm-up fraction (default: 0.1)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--report", action="store_true", help="write the table next to --out, run nothing")
@@ -53,7 +56,8 @@ def run_seeds(
     for seed in (int(s) for s in args.seeds.split(",")):
         run = LMRun(
             rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps, batch_size=d.batch_size,
-            block=d.block, schedule=d.schedule, model=args.model, tag=args.tag, **fields,
+            block=d.block, schedule=args.schedule or d.schedule, model=args.model, tag=args.tag,
+            warmup=0.1 if args.warmup is None else args.warmup, **fields,
         )  # fmt: skip
         key = run.key() + key_suffix
         if key in done:
