@@ -32,7 +32,7 @@ def add_run_arguments(
         "--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)"
     )
     parser.add_argument("--schedule", help="the LR schedule (default: the task's; constant, linear, cosine)")
-    parser.add_argument("--warmup", type=float, help="the warm-up fraction (default: 0.1)")
+    parser.add_argument("--warmup", type=float, help="the warm-up fraction (default: LMRun's, 0.1)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--report", action="store_true", help="write the table next to --out, run nothing")
@@ -57,7 +57,7 @@ def run_seeds(
         run = LMRun(
             rank=args.rank, lr=args.lr, seed=seed, steps=args.steps or d.steps, batch_size=d.batch_size,
             block=d.block, schedule=args.schedule or d.schedule, model=args.model, tag=args.tag,
-            warmup=0.1 if args.warmup is None else args.warmup, **fields,
+            **({} if args.warmup is None else {"warmup": args.warmup}), **fields,
         )  # fmt: skip
         key = run.key() + key_suffix
         if key in done:
