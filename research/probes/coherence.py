@@ -115,8 +115,8 @@ def fit_coherence(rows: list[dict[str, Any]], *, first: int = 30) -> tuple[float
     whole-run coherence of the samples from step ``first`` on (NaN without two of them).
 
     A path whose steps are a fixed direction of weight c plus noise that stays correlated over
-    about τ steps (Adam's momentum) has that κ: c² is the coherent part of the step, the one
-    number that says how far the solution still lies along it."""
+    about τ steps (Adam's momentum) has that κ: c² is the share of the step that keeps one
+    direction over the run."""
     pts = [(1.0 / r["step"], r["k_all"] ** 2) for r in rows if r["step"] >= first and r.get("k_all")]
     if len(pts) < 2:
         return float("nan"), float("nan")
