@@ -19,7 +19,7 @@ import argparse
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,11 @@ def targets_of(label: str) -> tuple[float, float] | None:
             return None
         values[target.group(1)] = float(target.group(2))
     return values.get("a", DEFAULT_A), values.get("u", DEFAULT_U)
+
+
+def _law_rows(labels: Iterable[str]) -> list[tuple[tuple[float, float], str]]:
+    """The law's rows among ``labels`` with their targets ``(a, u)``, in the order of the targets."""
+    return sorted((t, label) for label in labels if (t := targets_of(label)) is not None)
 
 
 def _sci(x: float) -> str:
@@ -93,7 +98,7 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool 
         if cell is not None:
             best = losses_by_seed(records, method="lora", rank=rank, alpha=cell[0], lr=cell[1])
         labels = [label for (label, r, x) in losses if r == rank and x == lr]
-        here = sorted((t, label) for label in labels if (t := targets_of(label)) is not None)
+        here = _law_rows(labels)
         if held_out and len(here) < 2:  # the held-out rows only where another target ran there too
             continue
         for targets, label in here:
@@ -122,9 +127,7 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
         losses = losses_by_label(runs, seeds)
         default = losses.get((LAW, rank, lr), {})
         passes = steps * int(runs[0]["config"]["batch_size"]) / size
-        for targets, label in sorted(
-            (t, lab) for (lab, _, _) in losses if (t := targets_of(lab)) is not None
-        ):
+        for targets, label in _law_rows(lab for (lab, _, _) in losses):
             cells = [model, str(steps), str(size), f"{passes:.1f}", str(rank), stage]
             cells += _target_cells(targets, label, losses[(label, rank, lr)], default, seeds)
             rows.append("| " + " | ".join(cells) + " |")
