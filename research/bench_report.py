@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +75,18 @@ def losses_by_seed(records: Iterable[Record], **match: Any) -> dict[int, float]:
 
 
 def losses_by_label(
-    records: Iterable[Record], seeds: Sequence[int]
+    records: Iterable[Record], seeds: Sequence[int], value: Callable[[Record], float | None] | None = None
 ) -> dict[tuple[str, int, float], dict[int, float]]:
     """(row label, rank, base LR) → seed → held-out loss over ``seeds``; the LR-free methods'
-    runs under LR 1.0 (they ignore the base LR), a diverged run's loss infinite."""
+    runs under LR 1.0 (they ignore the base LR), a diverged run's loss infinite. ``value``, if
+    given, reads another figure of a record instead (a record where it gives ``None`` is left out)."""
     out: dict[tuple[str, int, float], dict[int, float]] = defaultdict(dict)
     for r in records:
         c = r["config"]
-        if c["seed"] in seeds:
+        got = _loss(r) if value is None else value(r)
+        if c["seed"] in seeds and got is not None:
             lr = 1.0 if c["method"] in LR_FREE else c["lr"]
-            out[(method_label(c), c["rank"], lr)][int(c["seed"])] = _loss(r)
+            out[(method_label(c), c["rank"], lr)][int(c["seed"])] = got
     return out
 
 

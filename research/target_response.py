@@ -6,7 +6,10 @@ The law holds two relative steps on every task: A's step ``a``
 and rank, the law's runs at the defaults beside runs tagged ``u=<value>``, ``a=<value>`` or both
 (same seeds, same batches), with the paired gap of each to the defaults and to the task's oracle
 cell (the best plain-LoRA cell of the selection grid). A constant target serves every task only
-if one value is near the best on all of them.
+if one value is near the best on all of them. Beside the held-out loss, the paired gap of the
+run's mean training loss (over the minibatch losses the Trainer logged, the whole run) says
+whether a target changes how fast the run fits its own data, which a tuner could in principle
+see, or only how well that transfers to unseen text.
 
 Usage::
 
@@ -16,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -57,6 +61,15 @@ def targets_of(label: str) -> tuple[float, float] | None:
     return values.get("a", DEFAULT_A), values.get("u", DEFAULT_U)
 
 
+def mean_train_loss(record: Mapping[str, Any]) -> float | None:
+    """The run's mean training loss: the mean of its logged curve (``train_curve``, the Trainer's
+    10-step means), ``None`` where the record has no finite curve."""
+    curve = [float(loss) for _, loss in record.get("train_curve") or ()]
+    if not curve or not all(math.isfinite(x) for x in curve):
+        return None
+    return statistics.fmean(curve)
+
+
 def _law_rows(labels: Iterable[str]) -> list[tuple[tuple[float, float], str]]:
     """The law's rows among ``labels`` with their targets ``(a, u)``, in the order of the targets."""
     return sorted((t, label) for label in labels if (t := targets_of(label)) is not None)
@@ -74,11 +87,16 @@ def _target_cells(
     got: Mapping[int, float],
     default: Mapping[int, float],
     seeds: Sequence[int],
+    train: tuple[Mapping[int, float], Mapping[int, float]] | None = None,
 ) -> list[str]:
-    """The targets ``a``, ``u``, the mean loss (n) and the paired gap to the defaults, as table cells."""
+    """The targets ``a``, ``u``, the mean loss (n) and the paired gap to the defaults, as table cells;
+    with ``train`` (this row's and the defaults' mean training losses), that paired gap too."""
     gap = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=len(seeds))
     shown = [_sci(x) + (" (default)" if label == LAW else "") for x in targets]
-    return [*shown, f"{statistics.fmean(got.values()):.4f} ({len(got)})", gap]
+    cells = [*shown, f"{statistics.fmean(got.values()):.4f} ({len(got)})", gap]
+    if train is not None:
+        cells.append("–" if label == LAW else format_gap(paired_relative(*train, seeds), seeds=len(seeds)))
+    return cells
 
 
 def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool = False) -> list[str]:
@@ -90,9 +108,11 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool 
     below = sorted({int(r["config"]["seed"]) for r in records if r["config"]["seed"] < min(task.seeds)})
     seeds, stage = (task.seeds, "held-out") if held_out else (below, "selection")
     losses = losses_by_label(records, seeds)
+    train = losses_by_label(records, seeds, value=mean_train_loss)
     rows = []
     for rank in sorted({r for (label, r, x) in losses if label == LAW and x == lr}):
         default = losses[(LAW, rank, lr)]
+        train_default = train.get((LAW, rank, lr), {})
         cell = oracle.get(rank)
         best = {}
         if cell is not None:
@@ -105,7 +125,8 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool 
             got = losses[(label, rank, lr)]
             to_oracle = format_gap(paired_relative(got, best, seeds), seeds=len(seeds)) if best else "–"
             where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
-            cells = [task.name, str(rank), stage, *_target_cells(targets, label, got, default, seeds)]
+            fits = (train.get((label, rank, lr), {}), train_default)
+            cells = [task.name, str(rank), stage, *_target_cells(targets, label, got, default, seeds, fits)]
             cells += [to_oracle, where]
             rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -145,9 +166,9 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Pa
         "are paired over the seeds (mean ± SE, relative; negative = lower loss); the oracle cell is "
         "chosen on the selection seeds. A tag other than `a` and `u` (an ablation) is left out.",
         "",
-        "| task | r | seeds | a | u | held-out loss (n) | vs the defaults | vs the oracle cell "
-        "| oracle cell |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | r | seeds | a | u | held-out loss (n) | vs the defaults | training loss vs the "
+        "defaults | vs the oracle cell | oracle cell |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in tasks:
         setting = None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from research.lead import Task
-from research.target_response import DEFAULT_A, DEFAULT_U, format_response, targets_of
+from research.target_response import DEFAULT_A, DEFAULT_U, format_response, mean_train_loss, targets_of
 
 
 def _rec(
@@ -47,7 +47,8 @@ def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -
     assert len(lines) == 4
     held = [line.split(" | ") for line in lines if "| held-out |" in line]
     assert [row[5] for row in held] == ["0.7500 (1)", "0.7100 (1)"]  # seed 100 against the same cell
-    assert held[0][7] == f"{0.05 / 0.70:+.1%}" and held[1][8] == "α = 64, lr 0.001 |"
+    assert held[0][8] == f"{0.05 / 0.70:+.1%}" and held[1][9] == "α = 64, lr 0.001 |"
+    assert held[1][7] == "–"  # no training curves in these records
     lines = [line for line in lines if "| selection |" in line]
     default, raised = (line.split(" | ") for line in lines)
     assert default[2] == raised[2] == "selection"
@@ -55,7 +56,7 @@ def test_rows_pair_each_target_with_the_default_and_the_oracle(tmp_path: Path) -
     assert default[5] == "0.7500 (2)" and default[6] == "–"
     assert raised[3:5] == ["1e-2", "1e-3"] and raised[5] == "0.7100 (2)"
     assert raised[6] == f"{-0.04 / 0.75:+.1%} ± 0.0%"  # paired: the same −0.04 on both seeds
-    assert default[7] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[8] == "α = 64, lr 0.001 |"
+    assert default[8] == f"{0.05 / 0.70:+.1%} ± 0.0%" and raised[9] == "α = 64, lr 0.001 |"
 
 
 def test_subset_runs_are_paired_with_the_default_on_the_same_subset() -> None:
@@ -96,4 +97,27 @@ def test_selection_rows_take_every_seed_below_the_held_out_ones(tmp_path: Path) 
     table = format_response((task,), subsets=tmp_path / "none.jsonl")
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| debates")]
     assert [row[5] for row in rows] == ["0.7400 (4)", "0.7000 (4)"]  # seeds 0–3
-    assert rows[1][7] == f"{0.01 / 0.69:+.1%} ± 0.0% (2)"  # against the oracle on the grid's seeds only
+    assert rows[1][8] == f"{0.01 / 0.69:+.1%} ± 0.0% (2)"  # against the oracle on the grid's seeds only
+
+
+def test_mean_train_loss_is_the_mean_of_the_logged_curve() -> None:
+    assert mean_train_loss({"train_curve": [[10, 1.0], [20, 0.5], [30, 0.6]]}) == pytest.approx(0.7)
+    assert mean_train_loss({"train_curve": []}) is None and mean_train_loss({}) is None
+    assert mean_train_loss({"train_curve": [[10, 1.0], [20, float("nan")]]}) is None
+
+
+def test_training_loss_gap_is_paired_by_seed(tmp_path: Path) -> None:
+    records = [_rec("lora", s, 0.69, alpha=64.0, lr=1e-3) for s in (0, 1)]
+    for seed, level in ((0, 1.0), (1, 0.8)):
+        default, raised = _rec("steps", seed, 0.74), _rec("steps", seed, 0.70, tag="u=1e-3")
+        default["train_curve"] = [[10, level], [20, level - 0.2]]  # mean level − 0.1
+        raised["train_curve"] = [[10, level - 0.1], [20, level - 0.3]]  # 0.1 lower on both seeds
+        records += [default, raised]
+    records.append(_rec("steps", 2, 0.70, tag="u=1e-3"))  # seed 2: no curve, and no default to pair
+    path = tmp_path / "debates.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    task = Task("debates", path, "debates", 150, "linear", (100,), (0, 1))
+    table = format_response((task,), subsets=tmp_path / "none.jsonl")
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| debates")]
+    assert rows[0][7] == "–"  # the default's own row
+    assert rows[1][7] == f"{-0.1 / 0.8:+.1%} ± 0.0% (2)"  # mean of the defaults' 0.9 and 0.7: 0.8
