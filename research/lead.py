@@ -70,6 +70,8 @@ TASKS = (
          600, "linear", (100, 101, 102, 103), (0,)),
     Task("MiniLM debates (a task the constants never saw), 150 steps, warm-up + linear",
          RESULTS / "debates_bench.jsonl", "debates", 150, "linear", (100, 101, 102, 103), (0, 1)),
+    Task("MiniLM convention party (another task the constants never saw), 150 steps, warm-up + linear",
+         RESULTS / "party_bench.jsonl", "party", 150, "linear", (100, 101, 102, 103), (0, 1)),
 )  # fmt: skip
 
 

@@ -11,9 +11,9 @@ record keeps the training-loss curve (every 10 steps) and the median step time.
     python -m research.lm_bench --stage selection --shard 1/2 &
     python -m research.lm_bench --report                          # tables from the results file
 
-``--model minilm`` runs the sweep's review-sentiment task and ``--model debates`` a second
-classification task (:mod:`research.tasks`); ``--model tiny`` runs a 2-layer random Llama with a
-byte tokenizer (the smoke test).
+``--model minilm`` runs the sweep's review-sentiment task, ``--model debates`` a second
+classification task and ``--model party`` a third (:mod:`research.tasks`); ``--model tiny``
+runs a 2-layer random Llama with a byte tokenizer (the smoke test).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ TASK_DEFAULTS = {
     "smollm2": TaskDefaults(RESULTS, (8, 32), 300, 4, 128, "linear"),
     "minilm": TaskDefaults(Path("benchmarks/results/minilm_bench.jsonl"), (4, 16, 64), 600, 8, 64, "cosine"),
     "debates": TaskDefaults(Path("benchmarks/results/debates_bench.jsonl"), (8, 32), 150, 8, 64, "linear"),
+    "party": TaskDefaults(Path("benchmarks/results/party_bench.jsonl"), (8, 32), 150, 8, 64, "linear"),
     "tiny": TaskDefaults(Path("benchmarks/results/tiny_bench.jsonl"), (4,), 20, 4, 128, "linear"),
 }
 LRS = (1e-5, 1e-4, 1e-3)
@@ -411,6 +412,7 @@ def report(
         "smollm2": "Causal LM: SmolLM2-135M on the 2012 convention speeches",
         "minilm": "MiniLM review sentiment through the Trainer",
         "debates": "MiniLM: the speaker's side in the 2016 presidential debates",
+        "party": "MiniLM: the convention's party of a passage of a 2012 speech",
     }
     title = titles.get(model, model)
     own = (steps, schedule) == (d.steps, d.schedule)
@@ -443,17 +445,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m research.lm_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("selection", "heldout"), default="selection")
     parser.add_argument("--seeds", type=ints, help="override the stage's seeds")
-    parser.add_argument("--ranks", type=ints, help="default 8,32 (smollm2, debates) or 4,16,64 (minilm)")
+    parser.add_argument("--ranks", type=ints, help="default 8,32 (smollm2, debates, party), 4,16,64 (minilm)")
     parser.add_argument("--methods", type=lambda s: s.split(","), help="default: oracle grid + peers")
     parser.add_argument(
         "--model", default="smollm2", choices=sorted(TASK_DEFAULTS),
         help="smollm2: causal LM; minilm: the sweep's task at 600 steps, warm-up + cosine; debates: a "
-        "second classification task, 150 steps, warm-up + linear; tiny: smoke test",
+        "second classification task, 150 steps, warm-up + linear; party: a third, the same set-up; "
+        "tiny: smoke test",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, help="default 300 (smollm2), 600 (minilm), 150 (debates)")
+    parser.add_argument("--steps", type=int, help="default 300 (smollm2), 600 (minilm), 150 (debates, party)")
     parser.add_argument(
         "--schedule", choices=("constant", "linear", "cosine"),
-        help="the Trainer's schedule after warm-up; default linear (smollm2, debates), cosine (minilm)",
+        help="the Trainer's schedule after warm-up; default cosine (minilm), else linear",
     )  # fmt: skip
     parser.add_argument("--warmup", type=float, help="warm-up fraction of the steps (default 0.1)")
     parser.add_argument(

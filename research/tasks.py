@@ -8,6 +8,9 @@
 * ``debates``: the same MiniLM set-up with a three-way head, the side of the speaker of a 2016
   presidential-debate statement (:mod:`research.debates`), a task the constants were never
   chosen on; a quarter of the statements held out.
+* ``party``: the same MiniLM set-up with a two-way head, the party of the convention at which a
+  48-word passage of a 2012 speech was given (:mod:`research.party`), another task the constants
+  were never chosen on; whole speeches held out, 256 passages per party.
 * ``tiny``: a 2-layer random Llama with a byte tokenizer on the speeches (the smoke test).
 """
 
@@ -23,6 +26,7 @@ from torch import nn
 
 from .corpus import BlockDataset, lm_blocks, load_speeches, split
 from .debates import LABELS, load_statements, split_statements
+from .party import load_passages
 
 __all__ = ["ENCODER_TASKS", "TASKS", "Task", "collator", "fresh_model", "task_data"]
 
@@ -54,8 +58,9 @@ TASKS = {
 }
 TASKS["minilm"] = Task("SEQ_CLS", _bert_targets(), ("classifier", "pooler"))
 TASKS["debates"] = TASKS["minilm"]
+TASKS["party"] = TASKS["minilm"]
 #: The classification tasks (a MiniLM encoder with a fresh head).
-ENCODER_TASKS = ("minilm", "debates")
+ENCODER_TASKS = ("minilm", "debates", "party")
 
 
 class _ByteTokenizer:
@@ -124,6 +129,9 @@ def task_data(model: str, block: int) -> tuple[torch.utils.data.Dataset, torch.u
     if model == "debates":
         train_st, held_st = split_statements(load_statements())
         return _reviews(tokenizer, train_st, block), _reviews(tokenizer, held_st, block)
+    if model == "party":
+        train_p, held_p = load_passages()
+        return _reviews(tokenizer, train_p, block), _reviews(tokenizer, held_p, block)
     train, held_out = split(load_speeches())
     train_blocks = lm_blocks(tokenizer, [s.text for s in train], block)
     held = lm_blocks(tokenizer, [s.text for s in held_out], block)

@@ -29,7 +29,7 @@ def add_run_arguments(
     parser.add_argument("--seeds", default=seeds)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument(
-        "--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates)"
+        "--steps", type=int, help="default: the task's (600 minilm, 300 smollm2, 150 debates and party)"
     )
     parser.add_argument("--schedule", help="the LR schedule (default: the task's; constant, linear, cosine)")
     parser.add_argument("--warmup", type=float, help="the warm-up fraction (default: LMRun's, 0.1)")
