@@ -99,10 +99,22 @@ def _target_cells(
     return cells
 
 
-def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool = False) -> list[str]:
+Gap = tuple[float, float, int]
+
+
+def task_rows(
+    task: Task,
+    setting: Setting,
+    lr: float = 1e-4,
+    *,
+    held_out: bool = False,
+    pairs: list[tuple[Gap, Gap]] | None = None,
+) -> list[str]:
     """Markdown rows of one task: per rank and target, the mean loss over the seeds below the
     task's held-out ones (or over its held-out seeds) and the paired gaps to the default target and
-    to the oracle cell (chosen on the task's selection seeds either way)."""
+    to the oracle cell (chosen on the task's selection seeds either way). ``pairs``, if given,
+    collects (held-out gap, training-loss gap) of every row whose update target is not the
+    default's."""
     records, oracle = setting.records, setting.oracle
     # selection: every seed below the held-out ones (the u comparison ran on more seeds than the grid)
     below = sorted({int(r["config"]["seed"]) for r in records if r["config"]["seed"] < min(task.seeds)})
@@ -126,6 +138,8 @@ def task_rows(task: Task, setting: Setting, lr: float = 1e-4, *, held_out: bool 
             to_oracle = format_gap(paired_relative(got, best, seeds), seeds=len(seeds)) if best else "–"
             where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
             fits = (train.get((label, rank, lr), {}), train_default)
+            if pairs is not None and targets[1] != DEFAULT_U:
+                pairs.append((paired_relative(got, default, seeds), paired_relative(*fits, seeds)))
             cells = [task.name, str(rank), stage, *_target_cells(targets, label, got, default, seeds, fits)]
             cells += [to_oracle, where]
             rows.append("| " + " | ".join(cells) + " |")
@@ -155,6 +169,24 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
     return rows
 
 
+def agreement(pairs: Sequence[tuple[Gap, Gap]]) -> str:
+    """How often a changed update target moves the training loss the way it moves the held-out
+    loss: rows with both gaps, same sign, and rows where both differ from zero by more than two
+    standard errors in opposite directions."""
+    both = [(h, t) for h, t in pairs if h[2] and t[2] and math.isfinite(h[0]) and math.isfinite(t[0])]
+    same = sum((h[0] > 0) == (t[0] > 0) for h, t in both)
+
+    def clear(g: Gap) -> bool:
+        return g[2] > 1 and abs(g[0]) > 2 * g[1]
+
+    opposed = sum((h[0] > 0) != (t[0] > 0) and clear(h) and clear(t) for h, t in both)
+    return (
+        f"Rows with an update target other than the default's: the training loss moves the way the "
+        f"held-out loss moves in {same} of {len(both)}; in {opposed} both move by more than two "
+        "standard errors in opposite directions."
+    )
+
+
 def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Path = SUBSETS) -> str:
     """The whole table over ``tasks`` (those whose results file exists)."""
     out = [
@@ -170,6 +202,7 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Pa
         "defaults | vs the oracle cell | oracle cell |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    pairs: list[tuple[Gap, Gap]] = []
     for task in tasks:
         setting = None
         if task.out.exists():
@@ -178,7 +211,10 @@ def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Pa
                 schedule=task.schedule,
             )  # fmt: skip
         if setting is not None:
-            out += task_rows(task, setting, lr) + task_rows(task, setting, lr, held_out=True)
+            out += task_rows(task, setting, lr, pairs=pairs) + task_rows(
+                task, setting, lr, held_out=True, pairs=pairs
+            )
+    out += ["", agreement(pairs)]
     if subsets.exists():
         out += [
             "",

@@ -121,3 +121,16 @@ def test_training_loss_gap_is_paired_by_seed(tmp_path: Path) -> None:
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| debates")]
     assert rows[0][7] == "–"  # the default's own row
     assert rows[1][7] == f"{-0.1 / 0.8:+.1%} ± 0.0% (2)"  # mean of the defaults' 0.9 and 0.7: 0.8
+
+
+def test_agreement_counts_same_signs_and_clear_opposites() -> None:
+    from research.target_response import agreement
+
+    pairs = [
+        ((0.05, 0.01, 6), (0.02, 0.005, 6)),  # same sign
+        ((-0.03, 0.01, 6), (0.02, 0.005, 6)),  # opposite, both clear
+        ((-0.03, 0.02, 6), (0.01, 0.008, 6)),  # opposite, neither clear
+        ((0.01, 0.01, 6), (float("nan"), float("nan"), 0)),  # no training curve: left out
+    ]
+    line = agreement(pairs)
+    assert "moves in 1 of 3;" in line and "in 1 both move" in line
