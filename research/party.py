@@ -15,10 +15,9 @@ is ln 2 whatever the training prior.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
-from .corpus import Speech, load_speeches
+from .corpus import Speech, held_out_by_label, load_speeches
 
 __all__ = [
     "EVAL_PER_CLASS",
@@ -67,11 +66,7 @@ def split_speeches(
     for s in speeches:
         if s.party not in LABELS:
             raise ValueError(f"unknown party {s.party!r} in the speeches file; expected one of {LABELS}")
-    held: set[int] = set()
-    for label, party in enumerate(LABELS):
-        idx = [i for i, s in enumerate(speeches) if s.party == party]
-        random.Random(seed + label).shuffle(idx)
-        held.update(idx[: max(1, round(HELD_OUT_FRACTION * len(idx)))])
+    held = held_out_by_label([LABELS.index(s.party) for s in speeches], HELD_OUT_FRACTION, seed, at_least=1)
     return (
         [s for i, s in enumerate(speeches) if i not in held],
         [s for i, s in enumerate(speeches) if i in held],
