@@ -81,25 +81,21 @@ def _sci(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+Gap = tuple[float, float, int]
+
+
 def _target_cells(
     targets: tuple[float, float],
     label: str,
     got: Mapping[int, float],
-    default: Mapping[int, float],
+    gaps: Sequence[Gap],
     seeds: Sequence[int],
-    train: tuple[Mapping[int, float], Mapping[int, float]] | None = None,
 ) -> list[str]:
-    """The targets ``a``, ``u``, the mean loss (n) and the paired gap to the defaults, as table cells;
-    with ``train`` (this row's and the defaults' mean training losses), that paired gap too."""
-    gap = "–" if label == LAW else format_gap(paired_relative(got, default, seeds), seeds=len(seeds))
+    """The targets ``a``, ``u``, the mean loss (n) and the paired ``gaps`` to the defaults (held-out
+    loss, then, where given, training loss), as table cells; ``–`` for the defaults' own row."""
     shown = [_sci(x) + (" (default)" if label == LAW else "") for x in targets]
-    cells = [*shown, f"{statistics.fmean(got.values()):.4f} ({len(got)})", gap]
-    if train is not None:
-        cells.append("–" if label == LAW else format_gap(paired_relative(*train, seeds), seeds=len(seeds)))
-    return cells
-
-
-Gap = tuple[float, float, int]
+    shown.append(f"{statistics.fmean(got.values()):.4f} ({len(got)})")
+    return shown + ["–" if label == LAW else format_gap(gap, seeds=len(seeds)) for gap in gaps]
 
 
 def task_rows(
@@ -137,10 +133,13 @@ def task_rows(
             got = losses[(label, rank, lr)]
             to_oracle = format_gap(paired_relative(got, best, seeds), seeds=len(seeds)) if best else "–"
             where = "–" if cell is None else f"α = {cell[0]:g}, lr {cell[1]:g}"
-            fits = (train.get((label, rank, lr), {}), train_default)
+            gaps = (
+                paired_relative(got, default, seeds),
+                paired_relative(train.get((label, rank, lr), {}), train_default, seeds),
+            )
             if pairs is not None and targets[1] != DEFAULT_U:
-                pairs.append((paired_relative(got, default, seeds), paired_relative(*fits, seeds)))
-            cells = [task.name, str(rank), stage, *_target_cells(targets, label, got, default, seeds, fits)]
+                pairs.append(gaps)
+            cells = [task.name, str(rank), stage, *_target_cells(targets, label, got, gaps, seeds)]
             cells += [to_oracle, where]
             rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -164,7 +163,8 @@ def subset_rows(records: Sequence[Mapping[str, Any]], lr: float = 1e-4) -> list[
         passes = steps * int(runs[0]["config"]["batch_size"]) / size
         for targets, label in _law_rows(lab for (lab, _, _) in losses):
             cells = [model, str(steps), str(size), f"{passes:.1f}", str(rank), stage]
-            cells += _target_cells(targets, label, losses[(label, rank, lr)], default, seeds)
+            got = losses[(label, rank, lr)]
+            cells += _target_cells(targets, label, got, [paired_relative(got, default, seeds)], seeds)
             rows.append("| " + " | ".join(cells) + " |")
     return rows
 
