@@ -31,6 +31,7 @@ __all__ = [
     "oracle_cells",
     "paired_relative",
     "plot_curves",
+    "pruned_grid_note",
     "table",
 ]
 
@@ -90,22 +91,58 @@ def losses_by_label(
     return out
 
 
-def oracle_cells(records: Sequence[Record], seeds: Sequence[int]) -> dict[int, tuple[float, float]]:
-    """Per rank, the ``(α, LR)`` of plain LoRA with the lowest mean loss over ``seeds`` (complete cells)."""
-    cells: dict[tuple[int, float, float], dict[int, float]] = defaultdict(dict)
+GridCells = dict[tuple[int, float, float], dict[int, float]]
+
+
+def _grid_cells(records: Iterable[Record], seeds: Sequence[int]) -> GridCells:
+    """Plain LoRA's ``(rank, LR, α)`` cells: seed → loss over ``seeds``."""
+    cells: GridCells = defaultdict(dict)
     for r in records:
         c = r["config"]
         if base_method(c) == "lora" and c["seed"] in seeds:
             alpha = 2.0 * c["rank"] if c.get("alpha") is None else c["alpha"]
             cells[(c["rank"], c["lr"], alpha)][c["seed"]] = _loss(r)
+    return cells
+
+
+def oracle_cells(records: Sequence[Record], seeds: Sequence[int]) -> dict[int, tuple[float, float]]:
+    """Per rank, the ``(α, LR)`` of plain LoRA with the lowest mean loss over ``seeds`` (complete cells)."""
     best: dict[int, tuple[float, tuple[float, float]]] = {}
-    for (rank, lr, alpha), losses in cells.items():
+    for (rank, lr, alpha), losses in _grid_cells(records, seeds).items():
         if len(losses) < len(seeds):
             continue
         mean = statistics.fmean(losses.values())
         if rank not in best or mean < best[rank][0]:
             best[rank] = (mean, (alpha, lr))
     return {rank: cell for rank, (_, cell) in best.items()}
+
+
+def pruned_grid_note(records: Sequence[Record], seeds: Sequence[int]) -> str:
+    """Where the grid ran the later selection seeds on part of its cells only: a line naming, per
+    rank, the cells the oracle was chosen among (mean over ``seeds``) and how many cells ran on
+    the first seed alone. Empty where every cell ran on every seed (or there is one seed)."""
+    if len(seeds) < 2:
+        return ""
+    cells = _grid_cells(records, seeds)
+    parts = []
+    for rank in sorted({k[0] for k in cells}):
+        here = {k: v for k, v in cells.items() if k[0] == rank}
+        full = sorted(
+            (statistics.fmean(v.values()), alpha, lr)
+            for (_, lr, alpha), v in here.items()
+            if len(v) == len(seeds)
+        )
+        first_only = sum(len(v) == 1 and seeds[0] in v for v in here.values())
+        if first_only and full:
+            shown = ", ".join(f"α = {alpha:g}, lr {lr:g}: {mean:.4f}" for mean, alpha, lr in full)
+            parts.append(f"r = {rank}: {shown} ({first_only} more on seed {seeds[0]} only)")
+    if not parts:
+        return ""
+    seed_text = ", ".join(str(s) for s in seeds)
+    return (
+        f"Oracle cells chosen among the grid cells run on every selection seed ({seed_text}; mean "
+        "loss): " + "; ".join(parts) + ".\n"
+    )
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:

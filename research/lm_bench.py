@@ -384,6 +384,7 @@ def report(
     selection_seeds: Sequence[int] = SELECTION_SEEDS,
     schedule: str | None = None,
     steps: int | None = None,
+    claim_seeds: Sequence[int] | None = None,
 ) -> int:
     """Write the tables (``.md``) and loss curves (``_curves.png``) of one setting of ``out``.
 
@@ -393,9 +394,12 @@ def report(
     holds the task's own, under the stem plus ``_<steps>steps`` (and ``_<schedule>`` if that
     differs), so that it does not overwrite the task's report. A rank whose α × LR grid did not
     run at this setting on the selection seeds takes the oracle cell chosen at the task's own
-    setting (its horizon probe: the same cell, run longer), and the report says so.
+    setting (its horizon probe: the same cell, run longer), and the report says so. Where the
+    later selection seeds ran on part of the grid only, the oracle is chosen among the cells that
+    ran on all of them, and the report names them. The paper's claims are read off the grid on
+    ``claim_seeds`` (default: the selection seeds; cells complete on them).
     """
-    from .bench_report import format_report, gap_report, method_label, plot_curves, table
+    from .bench_report import format_report, gap_report, method_label, plot_curves, pruned_grid_note, table
     from .claims import format_claims
 
     d = TASK_DEFAULTS[model]
@@ -426,11 +430,13 @@ def report(
             + ", ".join(f"r = {rank}: α = {a:g}, lr {lr:g}" for rank, (a, lr) in sorted(borrowed.items()))
             + ".\n"
         )
+    if note := pruned_grid_note(records, selection_seeds):
+        text += "\n" + note
     if any(method_label(r["config"]) == "steps" for r in records):
         text += "\n" + gap_report(
             records, method="steps", seeds=seeds, selection_seeds=selection_seeds, oracle=oracle
         )
-    text += "\n" + format_claims(records, selection_seeds)
+    text += "\n" + format_claims(records, selection_seeds if claim_seeds is None else claim_seeds)
     stem = out.stem
     if not own and task_own:
         stem += f"_{steps}steps" + ("" if schedule == d.schedule else f"_{schedule}")
@@ -484,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--selection-seeds", type=ints, help="--report: seeds that choose the oracle (default 0,1)"
     )
+    parser.add_argument(
+        "--claim-seeds",
+        type=ints,
+        help="--report: seeds of the grid the paper's claims are read on (default: the selection seeds)",
+    )
     add_runner_arguments(parser, out=None)
     args = parser.parse_args(argv)
     d = TASK_DEFAULTS[args.model]
@@ -492,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         selection = args.selection_seeds or list(SELECTION_SEEDS)
         return report(
             out, seeds=args.seeds or selection, model=args.model, selection_seeds=selection,
-            schedule=args.schedule, steps=args.steps,
+            schedule=args.schedule, steps=args.steps, claim_seeds=args.claim_seeds,
         )  # fmt: skip
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (SELECTION_SEEDS if args.stage == "selection" else HELD_OUT_SEEDS)

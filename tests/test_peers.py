@@ -118,6 +118,26 @@ def test_the_report_finds_the_oracle_and_the_best_method_per_cell() -> None:
     assert "### r = 64\n\nNo runs on these seeds yet" in text
 
 
+def test_a_grid_pruned_on_the_second_selection_seed_chooses_among_the_cells_run_on_both() -> None:
+    from research.bench_report import oracle_cells, pruned_grid_note
+
+    def rec(rank: int, alpha: float, lr: float, seed: int, loss: float) -> dict:
+        run = LMRun("lora", rank, lr, seed, alpha=alpha)
+        return {"key": run.key(), "config": vars(run) | {}, "eval_loss": loss}
+
+    # seed 0 runs the whole grid; seed 1 only its two best cells, where the order flips
+    records = [rec(8, 16.0, 1e-3, 0, 2.60), rec(8, 64.0, 1e-3, 0, 2.57), rec(8, 256.0, 1e-3, 0, 2.58)]
+    records += [rec(8, 16.0, 1e-4, 0, 2.75), rec(8, 64.0, 1e-3, 1, 2.59), rec(8, 256.0, 1e-3, 1, 2.56)]
+    assert oracle_cells(records, [0]) == {8: (64.0, 1e-3)}
+    assert oracle_cells(records, [0, 1]) == {8: (256.0, 1e-3)}
+    note = pruned_grid_note(records, [0, 1])
+    assert "r = 8: α = 256, lr 0.001: 2.5700, α = 64, lr 0.001: 2.5800 (2 more on seed 0 only)" in note
+    # a grid that ran every cell on every seed, or one selection seed, needs no note
+    assert pruned_grid_note(records, [0]) == ""
+    full = [*records, rec(8, 16.0, 1e-3, 1, 2.6), rec(8, 16.0, 1e-4, 1, 2.7)]
+    assert pruned_grid_note(full, [0, 1]) == ""
+
+
 def test_the_gap_report_pairs_seeds_and_shows_every_peer_that_ran() -> None:
     from research.bench_report import gap_report
 

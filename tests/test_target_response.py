@@ -134,3 +134,28 @@ def test_agreement_counts_same_signs_and_clear_opposites() -> None:
     ]
     line = agreement(pairs)
     assert "moves in 1 of 3;" in line and "in 1 both move" in line
+
+
+def test_worst_case_compares_each_target_with_the_defaults_on_the_same_rows() -> None:
+    from research.target_response import TargetRow, worst_case
+
+    d, raised = (DEFAULT_A, DEFAULT_U), (DEFAULT_A, 1e-3)
+    rows = [
+        TargetRow("MiniLM debates (a task), 150 steps, x", 8, d, (0.0, 0.0, 6), (0.06, 0.02, 2)),
+        TargetRow("MiniLM debates (a task), 150 steps, x", 8, raised, (-0.03, 0.01, 6), (0.02, 0.01, 2)),
+        TargetRow("MiniLM sentiment, 150 steps, x", 64, d, (0.0, 0.0, 6), (-0.05, 0.01, 2)),
+        TargetRow("MiniLM sentiment, 150 steps, x", 64, raised, (0.30, 0.10, 6), (0.08, 0.03, 2)),
+        TargetRow("causal LM (SmolLM2-135M), 300 steps, x", 8, d, (0.0, 0.0, 1), (0.002, float("nan"), 1)),
+        # a target where the defaults did not run is not compared; nor a row with no oracle cell
+        TargetRow("MiniLM party (a task), 150 steps, x", 8, raised, (0.01, 0.01, 2), (0.0, 0.0, 2)),
+        TargetRow("MiniLM debates (a task), 150 steps, x", 8, (5e-3, 3e-4), (0.01, 0.01, 6), None),
+    ]
+    default_row, raised_row = (line.split(" | ") for line in worst_case(rows))
+    assert default_row[2] == "3 (3)"
+    assert default_row[3] == default_row[4] == "+6.0% ± 2.0% (debates 150, r = 8; 2 seeds)"
+    assert default_row[6] == "– |"
+    assert raised_row[:3] == ["| 1e-2", "1e-3", "2 (2)"]
+    assert raised_row[3] == "+8.0% ± 3.0% (sentiment 150, r = 64; 2 seeds)"
+    assert raised_row[4] == "+6.0% ± 2.0% (debates 150, r = 8; 2 seeds)"  # the defaults on those two rows
+    assert raised_row[5] == "+5.0% / +0.5%"
+    assert raised_row[6] == "+30.0% ± 10.0% (sentiment 150, r = 64; 6 seeds) |"
