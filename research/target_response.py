@@ -219,22 +219,25 @@ def worst_case(rows: Sequence[TargetRow]) -> list[str]:
 
     out = []
     for targets, here in sorted(by_target.items()):
-        names = {r.task for r in here}
-        to_oracle = [(r.to_oracle, f"{_short(r.task)}, r = {r.rank}") for r in here if r.to_oracle]
-        base = [default[(r.task, r.rank)] for r in here]
-        base_gaps = [(b.to_oracle, f"{_short(b.task)}, r = {b.rank}") for b in base if b.to_oracle]
-        cells = [_sci(x) + (" (default)" if targets == (DEFAULT_A, DEFAULT_U) else "") for x in targets]
-        cells += [f"{len(here)} ({len(names)})", worst(to_oracle), worst(base_gaps)]
-        cells.append(
-            f"{statistics.fmean(g[0][0] for g in to_oracle):+.1%} / "
-            f"{statistics.fmean(g[0][0] for g in base_gaps):+.1%}"
-        )
         is_default = targets == (DEFAULT_A, DEFAULT_U)
+        where = [f"{_short(r.task)}, r = {r.rank}" for r in here]
+        to_oracle = _known([r.to_oracle for r in here], where)
+        base_gaps = _known([default[(r.task, r.rank)].to_oracle for r in here], where)
+        cells = [_sci(x) + (" (default)" if is_default else "") for x in targets]
+        cells += [f"{len(here)} ({len({r.task for r in here})})", worst(to_oracle), worst(base_gaps)]
         cells.append(
-            "–" if is_default else worst([(r.to_default, f"{_short(r.task)}, r = {r.rank}") for r in here])
+            f"{statistics.fmean(g[0] for g, _ in to_oracle):+.1%} / "
+            f"{statistics.fmean(g[0] for g, _ in base_gaps):+.1%}"
         )
+        to_default = [(r.to_default, w) for r, w in zip(here, where, strict=True)]
+        cells.append("–" if is_default else worst(to_default))
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def _known(gaps: Sequence[Gap | None], where: Sequence[str]) -> list[tuple[Gap, str]]:
+    """The gaps that paired, each with its row's name."""
+    return [(g, w) for g, w in zip(gaps, where, strict=True) if g is not None and g[2]]
 
 
 def _short(name: str) -> str:
