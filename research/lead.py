@@ -65,7 +65,7 @@ TASKS = (
     Task("MiniLM sentiment, 600 steps, warm-up + cosine", RESULTS / "minilm_bench.jsonl", "minilm", 600,
          "cosine", (100, 101, 102, 103, 104, 105, 106, 107), (0, 1)),
     Task("causal LM (SmolLM2-135M), 300 steps, warm-up + linear", RESULTS / "lm_bench.jsonl", "smollm2",
-         300, "linear", (100, 101, 102, 103), (0,)),
+         300, "linear", (100, 101, 102, 103), (0, 1)),
     Task("causal LM (SmolLM2-135M), 600 steps, warm-up + linear", RESULTS / "lm_bench.jsonl", "smollm2",
          600, "linear", (100, 101, 102, 103), (0,)),
     Task("MiniLM debates (a task the constants never saw), 150 steps, warm-up + linear",
