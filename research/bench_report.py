@@ -91,30 +91,34 @@ def losses_by_label(
     return out
 
 
-GridCells = dict[tuple[int, float, float], dict[int, float]]
+#: Per rank, plain LoRA's ``(LR, α)`` cells: seed → loss.
+GridCells = dict[int, dict[tuple[float, float], dict[int, float]]]
 
 
 def _grid_cells(records: Iterable[Record], seeds: Sequence[int]) -> GridCells:
-    """Plain LoRA's ``(rank, LR, α)`` cells: seed → loss over ``seeds``."""
-    cells: GridCells = defaultdict(dict)
+    """Plain LoRA's cells over ``seeds``, rank by rank, in the order the records first name them."""
+    cells: GridCells = defaultdict(lambda: defaultdict(dict))
     for r in records:
         c = r["config"]
         if base_method(c) == "lora" and c["seed"] in seeds:
             alpha = 2.0 * c["rank"] if c.get("alpha") is None else c["alpha"]
-            cells[(c["rank"], c["lr"], alpha)][c["seed"]] = _loss(r)
+            cells[c["rank"]][(c["lr"], alpha)][c["seed"]] = _loss(r)
     return cells
+
+
+def _complete(
+    cells: Mapping[tuple[float, float], Mapping[int, float]], seeds: Sequence[int]
+) -> list[tuple[float, float, float]]:
+    """``(mean loss, α, LR)`` of the cells that ran on every one of ``seeds``, in ``cells``' order."""
+    return [
+        (statistics.fmean(v.values()), alpha, lr) for (lr, alpha), v in cells.items() if len(v) == len(seeds)
+    ]
 
 
 def oracle_cells(records: Sequence[Record], seeds: Sequence[int]) -> dict[int, tuple[float, float]]:
     """Per rank, the ``(α, LR)`` of plain LoRA with the lowest mean loss over ``seeds`` (complete cells)."""
-    best: dict[int, tuple[float, tuple[float, float]]] = {}
-    for (rank, lr, alpha), losses in _grid_cells(records, seeds).items():
-        if len(losses) < len(seeds):
-            continue
-        mean = statistics.fmean(losses.values())
-        if rank not in best or mean < best[rank][0]:
-            best[rank] = (mean, (alpha, lr))
-    return {rank: cell for rank, (_, cell) in best.items()}
+    best = {rank: _complete(cells, seeds) for rank, cells in _grid_cells(records, seeds).items()}
+    return {rank: min(cands, key=lambda c: c[0])[1:] for rank, cands in best.items() if cands}
 
 
 def pruned_grid_note(records: Sequence[Record], seeds: Sequence[int]) -> str:
@@ -123,16 +127,10 @@ def pruned_grid_note(records: Sequence[Record], seeds: Sequence[int]) -> str:
     the first seed alone. Empty where every cell ran on every seed (or there is one seed)."""
     if len(seeds) < 2:
         return ""
-    cells = _grid_cells(records, seeds)
     parts = []
-    for rank in sorted({k[0] for k in cells}):
-        here = {k: v for k, v in cells.items() if k[0] == rank}
-        full = sorted(
-            (statistics.fmean(v.values()), alpha, lr)
-            for (_, lr, alpha), v in here.items()
-            if len(v) == len(seeds)
-        )
-        first_only = sum(len(v) == 1 and seeds[0] in v for v in here.values())
+    for rank, cells in sorted(_grid_cells(records, seeds).items()):
+        full = sorted(_complete(cells, seeds))
+        first_only = sum(len(v) == 1 and seeds[0] in v for v in cells.values())
         if first_only and full:
             shown = ", ".join(f"α = {alpha:g}, lr {lr:g}: {mean:.4f}" for mean, alpha, lr in full)
             parts.append(f"r = {rank}: {shown} ({first_only} more on seed {seeds[0]} only)")
