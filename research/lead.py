@@ -12,9 +12,12 @@ Per task and rank:
 * how many of the peers' (peer, base LR) cells it beats on the mean paired gap, and where it
   does not.
 
-A second table says whether the online part earns its place: the law from its own placement,
-the static placement (wrap time only) and the law from a deliberately wrong α (×16, ÷16), each
-as a paired gap to the law.
+A line below the table sums the peer cells beaten over its rows. A second table says whether
+the online part earns its place: the law from its own placement, the static placement (wrap time
+only) and the law from a deliberately wrong α (×16, ÷16), each as a paired gap to the law.
+
+``lead.md`` ends with the coverage (not spliced into other documents): per task and rank, the
+cells of the law and the peers that have run on fewer than :data:`MIN_PAIRED` held-out seeds.
 
 Usage::
 
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_report import PEERS, format_gap, losses_by_label, losses_by_seed, paired_relative
-from .lm_bench import LRS, setting_records
+from .lm_bench import LRS, Setting, setting_records
 from .peers import LR_FREE
 
 Record = Mapping[str, Any]
@@ -153,6 +156,49 @@ def online_rows(records: Sequence[Record], seeds: Sequence[int]) -> list[tuple[i
     return out
 
 
+def _setting(task: Task) -> Setting | None:
+    return setting_records(
+        task.out, model=task.model, steps=task.steps, schedule=task.schedule,
+        selection_seeds=task.selection_seeds,
+    )  # fmt: skip
+
+
+def coverage(records: Sequence[Record], seeds: Sequence[int]) -> list[tuple[int, list[str]]]:
+    """Per rank where the law ran: its cells and the peers' at every base LR of :data:`LRS`
+    (the LR-free peers once) that ran on fewer than :data:`MIN_PAIRED` of ``seeds`` (or all of
+    them, if fewer), each as ``"<row> at <lr> (<seeds run>)"``. Plain LoRA at α = 16 is left
+    out where 16 is 2r (its runs are the α = 2r row's)."""
+    losses = losses_by_label(records, seeds)
+    need = min(MIN_PAIRED, len(seeds))
+    out = []
+    for rank in sorted({rank for (label, rank, _) in losses if label == LAW}):
+        short = []
+        for label in (LAW, *PEERS):
+            if label == "lora α=16" and 2 * rank == 16:
+                continue
+            for lr in (1.0,) if label in LR_FREE else LRS:
+                n = len(losses.get((label, rank, lr), {}))
+                if n < need:
+                    short.append(f"{label}{'' if label in LR_FREE else f' at {lr:g}'} ({n})")
+        out.append((rank, short))
+    return out
+
+
+def format_coverage(tasks: Sequence[Task] = TASKS) -> str:
+    """The cells short of held-out seeds (:func:`coverage`), task by task, as Markdown."""
+    lines = [
+        f"Cells of the law and the peers with fewer than {MIN_PAIRED} held-out seeds (seeds run):",
+        "",
+    ]
+    for task in tasks:
+        setting = _setting(task)
+        if setting is None:
+            continue
+        for rank, short in coverage(setting.records, task.seeds):
+            lines.append(f"- {task.name}, r = {rank}: " + ("; ".join(short) or "none"))
+    return "\n".join(lines) + "\n"
+
+
 def format_lead(tasks: Sequence[Task] = TASKS) -> str:
     """Both tables, as Markdown, for every task that has records."""
     lead = [
@@ -166,11 +212,9 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     notes = []
+    totals: dict[str, tuple[int, int]] = {}
     for task in tasks:
-        setting = setting_records(
-            task.out, model=task.model, steps=task.steps, schedule=task.schedule,
-            selection_seeds=task.selection_seeds,
-        )  # fmt: skip
+        setting = _setting(task)
         if setting is None:
             continue
         records, oracle = setting.records, setting.oracle
@@ -192,6 +236,8 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
                 f"| {task.name} | {row['rank']} | {recipe} | {law} | {gaps} | {spread} | "
                 f"{row['beaten']} of {row['cells']} | {behind} |"
             )
+            beaten, cells = totals.get(task.name, (0, 0))
+            totals[task.name] = (beaten + row["beaten"], cells + row["cells"])
             if row["oracle_cell"] and recipe == LAWS[0][1]:
                 alpha, lr = row["oracle_cell"]
                 where = (
@@ -210,6 +256,8 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
         "",
         *lead,
         "",
+        _total_line(totals),
+        "",
         "The online part: the law from its own placement, and paired gaps to it of the static "
         "placement (wrap time only) and of the law started from a wrong α (positive = worse than "
         "the law):",
@@ -217,6 +265,14 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
         *online,
     ]
     return "\n".join(text) + "\n"
+
+
+def _total_line(totals: Mapping[str, tuple[int, int]]) -> str:
+    """Peer cells beaten, summed over every row of the table and per task."""
+    beaten, cells = (sum(t[i] for t in totals.values()) for i in (0, 1))
+    share = f" ({beaten / cells:.0%})" if cells else ""
+    per_task = "; ".join(f"{name}: {b} of {c}" for name, (b, c) in totals.items())
+    return f"Peer cells beaten, summed over the rows: {beaten} of {cells}{share} ({per_task})."
 
 
 START, END = "<!-- lead:start (python -m research.lead --into) -->", "<!-- lead:end -->"
@@ -245,16 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     text = format_lead()
+    covered = format_coverage()
     updated = {}
     for path in args.into:
         try:
             updated[path] = splice(path.read_text(encoding="utf-8"), text)
         except (OSError, ValueError) as err:
             parser.exit(2, f"research.lead: {path}: {err}\n")
-    args.out.write_text(text, encoding="utf-8")
+    args.out.write_text(text + "\n" + covered, encoding="utf-8")
     for path, document in updated.items():
         path.write_text(document, encoding="utf-8")
-    print(text)
+    print(text + "\n" + covered)
     return 0
 
 

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from research.lead import END, MIN_PAIRED, START, Task, format_lead, lead_rows, main, online_rows, splice
+from research.lead import (
+    END,
+    MIN_PAIRED,
+    START,
+    Task,
+    coverage,
+    format_coverage,
+    format_lead,
+    lead_rows,
+    main,
+    online_rows,
+    splice,
+)
 
 SEEDS = (100, 101, 102, 103)
 
@@ -84,6 +96,42 @@ def test_format_lead_reads_a_results_file(tmp_path: Path) -> None:
         )
         == 0
     )
+
+
+def test_the_peer_cells_beaten_are_summed_over_the_rows_and_per_task(tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
+    task = Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))
+    assert "Peer cells beaten, summed over the rows: 10 of 12 (83%) (toy: 10 of 12)." in format_lead([task])
+    twice = format_lead([task, Task("again", out, "minilm", 150, "constant", SEEDS, (0, 1))])
+    assert "summed over the rows: 20 of 24 (83%) (toy: 10 of 12; again: 10 of 12)." in twice
+
+
+def test_coverage_lists_the_cells_short_of_held_out_seeds(tmp_path: Path) -> None:
+    records = [
+        r for r in _records()
+        if not (r["config"]["method"] == "steps" and r["config"]["lr"] == 1e-5 and r["config"]["seed"] == 103)
+    ]  # fmt: skip
+    ((rank, short),) = coverage(records, SEEDS)
+    # the law at 1e-5 on three seeds; LoRA+ and schedule-free never ran, nor D-Adaptation (LR-free:
+    # one cell); plain LoRA (α = 2r and 16), rsLoRA and Prodigy ran on every seed
+    assert rank == 4 and short == [
+        "steps at 1e-05 (3)",
+        "loraplus at 1e-05 (0)", "loraplus at 0.0001 (0)", "loraplus at 0.001 (0)",
+        "dadapt (0)",
+        "schedulefree at 1e-05 (0)", "schedulefree at 0.0001 (0)", "schedulefree at 0.001 (0)",
+    ]  # fmt: skip
+    # at r = 8 plain LoRA's α = 16 is its α = 2r: not listed as missing
+    at_r8 = [{**r, "config": {**r["config"], "rank": 8}} for r in records]
+    ((_, short8),) = coverage(at_r8, SEEDS)
+    assert not any("α=16" in cell for cell in short8) and "steps at 1e-05 (3)" in short8
+    # two seeds asked for: two are enough
+    ((_, two),) = coverage(records, SEEDS[:2])
+    assert "steps at 1e-05 (3)" not in two and "dadapt (0)" in two
+    out = tmp_path / "bench.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    text = format_coverage([Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))])
+    assert "- toy, r = 4: steps at 1e-05 (3); loraplus at 1e-05 (0);" in text
 
 
 def test_an_oracle_cell_borrowed_from_the_tasks_own_horizon_is_named_so(tmp_path: Path) -> None:
