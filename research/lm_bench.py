@@ -23,6 +23,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -335,7 +336,7 @@ class Setting(NamedTuple):
     records: list[dict[str, Any]]
     oracle: dict[int, tuple[float, float]]  # rank → (α, LR), borrowed cells included
     borrowed: dict[int, tuple[float, float]]  # those chosen at the task's own setting
-    task_own: bool  # the file holds records of the task's own setting too
+    main: bool  # the file's main setting: it holds the most of the task's records (ties: the task's own)
 
 
 def setting_records(
@@ -367,13 +368,15 @@ def setting_records(
     records, own = at(steps, schedule), at(d.steps, d.schedule)
     if not records:
         return None
+    counts = Counter((r["config"]["steps"], r["config"]["schedule"]) for r in every)
+    main = max(counts, key=lambda k: (counts[k], k == (d.steps, d.schedule)))
     oracle = oracle_cells(records, selection_seeds)
     borrowed = {
         rank: cell
         for rank, cell in oracle_cells(own, selection_seeds).items()
         if rank not in oracle and any(r["config"]["rank"] == rank for r in records)
     }
-    return Setting(records, oracle | borrowed, borrowed, bool(own))
+    return Setting(records, oracle | borrowed, borrowed, main == (steps, schedule))
 
 
 def report(
@@ -389,15 +392,15 @@ def report(
     """Write the tables (``.md``) and loss curves (``_curves.png``) of one setting of ``out``.
 
     Only the runs of one setting enter the tables: ``schedule`` and ``steps`` (default: the
-    task's), so probes at another horizon or schedule in the same file are not mixed in. The
-    report is written beside ``out`` under its stem, or, for another setting in a file that also
-    holds the task's own, under the stem plus ``_<steps>steps`` (and ``_<schedule>`` if that
-    differs), so that it does not overwrite the task's report. A rank whose α × LR grid did not
-    run at this setting on the selection seeds takes the oracle cell chosen at the task's own
-    setting (its horizon probe: the same cell, run longer), and the report says so. Where the
-    later selection seeds ran on part of the grid only, the oracle is chosen among the cells that
-    ran on all of them, and the report names them. The paper's claims are read off the grid on
-    ``claim_seeds`` (default: the selection seeds; cells complete on them).
+    task's), so probes at another horizon or schedule in the same file are not mixed in. The report
+    is written beside ``out`` under its stem for the file's main setting (the one with the most of
+    the task's records), and for any other under the stem plus ``_<steps>steps`` (and
+    ``_<schedule>`` if it is not the task's), so that it does not overwrite the main report. A rank
+    whose α × LR grid did not run at this setting on the selection seeds takes the oracle cell
+    chosen at the task's own setting (its horizon probe: the same cell, run longer), and the report
+    says so. Where the later selection seeds ran on part of the grid only, the oracle is chosen
+    among the cells that ran on all of them, and the report names them. The paper's claims are read
+    off the grid on ``claim_seeds`` (default: the selection seeds; cells complete on them).
     """
     from .bench_report import format_report, gap_report, method_label, plot_curves, pruned_grid_note, table
     from .claims import format_claims
@@ -410,7 +413,7 @@ def report(
     if setting is None:
         print(f"lm_bench: no {model} records at {steps} steps, schedule {schedule}, in {out} yet")
         return 1
-    records, oracle, borrowed, task_own = setting
+    records, oracle, borrowed, main = setting
     result = table(records, seeds=seeds, selection_seeds=selection_seeds, oracle=oracle)
     titles = {
         "smollm2": "Causal LM: SmolLM2-135M on the 2012 convention speeches",
@@ -438,7 +441,7 @@ def report(
         )
     text += "\n" + format_claims(records, selection_seeds if claim_seeds is None else claim_seeds)
     stem = out.stem
-    if not own and task_own:
+    if not main:
         stem += f"_{steps}steps" + ("" if schedule == d.schedule else f"_{schedule}")
     out.with_name(stem + ".md").write_text(text, encoding="utf-8")
     plot_curves(records, out.with_name(stem + "_curves.png"), seed=seeds[0], lr=1e-4)

@@ -238,6 +238,30 @@ def test_the_report_keeps_to_one_schedule_and_horizon(tmp_path: Path) -> None:
     assert "0.1000" not in out.with_suffix(".md").read_text()  # the task's own report stands
 
 
+def test_a_file_of_another_setting_keeps_its_report_apart_from_a_probe_in_it(tmp_path: Path) -> None:
+    """A file that holds none of the task's own setting (the 150-step constant-LR sentiment task
+    in the 600-step task's terms) and a probe at another schedule: the file's main setting (the
+    most records) keeps the plain stem and the probe's report goes beside it."""
+    import json
+
+    from research.lm_bench import report
+
+    def rec(lr: float, seed: int, loss: float, schedule: str) -> str:
+        run = LMRun("lora", 4, lr, seed, alpha=16.0, model="minilm", steps=150, schedule=schedule)
+        return json.dumps({"key": run.key(), "config": vars(run), "eval_loss": loss, "step_s": 1.0,
+                           "train_curve": [[10, loss]]})  # fmt: skip
+
+    lines = [rec(lr, s, 0.50, "constant") for lr in (1e-4, 1e-3) for s in (0, 1, 100)]
+    lines += [rec(1e-3, s, 0.30, "linear") for s in (0, 1, 100)]
+    out = tmp_path / "bench150.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    kw = {"seeds": [100], "model": "minilm", "selection_seeds": [0, 1], "steps": 150}
+    assert report(out, schedule="constant", **kw) == 0 and report(out, schedule="linear", **kw) == 0
+    main = out.with_suffix(".md").read_text()
+    assert "0.5000" in main and "0.3000" not in main
+    assert "oracle (α=16, lr=0.001) | 0.3000" in (tmp_path / "bench150_150steps_linear.md").read_text()
+
+
 def test_a_longer_horizon_takes_the_oracle_cell_chosen_at_the_task_s_own(tmp_path: Path) -> None:
     """A horizon probe runs the oracle cell longer on the held-out seeds only: the report pairs it
     with the cell the selection seeds chose at the task's horizon, says so, and keeps the task's
