@@ -59,15 +59,16 @@ def probe_rows(
     rows = []
     for rank in sorted(oracle):
         alpha, lr = oracle[rank]
-
-        def law(schedule: str, rank: int = rank) -> Losses:
-            return losses_by_seed(records, method="steps", rank=rank, lr=LAW_LR, alpha=None, tag="",
-                                  schedule=schedule)  # fmt: skip
-
-        def cell(schedule: str, rank: int = rank, alpha: float = alpha, lr: float = lr) -> Losses:
-            return losses_by_seed(records, method="lora", rank=rank, lr=lr, alpha=alpha, schedule=schedule)
-
-        law_c, law_l, cell_c, cell_l = law("constant"), law("linear"), cell("constant"), cell("linear")
+        law_c, law_l = (
+            losses_by_seed(
+                records, method="steps", rank=rank, lr=LAW_LR, alpha=None, tag="", schedule=schedule
+            )
+            for schedule in ("constant", "linear")
+        )
+        cell_c, cell_l = (
+            losses_by_seed(records, method="lora", rank=rank, lr=lr, alpha=alpha, schedule=schedule)
+            for schedule in ("constant", "linear")
+        )
         if not any(s in law_l for s in seeds):
             continue
         free = losses_by_seed(
