@@ -65,6 +65,8 @@ RESULTS = Path("benchmarks/results")
 TASKS = (
     Task("MiniLM sentiment, 150 steps, constant LR", RESULTS / "minilm150_bench.jsonl", "minilm", 150,
          "constant", (100, 101, 102, 103, 104, 105, 106, 107), (0, 1)),
+    Task("MiniLM sentiment, 150 steps, warm-up + linear (the law at lr 1e-4 and the oracle only)",
+         RESULTS / "minilm150_bench.jsonl", "minilm", 150, "linear", (100, 101, 102, 103), (0, 1)),
     Task("MiniLM sentiment, 600 steps, warm-up + cosine", RESULTS / "minilm_bench.jsonl", "minilm", 600,
          "cosine", (100, 101, 102, 103, 104, 105, 106, 107), (0, 1)),
     Task("causal LM (SmolLM2-135M), 300 steps, warm-up + linear", RESULTS / "lm_bench.jsonl", "smollm2",
