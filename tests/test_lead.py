@@ -132,6 +132,8 @@ def test_coverage_lists_the_cells_short_of_held_out_seeds(tmp_path: Path) -> Non
     out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     text = format_coverage([Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))])
     assert "- toy, r = 4: steps at 1e-05 (3); loraplus at 1e-05 (0);" in text
+    probe = Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1), probe=True)
+    assert "toy" not in format_coverage([probe]) and "| toy | 4 |" in format_lead([probe])
 
 
 def test_an_oracle_cell_borrowed_from_the_tasks_own_horizon_is_named_so(tmp_path: Path) -> None:
