@@ -241,10 +241,13 @@ def _known(gaps: Sequence[Gap | None], where: Sequence[str]) -> list[tuple[Gap, 
 
 
 def _short(name: str) -> str:
-    """``MiniLM debates (a task …), 150 steps, …`` → ``debates 150``: a task's name in a cell."""
+    """``MiniLM debates (a task …), 150 steps, …`` → ``debates 150``: a task's name in a cell
+    (``… linear`` for a probe at another schedule, ``(a probe: …)`` in its name)."""
     words = name.split(" (")[0].split(",")[0].split()
     steps = re.search(r"(\d+) steps", name)
-    return " ".join(words[1:] if words[0] == "MiniLM" else words) + (f" {steps.group(1)}" if steps else "")
+    short = " ".join(words[1:] if words[0] == "MiniLM" else words) + (f" {steps.group(1)}" if steps else "")
+    schedule = re.search(r"(constant|linear|cosine)[^,]*\(a probe", name)
+    return short + (f" {schedule.group(1)}" if schedule else "")
 
 
 def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Path = SUBSETS) -> str:

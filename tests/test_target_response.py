@@ -159,3 +159,17 @@ def test_worst_case_compares_each_target_with_the_defaults_on_the_same_rows() ->
     assert raised_row[4] == "+6.0% ± 2.0% (debates 150, r = 8; 2 seeds)"  # the defaults on those two rows
     assert raised_row[5] == "+5.0% / +0.5%"
     assert raised_row[6] == "+30.0% ± 10.0% (sentiment 150, r = 64; 6 seeds) |"
+
+
+def test_a_task_is_named_short_in_a_cell_and_a_probe_keeps_its_schedule() -> None:
+    from research.target_response import _short
+
+    assert (
+        _short("MiniLM debates (a task the constants never saw), 150 steps, warm-up + linear")
+        == "debates 150"
+    )
+    assert _short("causal LM (SmolLM2-135M), 300 steps, warm-up + linear") == "causal LM 300"
+    probe = "MiniLM sentiment, 150 steps, warm-up + linear (a probe: the law and the oracle cell)"
+    assert _short(probe) == "sentiment 150 linear" and _short("MiniLM sentiment, 150 steps, constant LR") == (
+        "sentiment 150"
+    )
