@@ -92,6 +92,7 @@ class TargetRow(NamedTuple):
     targets: tuple[float, float]
     to_default: Gap
     to_oracle: Gap | None
+    schedule: str = ""  # a probe task's schedule, named beside the task (``Task.probe``)
 
 
 def _target_cells(
@@ -152,7 +153,11 @@ def task_rows(
             if pairs is not None and targets[1] != DEFAULT_U:
                 pairs.append(gaps)
             if collect is not None and not held_out:
-                collect.append(TargetRow(task.name, rank, targets, gaps[0], oracle_gap))
+                collect.append(
+                    TargetRow(
+                        task.name, rank, targets, gaps[0], oracle_gap, task.schedule if task.probe else ""
+                    )
+                )
             cells = [task.name, str(rank), stage, *_target_cells(targets, label, got, gaps, seeds)]
             cells += [to_oracle, where]
             rows.append("| " + " | ".join(cells) + " |")
@@ -220,7 +225,7 @@ def worst_case(rows: Sequence[TargetRow]) -> list[str]:
     out = []
     for targets, here in sorted(by_target.items()):
         is_default = targets == (DEFAULT_A, DEFAULT_U)
-        where = [f"{_short(r.task)}, r = {r.rank}" for r in here]
+        where = [f"{_short(r.task, r.schedule)}, r = {r.rank}" for r in here]
         to_oracle = _known([r.to_oracle for r in here], where)
         base_gaps = _known([default[(r.task, r.rank)].to_oracle for r in here], where)
         cells = [_sci(x) + (" (default)" if is_default else "") for x in targets]
@@ -240,14 +245,13 @@ def _known(gaps: Sequence[Gap | None], where: Sequence[str]) -> list[tuple[Gap, 
     return [(g, w) for g, w in zip(gaps, where, strict=True) if g is not None and g[2]]
 
 
-def _short(name: str) -> str:
-    """``MiniLM debates (a task …), 150 steps, …`` → ``debates 150``: a task's name in a cell
-    (``… linear`` for a probe at another schedule, ``(a probe: …)`` in its name)."""
+def _short(name: str, schedule: str = "") -> str:
+    """``MiniLM debates (a task …), 150 steps, …`` → ``debates 150``: a task's name in a cell,
+    with ``schedule`` after it where given (a probe's, which shares the name's first words)."""
     words = name.split(" (")[0].split(",")[0].split()
     steps = re.search(r"(\d+) steps", name)
     short = " ".join(words[1:] if words[0] == "MiniLM" else words) + (f" {steps.group(1)}" if steps else "")
-    schedule = re.search(r"(constant|linear|cosine)[^,]*\(a probe", name)
-    return short + (f" {schedule.group(1)}" if schedule else "")
+    return short + (f" {schedule}" if schedule else "")
 
 
 def format_response(tasks: Sequence[Task] = TASKS, lr: float = 1e-4, subsets: Path = SUBSETS) -> str:

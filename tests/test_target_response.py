@@ -170,6 +170,6 @@ def test_a_task_is_named_short_in_a_cell_and_a_probe_keeps_its_schedule() -> Non
     )
     assert _short("causal LM (SmolLM2-135M), 300 steps, warm-up + linear") == "causal LM 300"
     probe = "MiniLM sentiment, 150 steps, warm-up + linear (a probe: the law and the oracle cell)"
-    assert _short(probe) == "sentiment 150 linear" and _short("MiniLM sentiment, 150 steps, constant LR") == (
-        "sentiment 150"
-    )
+    assert _short(probe, "linear") == "sentiment 150 linear" and _short(
+        "MiniLM sentiment, 150 steps, constant LR"
+    ) == ("sentiment 150")
