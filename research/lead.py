@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench_report import PEERS, format_gap, losses_by_label, losses_by_seed, paired_relative
+from .bench_report import PEERS, format_gap, losses_by_label, losses_by_seed, method_label, paired_relative
 from .lm_bench import LRS, Setting, setting_records
 from .peers import LR_FREE
 
@@ -172,15 +172,16 @@ def coverage(records: Sequence[Record], seeds: Sequence[int]) -> list[tuple[int,
     """Per rank where the law ran: its cells and the peers' at every base LR of :data:`LRS`
     (the LR-free peers once) that ran on fewer than :data:`MIN_PAIRED` of ``seeds`` (or all of
     them, if fewer), each as ``"<row> at <lr> (<seeds run>)"``. Plain LoRA at α = 16 is left
-    out where 16 is 2r (its runs are the α = 2r row's)."""
+    out where its runs fall in another row (:func:`method_label`: the α = 2r row at r = 8)."""
     losses = losses_by_label(records, seeds)
     need = min(MIN_PAIRED, len(seeds))
     out = []
     for rank in sorted({rank for (label, rank, _) in losses if label == LAW}):
         short = []
+        plain16 = method_label({"method": "lora", "alpha": 16.0, "rank": rank})  # "lora α=2r" at r = 8
         for label in (LAW, *PEERS):
-            if label == "lora α=16" and 2 * rank == 16:
-                continue
+            if label == "lora α=16" and plain16 != label:
+                continue  # its runs are another row's
             for lr in (1.0,) if label in LR_FREE else LRS:
                 n = len(losses.get((label, rank, lr), {}))
                 if n < need:
