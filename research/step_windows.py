@@ -69,9 +69,9 @@ class WindowRow(NamedTuple):
 
 
 def _reading(run: Record, key: str) -> float | None:
-    """The run's ``key`` reading times its schedule's mean factor (1 at a constant LR without
-    warm-up; else the record's, which runs before the law read the schedule lack); ``None``
-    without both."""
+    """The run's ``key`` reading times its schedule's mean factor: 1 at a constant LR without
+    warm-up, else the record's ``schedule_mean`` (records made before the law read the schedule
+    have none). ``None`` without both."""
     config = run["config"]
     constant = config.get("schedule") == "constant" and not config.get("warmup")
     value, mean = run.get(key), 1.0 if constant else run.get("schedule_mean")
@@ -133,11 +133,11 @@ def window_rows(
         inside.sort(key=lambda c: (c.u is None, c.u or 0.0))
         us = [c.u for c in inside if c.u is not None]
         outside = [(c.u, c) for c in cells if c not in inside and c.u is not None]
-        below = max(((u, c) for u, c in outside if us and u < min(us)), key=lambda p: p[0], default=None)
-        above = min(((u, c) for u, c in outside if us and u > max(us)), key=lambda p: p[0], default=None)
-        rows.append(WindowRow(
-            task, rank, best, inside, below and below[1], above and above[1], law_cell(records, rank)
-        ))  # fmt: skip
+        lower = [pair for pair in outside if us and pair[0] < min(us)]
+        upper = [pair for pair in outside if us and pair[0] > max(us)]
+        below = max(lower, key=lambda pair: pair[0])[1] if lower else None
+        above = min(upper, key=lambda pair: pair[0])[1] if upper else None
+        rows.append(WindowRow(task, rank, best, inside, below, above, law_cell(records, rank)))
     return rows
 
 
