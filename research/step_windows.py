@@ -14,7 +14,9 @@ the run). Per task and rank, on the selection seeds:
   they hardly vary).
 
 Below the table: the ``u`` every row's window shares, if any. If none, no constant update
-target, the law's or another, can put every task's run where its good runs step.
+target puts every task's run among its sampled good cells; as the grid samples ``u`` 2–4×
+apart, the line also says how far the two windows furthest apart could reach (up to the next
+cells out), and whether they could meet there.
 
 Usage::
 
