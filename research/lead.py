@@ -63,6 +63,9 @@ class Task:
 
 #: A peer cell counts where it shares this many seeds with the law (or all of the law's, if fewer).
 MIN_PAIRED = 4
+#: The peers the tuning-free bar names (vanilla LoRA, at either recipe α, rsLoRA, LoRA+ and
+#: Prodigy); the lead table counts every peer, and this subset beside it.
+BAR_PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy")
 RESULTS = Path("benchmarks/results")
 TASKS = (
     Task("MiniLM sentiment, 150 steps, constant LR", RESULTS / "minilm150_bench.jsonl", "minilm", 150,
@@ -103,7 +106,8 @@ def lead_rows(
     over the law's LRs, each mean over the seeds that row ran at every one of them, at least two),
     ``beaten`` and ``cells`` (peer cells the law beats on the mean paired gap, of those sharing
     at least :data:`MIN_PAIRED` seeds with it, or all of its seeds where it ran on fewer),
-    and ``behind`` (peer label, LR, gap) where it does not.
+    ``bar`` (the same two counts over :data:`BAR_PEERS` only), and ``behind`` (peer label, LR,
+    gap) where it does not.
     """
     losses = losses_by_label(records, seeds)
     rows = []
@@ -119,6 +123,7 @@ def lead_rows(
             "spread": {},
             "beaten": 0,
             "cells": 0,
+            "bar": (0, 0),
             "behind": [],
         }
         if rank in oracle:
@@ -142,6 +147,8 @@ def lead_rows(
                     row["beaten"] += 1
                 else:
                     row["behind"].append((peer, lr, (mean, se, n)))
+                if peer in BAR_PEERS:
+                    row["bar"] = (row["bar"][0] + (mean < 0), row["bar"][1] + 1)
         rows.append(row)
     return rows
 
@@ -219,6 +226,7 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
     ]
     notes = []
     totals: dict[str, tuple[int, int]] = {}
+    bar = (0, 0)
     for task in tasks:
         setting = _setting(task)
         if setting is None:
@@ -244,6 +252,7 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
             )
             beaten, cells = totals.get(task.name, (0, 0))
             totals[task.name] = (beaten + row["beaten"], cells + row["cells"])
+            bar = (bar[0] + row["bar"][0], bar[1] + row["bar"][1])
             if row["oracle_cell"] and recipe == LAWS[0][1]:
                 alpha, lr = row["oracle_cell"]
                 where = (
@@ -262,7 +271,7 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
         "",
         *lead,
         "",
-        _total_line(totals),
+        _total_line(totals, bar),
         "",
         "The online part: the law from its own placement, and paired gaps to it of the static "
         "placement (wrap time only) and of the law started from a wrong α (positive = worse than "
@@ -273,12 +282,20 @@ def format_lead(tasks: Sequence[Task] = TASKS) -> str:
     return "\n".join(text) + "\n"
 
 
-def _total_line(totals: Mapping[str, tuple[int, int]]) -> str:
-    """Peer cells beaten, summed over every row of the table and per task."""
+def _share(beaten: int, cells: int) -> str:
+    return f" ({beaten / cells:.1%})" if cells else ""
+
+
+def _total_line(totals: Mapping[str, tuple[int, int]], bar: tuple[int, int]) -> str:
+    """Peer cells beaten, summed over every row of the table and per task, and over the rows
+    against :data:`BAR_PEERS` only (``bar``: beaten, cells)."""
     beaten, cells = (sum(t[i] for t in totals.values()) for i in (0, 1))
-    share = f" ({beaten / cells:.0%})" if cells else ""
     per_task = "; ".join(f"{name}: {b} of {c}" for name, (b, c) in totals.items())
-    return f"Peer cells beaten, summed over the rows: {beaten} of {cells}{share} ({per_task})."
+    return (
+        f"Peer cells beaten, summed over the rows: {beaten} of {cells}{_share(beaten, cells)} ({per_task}). "
+        f"Against the peers the tuning-free bar names (vanilla LoRA, rsLoRA, LoRA+, Prodigy): {bar[0]} of "
+        f"{bar[1]}{_share(*bar)}."
+    )
 
 
 START, END = "<!-- lead:start (python -m research.lead --into) -->", "<!-- lead:end -->"

@@ -102,9 +102,26 @@ def test_the_peer_cells_beaten_are_summed_over_the_rows_and_per_task(tmp_path: P
     out = tmp_path / "bench.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
     task = Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))
-    assert "Peer cells beaten, summed over the rows: 10 of 12 (83%) (toy: 10 of 12)." in format_lead([task])
+    assert "Peer cells beaten, summed over the rows: 10 of 12 (83.3%) (toy: 10 of 12)." in format_lead([task])
     twice = format_lead([task, Task("again", out, "minilm", 150, "constant", SEEDS, (0, 1))])
-    assert "summed over the rows: 20 of 24 (83%) (toy: 10 of 12; again: 10 of 12)." in twice
+    assert "summed over the rows: 20 of 24 (83.3%) (toy: 10 of 12; again: 10 of 12)." in twice
+    assert "the tuning-free bar names (vanilla LoRA, rsLoRA, LoRA+, Prodigy): 20 of 24 (83.3%)." in twice
+
+
+def test_the_bar_s_own_peers_are_counted_apart_from_every_peer(tmp_path: Path) -> None:
+    """Schedule-free AdamW (a peer of the benchmark, not of the tuning-free bar) beats the law at
+    every LR: it counts in the table's total, not in the bar's."""
+    records = _records() + [_rec("schedulefree", 4, lr, s, 0.40) for lr in (1e-5, 1e-4, 1e-3) for s in SEEDS]
+    (row,) = lead_rows(records, {4: (16.0, 1e-3)}, SEEDS)
+    assert (row["beaten"], row["cells"]) == (10, 15) and row["bar"] == (10, 12)
+    out = tmp_path / "bench.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    text = format_lead([Task("toy", out, "minilm", 150, "constant", SEEDS, (0, 1))])
+    assert (
+        "summed over the rows: 10 of 15 (66.7%) (toy: 10 of 15). Against the peers the tuning-free bar"
+        in text
+    )
+    assert "(vanilla LoRA, rsLoRA, LoRA+, Prodigy): 10 of 12 (83.3%)." in text
 
 
 def test_coverage_lists_the_cells_short_of_held_out_seeds(tmp_path: Path) -> None:
