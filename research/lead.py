@@ -12,7 +12,8 @@ Per task and rank:
 * how many of the peers' (peer, base LR) cells it beats on the mean paired gap, and where it
   does not.
 
-A line below the table sums the peer cells beaten over its rows. A second table says whether
+A line below the table sums the peer cells beaten over its rows, for every peer and for the
+peers the tuning-free bar names (:data:`BAR_PEERS`). A second table says whether
 the online part earns its place: the law from its own placement, the static placement (wrap time
 only) and the law from a deliberately wrong α (×16, ÷16), each as a paired gap to the law.
 
@@ -148,7 +149,7 @@ def lead_rows(
                 else:
                     row["behind"].append((peer, lr, (mean, se, n)))
                 if peer in BAR_PEERS:
-                    row["bar"] = (row["bar"][0] + (mean < 0), row["bar"][1] + 1)
+                    row["bar"] = (row["bar"][0] + int(mean < 0), row["bar"][1] + 1)
         rows.append(row)
     return rows
 
