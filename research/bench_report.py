@@ -26,6 +26,7 @@ PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy", "dadapt", 
 __all__ = [
     "format_gap",
     "format_report",
+    "grid_runs",
     "losses_by_seed",
     "method_label",
     "oracle_cells",
@@ -93,17 +94,28 @@ def losses_by_label(
 
 #: Per rank, plain LoRA's ``(LR, α)`` cells: seed → loss.
 GridCells = dict[int, dict[tuple[float, float], dict[int, float]]]
+#: Per rank, plain LoRA's ``(LR, α)`` cells: seed → record.
+GridRuns = dict[int, dict[tuple[float, float], dict[int, Record]]]
 
 
-def _grid_cells(records: Iterable[Record], seeds: Sequence[int]) -> GridCells:
-    """Plain LoRA's cells over ``seeds``, rank by rank, in the order the records first name them."""
-    cells: GridCells = defaultdict(lambda: defaultdict(dict))
+def grid_runs(records: Iterable[Record], seeds: Sequence[int]) -> GridRuns:
+    """Plain LoRA's runs over ``seeds`` by rank and ``(LR, α)`` cell (α = 2r spelled out), in the
+    order the records first name them."""
+    runs: GridRuns = defaultdict(lambda: defaultdict(dict))
     for r in records:
         c = r["config"]
         if base_method(c) == "lora" and c["seed"] in seeds:
             alpha = 2.0 * c["rank"] if c.get("alpha") is None else c["alpha"]
-            cells[c["rank"]][(c["lr"], alpha)][c["seed"]] = _loss(r)
-    return cells
+            runs[c["rank"]][(c["lr"], alpha)][c["seed"]] = r
+    return runs
+
+
+def _grid_cells(records: Iterable[Record], seeds: Sequence[int]) -> GridCells:
+    """Plain LoRA's cells over ``seeds``, rank by rank, in the order the records first name them."""
+    return {
+        rank: {cell: {seed: _loss(r) for seed, r in by_seed.items()} for cell, by_seed in cells.items()}
+        for rank, cells in grid_runs(records, seeds).items()
+    }
 
 
 def _complete(

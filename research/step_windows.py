@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .bench_report import base_method
+from .bench_report import grid_runs
 from .lead import TASKS, Task
 from .lm_bench import setting_records
 
@@ -94,18 +93,14 @@ def _cell(alpha: float, lr: float, runs: Sequence[Record]) -> Cell:
 def grid(records: Iterable[Record], seeds: Sequence[int]) -> dict[int, list[Cell]]:
     """Per rank, plain LoRA's cells that ran on every one of ``seeds`` (a diverged run, with no
     finite loss, leaves its cell out)."""
-    runs: dict[tuple[int, float, float], list[Record]] = defaultdict(list)
-    for r in records:
-        c = r["config"]
-        if base_method(c) == "lora" and c["seed"] in seeds:
-            alpha = 2.0 * c["rank"] if c.get("alpha") is None else float(c["alpha"])
-            runs[(c["rank"], alpha, c["lr"])].append(r)
-    out: dict[int, list[Cell]] = defaultdict(list)
-    for (rank, alpha, lr), cell_runs in runs.items():
-        finite = all(r.get("eval_loss") is not None and math.isfinite(r["eval_loss"]) for r in cell_runs)
-        if finite and {r["config"]["seed"] for r in cell_runs} == set(seeds):
-            out[rank].append(_cell(alpha, lr, cell_runs))
-    return dict(out)
+    out: dict[int, list[Cell]] = {}
+    for rank, cells in grid_runs(records, seeds).items():
+        out[rank] = [
+            _cell(float(alpha), lr, list(runs.values())) for (lr, alpha), runs in cells.items()
+            if len(runs) == len(seeds)
+            and all(r.get("eval_loss") is not None and math.isfinite(r["eval_loss"]) for r in runs.values())
+        ]  # fmt: skip
+    return out
 
 
 def law_cell(records: Iterable[Record], rank: int) -> Cell | None:
