@@ -137,19 +137,18 @@ def lead_rows(
             if len(lrs) > 1 and len(common) >= 2:
                 means = [statistics.fmean(v[s] for s in common) for v in runs]
                 row["spread"]["law" if label == law_row else "plain"] = (max(means) - min(means)) / min(means)
+        won: list[tuple[str, bool]] = []  # (peer, whether the law beats it) per counted cell
         for peer in PEERS:
             for lr in lrs:
                 other = losses.get((peer, rank, 1.0 if peer in LR_FREE else lr), {})
                 mean, se, n = paired_relative(law[lr], other, seeds)
                 if n < min(len(law[lr]), MIN_PAIRED):  # too few seeds in common to count
                     continue
-                row["cells"] += 1
-                if mean < 0:
-                    row["beaten"] += 1
-                else:
+                won.append((peer, mean < 0))
+                if mean >= 0:
                     row["behind"].append((peer, lr, (mean, se, n)))
-                if peer in BAR_PEERS:
-                    row["bar"] = (row["bar"][0] + int(mean < 0), row["bar"][1] + 1)
+        bar = [w for peer, w in won if peer in BAR_PEERS]
+        row.update(beaten=sum(w for _, w in won), cells=len(won), bar=(sum(bar), len(bar)))
         rows.append(row)
     return rows
 
