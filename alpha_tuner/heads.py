@@ -9,7 +9,7 @@ barely moves in a short run. On the sweep's task the whole model's best learning
 grid's largest, 3.2e-4, at every rank; with the base LR at 2e-5 and the principled α, moving
 the head to 3.2e-4 lowered the held-out loss from 0.61, 0.55, 0.60 to 0.52, 0.50, 0.51 at
 r = 4, 16, 64, within 0.6–2 % of the best cell of the whole grid (selection seeds;
-``benchmarks/head_ablation.py``, BENCHMARKS.md). So the wrapper gives these parameters at
+``research/probes/head_ablation.py``, BENCHMARKS.md). So the wrapper gives these parameters at
 least ``HEAD_LR``.
 """
 
