@@ -19,7 +19,7 @@ on the width the way a learning rate does. The law holds them at the schedule's 
 ``f̄ = ½`` gets twice the constant-LR peak, so that the run moves its factors as far as a
 constant-LR run at the targets does. At a constant LR ``f̄ = 1`` and nothing changes. (The
 constants were chosen at a constant LR; held at the peak under the Trainer's warm-up + decay,
-they under-stepped the 600-step MiniLM and the causal-LM benchmarks, BENCHMARKS.md.)
+they under-stepped the 600-step MiniLM and the causal-LM benchmarks, benchmarks/FINDINGS.md.)
 
 **At wrap time** (B = 0, so any balance is free) each layer is placed from Adam's first steps,
 whose elements have size η: ``a ≈ η_A·√(r·k) / ‖A‖_F`` and ``u ≈ s·η_B·√d·‖A‖_F / ‖W₀‖_F`` for a

@@ -14,7 +14,7 @@ Usage::
 
     python -m research.decay_probe   # writes benchmarks/results/decay_probe.md
 
-The runs (``M`` as in BENCHMARKS.md: ``python -m research.lm_bench --model minilm --steps 150
+The runs (``M`` as in benchmarks/FINDINGS.md: ``python -m research.lm_bench --model minilm --steps 150
 --out benchmarks/results/minilm150_bench.jsonl``)::
 
     $M --schedule linear --warmup 0.1 --stage heldout --seeds 100,101,102,103 --ranks 4,16,64 \\

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect()
     if not rows:
         parser.exit(2, "research.step_windows: no results file holds a plain-LoRA grid on its selection "
-                       "seeds; run the grids in BENCHMARKS.md first\n")  # fmt: skip
+                       "seeds; run the grids in benchmarks/FINDINGS.md first\n")  # fmt: skip
     text = format_windows(rows)
     args.out.write_text(text, encoding="utf-8")
     print(text)
