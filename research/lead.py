@@ -64,9 +64,15 @@ class Task:
 
 #: A peer cell counts where it shares this many seeds with the law (or all of the law's, if fewer).
 MIN_PAIRED = 4
-#: The peers the tuning-free bar names (vanilla LoRA, at either recipe α, rsLoRA, LoRA+ and
-#: Prodigy); the lead table counts every peer, and this subset beside it.
-BAR_PEERS = ("lora α=2r", "lora α=16", "rslora", "loraplus", "prodigy")
+#: The peers the tuning-free bar names, each label with the name the bar gives it (vanilla LoRA
+#: at either recipe α); the lead table counts every peer, and this subset beside it.
+BAR_PEERS = {
+    "lora α=2r": "vanilla LoRA",
+    "lora α=16": "vanilla LoRA",
+    "rslora": "rsLoRA",
+    "loraplus": "LoRA+",
+    "prodigy": "Prodigy",
+}
 RESULTS = Path("benchmarks/results")
 TASKS = (
     Task("MiniLM sentiment, 150 steps, constant LR", RESULTS / "minilm150_bench.jsonl", "minilm", 150,
@@ -293,8 +299,8 @@ def _total_line(totals: Mapping[str, tuple[int, int]], bar: tuple[int, int]) -> 
     per_task = "; ".join(f"{name}: {b} of {c}" for name, (b, c) in totals.items())
     return (
         f"Peer cells beaten, summed over the rows: {beaten} of {cells}{_share(beaten, cells)} ({per_task}). "
-        f"Against the peers the tuning-free bar names (vanilla LoRA, rsLoRA, LoRA+, Prodigy): {bar[0]} of "
-        f"{bar[1]}{_share(*bar)}."
+        f"Against the peers the tuning-free bar names ({', '.join(dict.fromkeys(BAR_PEERS.values()))}): "
+        f"{bar[0]} of {bar[1]}{_share(*bar)}."
     )
 
 
