@@ -393,3 +393,38 @@ def test_coherence_traces_a_path_no_longer_than_its_steps(tmp_path: Path) -> Non
     _script("coherence", "--out", str(out), "--report")
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| tiny · steps · r=4 · " in table and f"| {trace[-1]['k_all']:.3f} |" in table
+
+
+def test_linefit_parabola_finds_the_minimum_of_a_quadratic() -> None:
+    from research.probes.linefit import parabola_minimum
+
+    def f(k: float) -> float:
+        return 3.0 * (k - 1.7) ** 2 + 0.5  # minimum at k = 1.7, f'(0) = -10.2, f'' = 6
+
+    k, slope, curvature = parabola_minimum(f(0), f(1), f(2))
+    assert k == pytest.approx(1.7) and slope == pytest.approx(-10.2) and curvature == pytest.approx(6.0)
+    assert parabola_minimum(1.0, 0.9, 0.7)[0] == math.inf  # concave and falling: never turns
+    assert parabola_minimum(1.0, 1.2, 1.3)[0] == -math.inf  # concave and rising: uphill
+    assert parabola_minimum(1.0, 1.1, 1.3)[0] == pytest.approx(-0.5)  # convex, its minimum behind
+
+
+def test_linefit_reads_the_loss_along_steps_without_changing_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "linefit.jsonl"
+    args = ("--model", "tiny", "--rank", "4", "--steps", "40", "--out", str(out))
+    _script("linefit", *args, runs=2)  # the rerun finds the run done and trains nothing
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 1
+    trace = records[0]["trace"]
+    assert [row["step"] for row in trace] == [6, 16, 26, 36]  # every 10 steps, off the control steps
+    for row in trace:
+        for batch in ("same", "next"):
+            f0, f1, f2 = row[batch]
+            assert f1 < f0  # an early step at lr 1e-4 lowers the loss on either batch
+    # the probe puts the factors back: the run ends where the benchmark's run of it ends
+    from research.lm_bench import LMRun, execute
+
+    plain = execute(LMRun("steps", 4, 1e-4, 0, steps=40, batch_size=4, block=128, model="tiny"))
+    assert records[0]["eval_loss"] == plain["eval_loss"]
+    _script("linefit", "--out", str(out), "--report")
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| tiny · steps · r=4 · " in table and table.rstrip().endswith("| 4 |")
