@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,13 @@ def trace_probe_main(
         method=args.method, alpha=args.alpha,
     )  # fmt: skip
     return 0
+
+
+def traced_records(path: Path) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Each record of a probe's results file that has trace rows, with those rows."""
+    for record in read_records(path):
+        if record["trace"]:
+            yield record, record["trace"]
 
 
 def run_cells(record: Mapping[str, Any]) -> str:

@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, trace_probe_main
-from research.runner import read_records
+from research.probes._trainer import run_cells, trace_probe_main, traced_records
 
 OUT = Path("benchmarks/results/coherence.jsonl")
 EVERY = 10
@@ -143,10 +142,7 @@ def report(path: Path) -> str:
         "| c² | τ |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for rec in read_records(path):
-        rows = rec["trace"]
-        if not rows:
-            continue
+    for rec, rows in traced_records(path):
         half = rec["config"]["steps"] / 2
         c2, tau = fit_coherence(rows)
         halves = [_halves(rows, f, half) for f in LAG_FIELDS]

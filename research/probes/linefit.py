@@ -35,8 +35,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, trace_probe_main
-from research.runner import read_records
+from research.probes._trainer import run_cells, trace_probe_main, traced_records
 
 OUT = Path("benchmarks/results/linefit.jsonl")
 EVERY = 10
@@ -151,10 +150,7 @@ def report(path: Path) -> str:
         "next: mean fit, 1st half / 2nd half / all | next: median | samples |",
         "|---|---|---|---|---|---|---|",
     ]
-    for rec in read_records(path):
-        rows = rec["trace"]
-        if not rows:
-            continue
+    for rec, rows in traced_records(path):
         half = rec["config"]["steps"] / 2
         parts = ([r for r in rows if r["step"] <= half], [r for r in rows if r["step"] > half], rows)
         cells = []

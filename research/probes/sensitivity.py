@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, trace_probe_main
-from research.runner import read_records
+from research.probes._trainer import run_cells, trace_probe_main, traced_records
 
 OUT = Path("benchmarks/results/sensitivity.jsonl")
 EVERY = 5
@@ -113,10 +112,7 @@ def report(path: Path) -> str:
         "| run | held-out loss | Ŝ first third | Ŝ second third | Ŝ last third | mean L, last third |",
         "|---|---|---|---|---|---|",
     ]
-    for rec in read_records(path):
-        rows = rec["trace"]
-        if not rows:
-            continue
+    for rec, rows in traced_records(path):
         n = rec["config"]["steps"]
         thirds = [[r for r in rows if k * n / 3 < r["step"] <= (k + 1) * n / 3] for k in range(3)]
         cells = [_mean([r["s_median"] for r in t]) for t in thirds]
