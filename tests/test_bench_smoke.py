@@ -418,7 +418,7 @@ def test_linefit_reads_the_loss_along_steps_without_changing_the_run(tmp_path: P
     assert [row["step"] for row in trace] == [6, 16, 26, 36]  # every 10 steps, off the control steps
     for row in trace:
         for batch in ("same", "next"):
-            f0, f1, f2 = row[batch]
+            f0, f1 = row[batch][:2]
             assert f1 < f0  # an early step at lr 1e-4 lowers the loss on either batch
     # the probe puts the factors back: the run ends where the benchmark's run of it ends
     from research.lm_bench import LMRun, execute

@@ -14,7 +14,7 @@ from alpha_tuner import AlphaRule
 from alpha_tuner.demo.assets import missing_reason
 from research.lm_bench import LMRun, execute, grid
 from research.peers import LR_FREE, METHODS, build_peer
-from research.provenance import CODE
+from research.provenance import CODE, cpu_model
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -32,6 +32,7 @@ def test_each_method_trains_through_the_trainer(method: str) -> None:
     assert [step for step, _ in record["train_curve"]] == [10]  # the Trainer logs every 10 steps
     assert record["step_s"] > 0
     assert record["code"] == CODE and record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["cpu"] == cpu_model()  # the machine too: bf16 rounds differently across CPUs
     if method.startswith("alphatuned"):
         assert record["alpha_start"] == pytest.approx(AlphaRule().alpha(4, lr))  # not the recipe's 2r
     elif method.startswith("steps"):

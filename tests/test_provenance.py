@@ -47,3 +47,17 @@ def test_a_change_to_the_code_marks_the_revision_dirty(checkout: Path) -> None:
 
 def test_a_folder_outside_git_has_no_revision(tmp_path: Path) -> None:
     assert code_revision(tmp_path / "nowhere") is None
+
+
+def test_the_cpu_is_named_with_its_bf16_flags(tmp_path: Path) -> None:
+    from research.provenance import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n"
+    )
+    assert cpu_model(info) == "AMD EPYC 9R14 (avx512_bf16, amx_bf16)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2\n")
+    assert cpu_model(info) == "Some CPU"  # no bf16 instructions: the model alone
+    assert cpu_model(tmp_path / "missing") != ""  # off Linux: whatever platform says, or "unknown"
