@@ -6,7 +6,7 @@ records of the same run differ only if the code or the kernels differ, so each r
 both: ``code`` (the checkout's commit, ``+dirty`` where the library or the research code had
 uncommitted changes) and ``cpu_capability`` (the vector ISA torch dispatches to; bf16 matmuls
 round differently across them). The same ISA is not enough: the same code on two AVX512 machines
-ended a debates run 0.0006 % to 0.04 % apart, its training losses apart from step 10 on, so each
+ended debates runs 0.0007 % to 0.04 % apart, its training losses apart from step 10 on, so each
 record also names the ``cpu`` (the processor's model and the bf16 instructions it has).
 """
 
