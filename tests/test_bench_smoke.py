@@ -396,7 +396,7 @@ def test_coherence_traces_a_path_no_longer_than_its_steps(tmp_path: Path) -> Non
 
 
 def test_linefit_parabola_finds_the_minimum_of_a_quadratic() -> None:
-    from research.probes.linefit import parabola_minimum
+    from research.probes.linefit import mean_parabola_minimum, parabola_minimum
 
     def f(k: float) -> float:
         return 3.0 * (k - 1.7) ** 2 + 0.5  # minimum at k = 1.7, f'(0) = -10.2, f'' = 6
@@ -406,6 +406,9 @@ def test_linefit_parabola_finds_the_minimum_of_a_quadratic() -> None:
     assert parabola_minimum(1.0, 0.9, 0.7)[0] == math.inf  # concave and falling: never turns
     assert parabola_minimum(1.0, 1.2, 1.3)[0] == -math.inf  # concave and rising: uphill
     assert parabola_minimum(1.0, 1.1, 1.3)[0] == pytest.approx(-0.5)  # convex, its minimum behind
+    # the mean of two samples' parabolas: minimum at -mean f'(0) / mean f''
+    rows = [{"same": [f(0), f(1), f(2)]}, {"same": [1.0, 0.9, 0.7]}]  # slopes -10.2, -0.05; f'' 6, -0.1
+    assert mean_parabola_minimum(rows, "same") == pytest.approx((10.2 + 0.05) / (6.0 - 0.1))
 
 
 def test_linefit_reads_the_loss_along_steps_without_changing_the_run(tmp_path: Path) -> None:

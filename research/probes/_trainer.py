@@ -69,7 +69,7 @@ def run_seeds(
 
 #: A probe's watcher factory: ``(trace, every)`` → :func:`research.lm_bench.execute`'s ``watch``.
 WatcherFactory = Callable[[list[dict[str, Any]], int], Any]
-_KEEP = ("key", "config", "eval_loss", "train_curve", "code", "cpu_capability")
+_KEEP = ("key", "config", "eval_loss", "train_curve", "code", "cpu_capability", "cpu")
 
 
 def traced_run(run: LMRun, watcher: WatcherFactory, every: int) -> dict[str, Any]:

@@ -123,14 +123,10 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
 
 
 def mean_parabola_minimum(rows: list[dict[str, Any]], batch: str) -> float:
-    """``k*`` of the mean of the samples' parabolas (``−mean f'(0) / mean f''``): the line fit of
-    the loss averaged over the samples' batches, far steadier than any one sample's ``k*``."""
-    fits = [parabola_minimum(*r[batch]) for r in rows]
-    slope = statistics.fmean(f[1] for f in fits)
-    curvature = statistics.fmean(f[2] for f in fits)
-    if curvature > 0:
-        return -slope / curvature
-    return math.inf if slope < 0 else -math.inf
+    """``k*`` of the mean of the samples' parabolas, which is the parabola through the mean
+    losses: the line fit of the loss averaged over the samples' batches, far steadier than any
+    one sample's ``k*``."""
+    return parabola_minimum(*(statistics.fmean(r[batch][i] for r in rows) for i in range(3)))[0]
 
 
 def report(path: Path) -> str:
