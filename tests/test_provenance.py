@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from research.provenance import code_revision
+from research.provenance import code_revision, cpu_model
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -50,8 +50,6 @@ def test_a_folder_outside_git_has_no_revision(tmp_path: Path) -> None:
 
 
 def test_the_cpu_is_named_with_its_bf16_flags(tmp_path: Path) -> None:
-    from research.provenance import cpu_model
-
     info = tmp_path / "cpuinfo"
     info.write_text(
         "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n\n"
