@@ -118,6 +118,15 @@ def traced_records(path: Path) -> Iterator[tuple[dict[str, Any], list[dict[str, 
             yield record, record["trace"]
 
 
+def run_parts(
+    record: Mapping[str, Any], rows: list[dict[str, Any]], parts: int
+) -> list[list[dict[str, Any]]]:
+    """``rows`` split into ``parts`` equal stretches of ``record``'s run by their ``step`` (a row
+    at a boundary closes the earlier stretch)."""
+    n = record["config"]["steps"]
+    return [[r for r in rows if k * n / parts < r["step"] <= (k + 1) * n / parts] for k in range(parts)]
+
+
 def run_cells(record: Mapping[str, Any]) -> str:
     """A probe table's first two cells for one record: its run (the key, ``·`` for ``|``) and
     its held-out loss."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, trace_probe_main, traced_records
+from research.probes._trainer import run_cells, run_parts, trace_probe_main, traced_records
 
 OUT = Path("benchmarks/results/coherence.jsonl")
 EVERY = 10
@@ -54,11 +54,11 @@ def _base_weight(layer: Any) -> torch.Tensor:
     return weight.detach().float()
 
 
-def _halves(rows: list[dict[str, Any]], field: str, half: float) -> str:
+def _halves(halves: list[list[dict[str, Any]]], field: str) -> str:
     """The means of ``field`` over the samples of the run's first and second half, "x / y"."""
     means = []
-    for first in (True, False):
-        v = [r[field] for r in rows if r.get(field) is not None and (r["step"] <= half) == first]
+    for part in halves:
+        v = [r[field] for r in part if r.get(field) is not None]
         means.append(f"{statistics.fmean(v):.3f}" if v else "–")
     return " / ".join(means)
 
@@ -143,9 +143,8 @@ def report(path: Path) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for rec, rows in traced_records(path):
-        half = rec["config"]["steps"] / 2
         c2, tau = fit_coherence(rows)
-        halves = [_halves(rows, f, half) for f in LAG_FIELDS]
+        halves = [_halves(run_parts(rec, rows, 2), f) for f in LAG_FIELDS]
         end = rows[-1]
         out.append(
             f"{run_cells(rec)} {halves[0]} | {halves[1]} | {end['k_all']:.3f} | {end['dist']:.2e} | "

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, trace_probe_main
+from research.probes._trainer import run_cells, run_parts, trace_probe_main
 from research.runner import read_records
 
 OUT = Path("benchmarks/results/hypergrad.jsonl")
@@ -126,9 +126,7 @@ def report(path: Path) -> str:
         rows = [r for r in rec["trace"] if "c1" in r]
         if not rows:
             continue
-        half = rec["config"]["steps"] / 2
-        first = [r["c1"] for r in rows if r["step"] <= half]
-        second = [r["c1"] for r in rows if r["step"] > half]
+        first, second = ([r["c1"] for r in part] for part in run_parts(rec, rows, 2))
 
         def mean(v: list[float | None]) -> str:  # None: a NaN the record could not hold
             finite = [x for x in v if x is not None]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, trace_probe_main, traced_records
+from research.probes._trainer import run_cells, run_parts, trace_probe_main, traced_records
 
 OUT = Path("benchmarks/results/linefit.jsonl")
 EVERY = 10
@@ -147,8 +147,7 @@ def report(path: Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for rec, rows in traced_records(path):
-        half = rec["config"]["steps"] / 2
-        parts = ([r for r in rows if r["step"] <= half], [r for r in rows if r["step"] > half], rows)
+        parts = (*run_parts(rec, rows, 2), rows)
         cells = []
         for batch in ("same", "next"):
             fits = " / ".join(f"{mean_parabola_minimum(part, batch):.2f}" if part else "–" for part in parts)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, trace_probe_main, traced_records
+from research.probes._trainer import run_cells, run_parts, trace_probe_main, traced_records
 
 OUT = Path("benchmarks/results/sensitivity.jsonl")
 EVERY = 5
@@ -113,8 +113,7 @@ def report(path: Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     for rec, rows in traced_records(path):
-        n = rec["config"]["steps"]
-        thirds = [[r for r in rows if k * n / 3 < r["step"] <= (k + 1) * n / 3] for k in range(3)]
+        thirds = run_parts(rec, rows, 3)
         cells = [_mean([r["s_median"] for r in t]) for t in thirds]
         out.append(f"{run_cells(rec)} {' | '.join(cells)} | {_mean([r['loss'] for r in thirds[2]])} |")
     return "\n".join(out) + "\n"
