@@ -72,6 +72,18 @@ WatcherFactory = Callable[[list[dict[str, Any]], int], Any]
 _KEEP = ("key", "config", "eval_loss", "train_curve", "code", "cpu_capability", "cpu")
 
 
+def law_alpha(tuner: Any) -> torch.Tensor | None:
+    """A copy of the step law's per-layer log α now; ``None`` for a peer or a tuner without the law."""
+    law = None if tuner is None else tuner.engine.state.law
+    return None if law is None else law.log_alpha.clone()
+
+
+def unrescaled(before: torch.Tensor | None, now: torch.Tensor | None) -> bool:
+    """No control step rescaled the factors between two reads of :func:`law_alpha` (or there is
+    no law to rescale them), so a parameter difference between the reads is an optimizer step."""
+    return before is None or now is None or torch.equal(before, now)
+
+
 def traced_run(run: LMRun, watcher: WatcherFactory, every: int) -> dict[str, Any]:
     """Train ``run`` with ``watcher``'s trace on: its benchmark record's main fields, ``every``
     and the ``trace`` rows."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, run_parts, trace_probe_main
+from research.probes._trainer import law_alpha, run_cells, run_parts, trace_probe_main, unrescaled
 from research.runner import read_records
 
 OUT = Path("benchmarks/results/hypergrad.jsonl")
@@ -56,14 +56,6 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
                 layers.setdefault(name.split(".lora_")[0], []).append(p)
         params = [p for ps in layers.values() for p in ps]
 
-        def alpha() -> torch.Tensor | None:
-            law = None if tuner is None else tuner.engine.state.law
-            return None if law is None else law.log_alpha.clone()
-
-        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-            """No control step rescaled the factors between the two reads of α."""
-            return a is None or b is None or torch.equal(a, b)
-
         def grads() -> list[torch.Tensor]:
             return [-p.grad.detach() for p in params if p.grad is not None]
 
@@ -79,7 +71,7 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
                 g = state.global_step  # optimizer steps completed so far
                 if self.row is not None:  # the step after a sample: the next gradient
                     now = grads()
-                    if same(alpha(), self.alpha) and len(now) == len(params):  # no rescale in between
+                    if unrescaled(self.alpha, law_alpha(tuner)) and len(now) == len(params):
                         self.row["c1"] = _cos(now, self.step)
                         per_layer, i = [], 0
                         for ps in layers.values():
@@ -93,13 +85,13 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
                 if g % every == offset and all(p.grad is not None for p in params):
                     self.before = [p.detach().clone() for p in params]
                     self.grad = [g.clone() for g in grads()]
-                    self.alpha = alpha()
+                    self.alpha = law_alpha(tuner)
 
             def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 if state.global_step % every != offset or not self.before:
                     return
                 self.step = [p.detach() - b for p, b in zip(params, self.before, strict=True)]
-                if same(alpha(), self.alpha):
+                if unrescaled(self.alpha, law_alpha(tuner)):
                     self.row = {"step": state.global_step + 1, "c0": _cos(self.grad, self.step)}
                 self.before, self.grad = [], []
 

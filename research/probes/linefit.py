@@ -35,7 +35,14 @@ from typing import Any
 
 import torch
 
-from research.probes._trainer import run_cells, run_parts, trace_probe_main, traced_records
+from research.probes._trainer import (
+    law_alpha,
+    run_cells,
+    run_parts,
+    trace_probe_main,
+    traced_records,
+    unrescaled,
+)
 
 OUT = Path("benchmarks/results/linefit.jsonl")
 EVERY = 10
@@ -71,10 +78,6 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
 
         model.register_forward_pre_hook(keep_inputs, with_kwargs=True)
 
-        def alpha() -> torch.Tensor | None:
-            law = None if tuner is None else tuner.engine.state.law
-            return None if law is None else law.log_alpha.clone()
-
         @torch.no_grad()
         def along(inputs: dict[str, Any], base: list[torch.Tensor], after: list[torch.Tensor]) -> list[float]:
             """The loss on ``inputs`` at ``base + k·(after − base)`` for k = 0, 1, 2 (``base`` and
@@ -104,8 +107,7 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
             def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 g = state.global_step  # optimizer steps completed so far
                 if self.before and self.inputs is not None and seen["inputs"] is not None:
-                    a = alpha()
-                    if a is None or self.alpha is None or torch.equal(a, self.alpha):
+                    if unrescaled(self.alpha, law_alpha(tuner)):
                         after = [p.detach().clone() for p in params]
                         row: dict[str, Any] = {"step": g}
                         for name, inputs in (("same", self.inputs), ("next", seen["inputs"])):
@@ -115,7 +117,7 @@ def watcher(trace: list[dict[str, Any]], every: int = EVERY) -> Any:
                 if g % every == offset:
                     self.before = [p.detach().clone() for p in params]
                     self.inputs = seen["inputs"]
-                    self.alpha = alpha()
+                    self.alpha = law_alpha(tuner)
 
         return [Trace()]
 
