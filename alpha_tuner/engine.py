@@ -307,7 +307,10 @@ class TuningEngine:
         self._apply(torch.exp(control.log_alpha).tolist())
 
     def _law_step(self, law: StepState, config: StepLaw) -> None:
-        new, d_a = decide_steps(law, config)
+        layers = self._law_layers
+        # With a pooled law, the layers whose ‖W₀‖ could be read move together (a device op).
+        movable = None if layers is None or not config.pool else torch.isfinite(layers.weight_norms)
+        new, d_a = decide_steps(law, config, movable)
         new = broadcast_state(new)  # every rank takes rank 0's decision
         # The one host transfer of a control interval: PEFT's scalings and the rescale take floats.
         values = torch.stack((torch.exp(new.log_alpha), torch.exp(d_a))).tolist()

@@ -31,6 +31,7 @@ __all__ = [
     "all_factors",
     "layer_norms",
     "place_layers",
+    "pooled_move",
     "remove_units",
     "restore_units",
     "schedule_shifted",
@@ -82,10 +83,12 @@ def place_layers(
 
     Returns:
         The new α, the balance μ (A is divided by it) and whether the layer was placed, per layer.
+        With ``law.pool`` every placed layer takes the geometric means of the placed layers'
+        ``m`` and μ (:attr:`~alpha_tuner.steplaw.StepLaw.pool`).
     """
     groups = optimizer.param_groups
     lr_of = {id(p): float(g.get("initial_lr", g["lr"])) for g in groups for p in g["params"]}
-    alphas, balances, placed = [], [], []
+    moves, placed = [], []
     for t, (a_norm, w_norm) in zip(targets, norms.T.tolist(), strict=True):
         a2d, b2d = lora_matrices(t.weight_a, t.weight_b)
         where = placement(
@@ -93,11 +96,21 @@ def place_layers(
             scaling=t.scaling, rank=t.rank, fan_in=a2d.shape[1], fan_out=b2d.shape[0],
             a_norm=a_norm, weight_norm=w_norm, config=law,
         )  # fmt: skip
-        m, mu = where
-        alphas.append(t.alpha * m)
-        balances.append(mu)
+        moves.append(where)
         placed.append(where is not UNPLACED)  # the object itself: a re-packed (m, μ) never is
-    return alphas, balances, placed
+    if law.pool and any(placed):
+        shared = pooled_move([move for move, ok in zip(moves, placed, strict=True) if ok])
+        moves = [shared if ok else move for move, ok in zip(moves, placed, strict=True)]
+    alphas = [t.alpha * m for t, (m, _) in zip(targets, moves, strict=True)]
+    return alphas, [mu for _, mu in moves], placed
+
+
+def pooled_move(moves: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The geometric means of the ``(m, μ)`` of ``moves`` (non-empty, every value positive)."""
+    if not moves:
+        raise ValueError("pooled_move needs at least one (m, mu)")
+    logs = [sum(math.log(move[i]) for move in moves) / len(moves) for i in (0, 1)]
+    return math.exp(logs[0]), math.exp(logs[1])
 
 
 @dataclass(frozen=True)

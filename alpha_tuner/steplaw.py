@@ -167,6 +167,11 @@ class StepLaw:
             (:func:`~alpha_tuner.adamstate.oscillation_rms`); below it only that memory explains
             Adam's step. ``None``: off. Independent of ``adam_floor``: with both, the lifts
             multiply. Acts where ``adam_floor`` does (Adam's and AdamW's steps).
+        pool: ``False`` (default): every layer is placed and moved to the targets on its own.
+            ``True``: the layers share one move, the geometric mean of their own (over the
+            layers measured so far, at every control step; over the placed layers at wrap
+            time), so they keep the proportions the recipe gives them, as plain LoRA's one α
+            and one LR do, and the law tunes only the model's two step sizes.
 
     Raises:
         ValueError: If a field is not a real number in its range; the message names it.
@@ -184,13 +189,16 @@ class StepLaw:
     step_rms: float = 1.0
     adam_floor: float | None = 0.23
     adam_collapse: float | None = 0.053
+    pool: bool = False
 
     def __post_init__(self) -> None:
         if self.a_reference not in _REFERENCES:
             raise ValueError(f"StepLaw.a_reference must be one of {_REFERENCES}, got {self.a_reference!r}")
+        if not isinstance(self.pool, bool):
+            raise ValueError(f"StepLaw.pool must be True or False, got {self.pool!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "a_reference" or (f.name in _OPTIONAL and value is None):
+            if f.name in ("a_reference", "pool") or (f.name in _OPTIONAL and value is None):
                 continue
             lo, hi, valid = _RANGES[f.name]
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -382,8 +390,14 @@ def adam_lift(rms: Tensor, config: StepLaw) -> Tensor | float:
     return torch.where(read, lift, 1.0)
 
 
-def decide_steps(state: StepState, config: StepLaw) -> tuple[StepState, Tensor]:
+def decide_steps(
+    state: StepState, config: StepLaw, movable: Tensor | None = None
+) -> tuple[StepState, Tensor]:
     """One control step of every layer.
+
+    With ``config.pool`` every layer in ``movable`` (bool (L,); ``None``: all) takes the mean of
+    the ready layers' moves (none while no layer is ready), so those layers move together; the
+    others stay where they are.
 
     Returns:
         The new state and ``δ_A`` (shape (L,)): the caller divides A by ``e^{δ_A}`` and sets α to
@@ -395,6 +409,10 @@ def decide_steps(state: StepState, config: StepLaw) -> tuple[StepState, Tensor]:
     d_a = torch.clamp(config.gain * (math.log(config.a_step) - state.log_a_step), -cap, cap)
     d_b = torch.clamp(config.gain * (math.log(config.update) - state.log_update), -cap, cap)
     d_a, d_b = torch.where(ready, d_a, 0.0), torch.where(ready, d_b, 0.0)
+    if config.pool:  # one move for all: the mean over the ready layers (each capped already)
+        count = ready.sum().clamp(min=1).to(d_a.dtype)
+        moving = torch.ones_like(ready) if movable is None else movable.to(torch.bool)
+        d_a, d_b = (torch.where(moving, d.sum() / count, 0.0) for d in (d_a, d_b))
     # Bounds: μ within ±log bound of its start; α (= m·α₀) likewise around α₀·e^{log μ}.
     span = math.log(config.bound)
     balance = torch.clamp(state.log_balance + d_a, state.log_balance0 - span, state.log_balance0 + span)

@@ -212,8 +212,8 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
 
     The step law's fields: ``a`` (``a_step``), ``u`` (``update``), ``m`` (``max_change``),
     ``rms`` (``step_rms``), ``af`` (``adam_floor``), ``ac`` (``adam_collapse``; both ``none``
-    for off) and ``ref`` (``a_reference``: ``current`` or ``initial``); the wrapper's: ``h``
-    (``head_lr``), ``e`` (``measure_every``), ``p`` (``measure_phases``), ``c``
+    for off), ``ref`` (``a_reference``: ``current`` or ``initial``) and ``pool`` (0 or 1); the
+    wrapper's: ``h`` (``head_lr``), ``e`` (``measure_every``), ``p`` (``measure_phases``), ``c``
     (``control_every``) and ``f`` (``fast_start``, 0 or 1). A field left out keeps its default.
     Raises ``ValueError`` naming an unknown field.
     """
@@ -231,12 +231,12 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
         "ac": "adam_collapse",
     }
     wrapper_names = {"e": "measure_every", "p": "measure_phases", "c": "control_every"}
-    unknown = sorted(set(fields) - {*law_names, *wrapper_names, "h", "ref", "f"})
+    unknown = sorted(set(fields) - {*law_names, *wrapper_names, "h", "ref", "f", "pool"})
     if unknown:
         raise ValueError(
             f"--tag: unknown field(s) {unknown}; use a=<a_step>, u=<update>, m=<max_change>, "
             "rms=<step_rms>, af=<adam_floor or none>, ac=<adam_collapse or none>, ref=<a_reference>, "
-            "h=<head_lr>, e=<measure_every>, p=<measure_phases>, c=<control_every>, "
+            "pool=<0 or 1>, h=<head_lr>, e=<measure_every>, p=<measure_phases>, c=<control_every>, "
             "f=<fast_start: 0 or 1>."
         )
     law: dict[str, Any] = {
@@ -246,6 +246,10 @@ def _tuner_options(run: LMRun) -> dict[str, Any] | None:
     }
     if "ref" in fields:
         law["a_reference"] = fields["ref"]
+    if "pool" in fields:
+        if fields["pool"] not in ("0", "1"):
+            raise ValueError(f"--tag: pool must be 0 or 1, got {fields['pool']!r}.")
+        law["pool"] = fields["pool"] == "1"
     options: dict[str, Any] = {"steps": StepLaw(**law)}
     if "h" in fields:
         options["head_lr"] = float(fields["h"])
@@ -476,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="steps* methods: a=<a_step>,u=<update>,m=<max_change>,rms=<step_rms>,af=<adam_floor or none>,"
         "ac=<adam_collapse or none>,"
-        "ref=<current or initial>,h=<head_lr>,e=<measure_every>,p=<measure_phases>,c=<control_every>,"
-        "f=<fast_start 0/1> (optional)",
+        "ref=<current or initial>,pool=<0/1>,h=<head_lr>,e=<measure_every>,p=<measure_phases>,"
+        "c=<control_every>,f=<fast_start 0/1> (optional)",
     )
     parser.add_argument(
         "--recipe-alphas", type=lambda s: s.split(","), default=["2r"],

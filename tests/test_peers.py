@@ -196,6 +196,10 @@ def test_a_steps_tag_sets_the_law_targets_and_the_head_lr() -> None:
         "measure_every": 10,
         "fast_start": True,
     }
+    options = _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="pool=1,u=1e-3"))
+    assert options == {"steps": StepLaw(update=1e-3, pool=True)}
+    with pytest.raises(ValueError, match="pool must be 0 or 1"):
+        _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="pool=yes"))
     with pytest.raises(ValueError, match=r"f \(fast_start\) must be 0 or 1"):
         _tuner_options(LMRun("steps", 4, 1e-4, seed=0, tag="f=yes"))
     with pytest.raises(ValueError, match="a_reference must be one of"):

@@ -40,6 +40,12 @@ def test_bad_settings_name_the_field(field: str, value: object) -> None:
         StepLaw(**{field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_pool_must_be_a_bool(value: object) -> None:
+    with pytest.raises(ValueError, match=r"StepLaw\.pool must be True or False"):
+        StepLaw(pool=value)  # type: ignore[arg-type]
+
+
 def test_an_unknown_a_reference_is_named() -> None:
     with pytest.raises(ValueError, match=r"StepLaw.a_reference must be one of \('current', 'initial'\)"):
         StepLaw(a_reference="start")
@@ -80,6 +86,60 @@ def test_a_control_step_moves_each_step_toward_its_target_within_the_cap(a: floa
     # The EMAs move by the predicted response: one more step applies what is left of the error.
     torch.testing.assert_close(new.log_a_step, state.log_a_step + d_a)
     torch.testing.assert_close(new.log_balance, d_a)
+
+
+@given(
+    a=st.lists(st.floats(min_value=1e-5, max_value=1.0), min_size=4, max_size=4),
+    u=st.lists(st.floats(min_value=1e-7, max_value=1e-1), min_size=4, max_size=4),
+    ready=st.lists(st.booleans(), min_size=4, max_size=4),
+    movable=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_pooled_law_moves_the_movable_layers_by_the_mean_of_the_ready_ones(
+    a: list[float], u: list[float], ready: list[bool], movable: list[bool]
+) -> None:
+    """``pool=True``: each layer's own move (as the per-layer law makes it) is averaged over the
+    layers measured enough, and every movable layer takes that mean; the others do not move."""
+    state = init_steps(torch.full((4,), 8.0))
+    for _ in range(2):
+        state = observe_steps(state, torch.tensor(a), torch.tensor(u), 1.0, StepLaw())
+    state = state._replace(n_measured=torch.tensor([1 if r else 0 for r in ready]))
+    own, own_d_a = decide_steps(state, StepLaw())
+    own_d_b = own.log_alpha - state.log_alpha - own_d_a
+    new, d_a = decide_steps(state, StepLaw(pool=True), torch.tensor(movable))
+    d_b = new.log_alpha - state.log_alpha - d_a
+    count = max(sum(ready), 1)
+    for pooled, per_layer in ((d_a, own_d_a), (d_b, own_d_b)):
+        mean = float(per_layer.sum()) / count
+        expected = torch.tensor([mean if m else 0.0 for m in movable])
+        torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new.log_a_step, state.log_a_step + d_a)  # the expected response
+    torch.testing.assert_close(new.log_update, state.log_update + d_b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pooled_law_keeps_the_recipes_proportions_between_layers() -> None:
+    """On a real PEFT model with one α in the recipe, a pooled law places every layer with the
+    same (m, μ), the geometric mean of the per-layer placements, and keeps them equal as it
+    moves; the per-layer law does not."""
+    kw = {"measure_every": 1, "measure_phases": 1, "control_every": 4}
+    per_layer = _train(1e-4, steps=0, **kw)[1]
+    model, opt = _train(1e-4, steps=0, law=StepLaw(pool=True), **kw)
+    own = torch.tensor(list(per_layer.alphas().values()), dtype=torch.float64)
+    alphas = torch.tensor(list(opt.alphas().values()), dtype=torch.float64)
+    assert float(own.max() / own.min()) > 1.05  # the layers differ on their own
+    assert float(alphas.max() / alphas.min()) == pytest.approx(1.0)
+    assert float(alphas[0]) == pytest.approx(float(own.log().mean().exp()), rel=1e-6)
+    law = opt.engine.state.law
+    assert law is not None
+    torch.testing.assert_close(law.log_balance0, law.log_balance0[:1].expand_as(law.log_balance0))
+    _fit(model, opt, range(12))
+    law = opt.engine.state.law
+    assert law is not None
+    moved = law.log_balance - law.log_balance0
+    assert float(moved.abs().max()) > 0  # the online part acted
+    torch.testing.assert_close(moved, moved[:1].expand_as(moved))
+    alphas = torch.tensor(list(opt.alphas().values()), dtype=torch.float64)
+    assert float(alphas.max() / alphas.min()) == pytest.approx(1.0)
 
 
 def test_bounds_hold_however_long_the_error_lasts() -> None:
@@ -171,11 +231,16 @@ def _train(
     model = model.double()
     inner = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-30, weight_decay=0.0)
     opt = AlphaTunedOptimizer(inner, model, steps=law or StepLaw(), head_lr=None, **kw)  # type: ignore[arg-type]
-    for i in range(steps):
+    _fit(model, opt, range(steps))
+    return model, opt
+
+
+def _fit(model: torch.nn.Module, opt: AlphaTunedOptimizer, seeds: range) -> None:
+    """One optimizer step on the LM batch of each seed."""
+    for i in seeds:
         model(**lm_batch(seed=i)).loss.backward()
         opt.step()
         opt.zero_grad()
-    return model, opt
 
 
 def _delta(model: torch.nn.Module, opt: AlphaTunedOptimizer) -> list[torch.Tensor]:
@@ -205,10 +270,7 @@ def test_the_online_part_corrects_a_wrong_start() -> None:
     model, opt = _train(1e-4, steps=0, **kw)
     opt.rescale_({name: a * 16 for name, a in opt.alphas().items()})
     start = dict(opt.alphas())
-    for i in range(24):
-        model(**lm_batch(seed=i)).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    _fit(model, opt, range(24))
     law = opt.engine.state.law
     assert law is not None
     ratio = [opt.alphas()[n] / start[n] for n in start]
@@ -472,24 +534,33 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
     not torch.cuda.is_available(), reason="needs a CUDA device")])]  # fmt: skip
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["per-layer", "pooled"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_layer_whose_base_weight_cannot_be_read_is_left_alone(device: str) -> None:
+def test_a_layer_whose_base_weight_cannot_be_read_is_left_alone(device: str, pool: bool) -> None:
     """A quantised (non-float) base weight: the law places and moves the other layers and keeps
-    this one's recipe α (its ‖W₀‖ is unknown); on CUDA the unknown norm must live on the device."""
+    this one's recipe α (its ‖W₀‖ is unknown), pooled or not; on CUDA the unknown norm must live
+    on the device."""
     model = tiny_llama(seed=3).to(device)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     base = layer.get_base_layer()
     base.weight = torch.nn.Parameter(torch.ones_like(base.weight, dtype=torch.int8), requires_grad=False)
-    opt = AlphaTunedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), model)
+    cadence = {"measure_every": 1, "measure_phases": 1, "control_every": 1}
+    opt = AlphaTunedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-4), model, steps=StepLaw(pool=pool), **cadence
+    )
     alphas = opt.alphas()
     frozen = next(name for name in alphas if "layers.0.self_attn.q_proj" in name)
     assert alphas[frozen] == pytest.approx(layer.lora_alpha["default"])
     assert sum(a != pytest.approx(layer.lora_alpha["default"]) for a in alphas.values()) >= 1
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.randn_like(p)
-    opt.step()
-    assert all(math.isfinite(a) for a in opt.alphas().values())
+    for _ in range(2):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+        opt.step()
+    after = opt.alphas()
+    assert all(math.isfinite(a) for a in after.values())
+    assert after[frozen] == pytest.approx(layer.lora_alpha["default"])
+    assert sum(after[n] != pytest.approx(alphas[n]) for n in after) >= 1  # the others moved
 
 
 def test_a_layer_the_law_cannot_place_is_not_moved_by_the_schedule_shift() -> None:
