@@ -431,3 +431,45 @@ def test_linefit_reads_the_loss_along_steps_without_changing_the_run(tmp_path: P
     _script("linefit", "--out", str(out), "--report")
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| tiny · steps · r=4 · " in table and table.rstrip().endswith("| 4 |")
+
+
+def test_profile_records_every_measurement_without_changing_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "profile.jsonl"
+    args = ("--model", "tiny", "--rank", "4", "--steps", "40", "--method", "lora-metered", "--lr", "1e-3")
+    _script("profile", *args, "--out", str(out), runs=2)  # the rerun finds the run done
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 1
+    trace = records[0]["trace"]
+    assert [row["step"] for row in trace] == [10, 20, 30, 40]  # the meter's cadence
+    for row in trace:
+        measured = [v for v in row["log_u"] if v is not None]
+        assert 0 < len(measured) < len(row["log_u"])  # one phase of the layers per measurement
+        assert len([v for v in row["log_a"] if v is not None]) == len(measured)
+        assert 0 < row["scale"] <= 1  # the linear decay's factor
+    # the trace is read beside the law, not through it: the run ends as the benchmark's does
+    from research.lm_bench import LMRun, execute
+
+    plain = execute(LMRun("lora-metered", 4, 1e-3, 0, steps=40, batch_size=4, block=128, model="tiny"))
+    assert records[0]["eval_loss"] == plain["eval_loss"]
+    _script("profile", "--out", str(out), "--report")
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    row = next(line for line in table.splitlines() if line.startswith("| tiny · lora-metered · r=4 · "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7 and all(len(c.split(" / ")) == 3 for c in cells[2:5])
+    assert all(math.isfinite(float(x)) and float(x) > 0 for c in cells[2:5] for x in c.split(" / "))
+
+
+def test_profile_summarises_a_third_of_the_run() -> None:
+    from research.probes.profile import _third_summary
+
+    rows = [
+        {"scale": 0.5, "log_a": [math.log(1e-2), math.log(4e-2)], "log_u": [math.log(1e-4), None]},
+        {"scale": 1.0, "log_a": [math.log(1e-2), math.log(1e-2)], "log_u": [math.log(4e-4), math.log(1e-3)]},
+    ]
+    s = _third_summary(rows)
+    # a at the peak: 2e-2, 8e-2, 1e-2, 1e-2 → geometric mean 2e-2; u at the peak: 2e-4, 4e-4, 1e-3
+    assert s["a"] == pytest.approx(2e-2) and s["u"] == pytest.approx((2e-4 * 4e-4 * 1e-3) ** (1 / 3))
+    assert s["u_taken"] == pytest.approx((1e-4 * 4e-4 * 1e-3) ** (1 / 3))
+    # per-layer mean log u: layer 0 log(√(2e-4·4e-4)), layer 1 log(1e-3); SD of two values = |diff|/√2
+    expected = abs(math.log(1e-3) - 0.5 * math.log(2e-4 * 4e-4)) / math.sqrt(2)
+    assert s["sd_u"] == pytest.approx(expected)
