@@ -117,6 +117,15 @@ def test_a_pooled_law_moves_the_movable_layers_by_the_mean_of_the_ready_ones(
     torch.testing.assert_close(new.log_update, state.log_update + d_b, atol=1e-5, rtol=1e-5)
 
 
+def test_the_pooled_placement_is_the_geometric_mean_of_the_layers() -> None:
+    from alpha_tuner.lawlayers import pooled_move
+
+    m, mu = pooled_move([(2.0, 0.5), (8.0, 2.0), (4.0, 1.0)])
+    assert m == pytest.approx(4.0) and mu == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        pooled_move([])
+
+
 def test_a_pooled_law_keeps_the_recipes_proportions_between_layers() -> None:
     """On a real PEFT model with one α in the recipe, a pooled law places every layer with the
     same (m, μ), the geometric mean of the per-layer placements, and keeps them equal as it
