@@ -91,28 +91,28 @@ def watcher(trace: list[dict[str, Any]], every: int) -> Any:
 def _third_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Geometric means over (layer, measurement) of a and u at the peak and of u as taken, and
     the SD over the layers of each layer's mean log u and log a (NaN where too few values)."""
-    peak_a: list[float] = []
-    peak_u: list[float] = []
+    peak: dict[str, dict[int, list[float]]] = {"log_a": {}, "log_u": {}}  # per layer, at the peak
     taken_u: list[float] = []
-    per_layer: dict[str, dict[int, list[float]]] = {"log_a": {}, "log_u": {}}
     for row in rows:
         shift = math.log(row["scale"]) if row["scale"] > 0 else math.nan
-        for name, sink in (("log_a", peak_a), ("log_u", peak_u)):
+        for name, layers in peak.items():
             for i, v in enumerate(row[name]):
                 if v is not None and math.isfinite(v) and math.isfinite(shift):
-                    sink.append(v - shift)
-                    per_layer[name].setdefault(i, []).append(v - shift)
+                    layers.setdefault(i, []).append(v - shift)
         taken_u += [v for v in row["log_u"] if v is not None and math.isfinite(v)]
 
     def gmean(values: list[float]) -> float:
         return math.exp(statistics.fmean(values)) if values else math.nan
 
+    def pooled(name: str) -> list[float]:
+        return [v for values in peak[name].values() for v in values]
+
     def spread(name: str) -> float:
-        means = [statistics.fmean(v) for v in per_layer[name].values()]
+        means = [statistics.fmean(v) for v in peak[name].values()]
         return statistics.stdev(means) if len(means) >= 2 else math.nan
 
     return {
-        "a": gmean(peak_a), "u": gmean(peak_u), "u_taken": gmean(taken_u),
+        "a": gmean(pooled("log_a")), "u": gmean(pooled("log_u")), "u_taken": gmean(taken_u),
         "sd_u": spread("log_u"), "sd_a": spread("log_a"),
     }  # fmt: skip
 
