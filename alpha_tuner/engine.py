@@ -308,10 +308,8 @@ class TuningEngine:
 
     def _law_step(self, law: StepState, config: StepLaw) -> None:
         layers = self._law_layers
-        # With a pooled law, the layers the law can measure (‖W₀‖ read and > 0) move together.
-        movable = None
-        if layers is not None and config.pool:  # a device op, no read on the host
-            movable = torch.isfinite(layers.weight_norms) & (layers.weight_norms > 0)
+        # With a pooled law, the layers the law can measure move together.
+        movable = layers.measurable() if layers is not None and config.pool else None
         new, d_a = decide_steps(law, config, movable)
         new = broadcast_state(new)  # every rank takes rank 0's decision
         # The one host transfer of a control interval: PEFT's scalings and the rescale take floats.

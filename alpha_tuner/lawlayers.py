@@ -131,6 +131,11 @@ class LawLayers:
     placed: list[bool]
     placed_mask: Tensor
 
+    def measurable(self) -> Tensor:
+        """Bool (L,): the layers whose ``‖W₀‖`` was read and is positive, so that the law can
+        measure their update (a device op)."""
+        return torch.isfinite(self.weight_norms) & (self.weight_norms > 0)
+
     def update(self, log_alpha: Tensor, signal: Tensor) -> Tensor:
         """The relative update ``u = s·‖dB·A + B·dA‖ / ‖W₀‖`` of every layer, from log α and the
         meter's ``signal`` (``‖dB·A + B·dA‖``)."""
